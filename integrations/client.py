@@ -1,0 +1,332 @@
+"""The training-side client: publish the knob spec, poll for params versions, stage, ack.
+
+All tracker I/O happens on one daemon thread. The training thread only calls
+``apply_pending`` at a boundary, which reads a staged version from memory and never touches
+the network: if the tracker is slow or down, training does not notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from integrations.protocol import (
+    METRIC_PARAMS_VERSION,
+    SIGNING_KEY_ENV,
+    SPEC_PATH,
+    TAG_CLIENT_APPLIED_STEP,
+    TAG_CLIENT_APPLIED_VERSION,
+    TAG_CLIENT_HEARTBEAT,
+    TAG_CLIENT_REJECTED,
+    TAG_MANAGED,
+    TAG_OBJECTIVE,
+    TAG_PARAMS_VERSION,
+    Boundary,
+    Command,
+    ParamsVersion,
+    RunSpec,
+    params_path,
+)
+from integrations.trackers import Tracker, TrackerError, open_tracker
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 30.0
+
+# Applies changed knob values and commands in the training process; raises if it cannot.
+ApplyFn = Callable[[dict[str, float], list[Command]], None]
+
+
+class ParamsRejected(ValueError):
+    """A params version failed the client's own checks."""
+
+
+@dataclass
+class _Ack:
+    version: int
+    step: int
+    rejected: str | None = None
+
+
+class ManagerClient:
+    """Connects one training run to the manager through its tracker.
+
+    Args:
+        run_id: the tracker run the training process logs to.
+        spec: the knobs and commands this process exposes, with their bounds.
+        tracker: a tracker backend, or None to open one from ``tracking_uri``.
+        objective: written to ``atm.objective`` when given.
+        poll_interval: seconds between polls of ``atm.params.version``.
+        resume: re-apply the version this run had applied before (a restart from a checkpoint).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        *,
+        tracker: Tracker | None = None,
+        tracking_uri: str | None = None,
+        objective: str | None = None,
+        poll_interval: float = 2.0,
+        resume: bool = True,
+        signing_key: str | None = None,
+    ) -> None:
+        if tracker is None:
+            if not tracking_uri:
+                raise ValueError("ManagerClient needs a tracker or a tracking_uri")
+            tracker = open_tracker(tracking_uri)
+        self.run_id = run_id
+        self.spec = spec.model_copy(update={"poll_interval_s": poll_interval})
+        self.tracker = tracker
+        self.objective = objective
+        self.poll_interval = poll_interval
+        self.resume = resume
+        self.signing_key = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+
+        self.values: dict[str, float] = spec.knob_values
+        self.applied_version = 0
+        self._resume_pending = resume
+        self._seen_version = 0
+        self._staged: ParamsVersion | None = None
+        self._lock = threading.Lock()
+        self._acks: list[_Ack] = []
+        self._published = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unreachable_since: float | None = None
+        self.rejections: list[str] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> ManagerClient:
+        """Start the background poller. Returns at once; the first poll publishes the spec."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="atm-client", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop polling, after a last bounded attempt to deliver pending acks."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ---- training-thread API (memory only) ----------------------------------------------
+
+    def value(self, name: str) -> float:
+        """The current value of a knob, as last applied."""
+        return self.values[name]
+
+    def apply_pending(self, boundary: Boundary, step: int, apply: ApplyFn) -> ParamsVersion | None:
+        """Apply the staged version if this is its boundary; returns it when applied.
+
+        Only knobs whose value changes are passed to ``apply``. If ``apply`` raises, the version
+        is reported as rejected and the previous values stay in force.
+        """
+        staged = self._staged
+        if staged is None or boundary is not self.spec.apply_at:
+            return None
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is None:
+            return None
+        changed = {k: v for k, v in staged.values.items() if self.values.get(k) != v}
+        try:
+            apply(changed, list(staged.commands))
+        except Exception as exc:  # the training run must survive a failed apply
+            reason = f"v{staged.version}: could not apply: {exc}"
+            log.warning("atm: %s", reason)
+            self._enqueue(_Ack(staged.version, step, rejected=reason))
+            return None
+        self.values.update(changed)
+        self.applied_version = staged.version
+        log.info("atm: applied params v%d at step %d: %s", staged.version, step, changed)
+        self._enqueue(_Ack(staged.version, step))
+        return staged
+
+    # ---- background thread --------------------------------------------------------------
+
+    def _enqueue(self, ack: _Ack) -> None:
+        with self._lock:
+            self._acks.append(ack)
+        self._wake.set()
+
+    def _run(self) -> None:
+        backoff = self.poll_interval
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self.poll_once()
+            except TrackerError as exc:
+                self._note_unreachable(exc)
+                backoff = min(max(backoff * 2, self.poll_interval), MAX_BACKOFF_S)
+            except Exception:
+                log.exception("atm: unexpected error in the client poller; will retry")
+                backoff = min(max(backoff * 2, self.poll_interval), MAX_BACKOFF_S)
+            else:
+                backoff = self.poll_interval
+            if stopping:
+                return
+            self._wake.wait(backoff)
+            self._wake.clear()
+
+    def _note_unreachable(self, exc: Exception) -> None:
+        if self._unreachable_since is None:
+            self._unreachable_since = time.time()
+            log.warning(
+                "atm: tracker unreachable (%s); training continues, the client retries with "
+                "backoff up to %.0f s",
+                exc,
+                MAX_BACKOFF_S,
+            )
+
+    def poll_once(self) -> None:
+        """One poll: publish if needed, deliver acks, heartbeat, fetch a new version."""
+        if self._unreachable_since is not None and not self.tracker.ping():
+            raise TrackerError("tracker still unreachable")
+        if not self._published:
+            self._publish()
+        self._flush_acks()
+        run = self.tracker.get_run(self.run_id)
+        self.tracker.set_tags(self.run_id, {TAG_CLIENT_HEARTBEAT: f"{time.time():.3f}"})
+        if self._unreachable_since is not None:
+            log.warning(
+                "atm: tracker reachable again after %.0f s", time.time() - self._unreachable_since
+            )
+            self._unreachable_since = None
+        if self._resume_pending:
+            self._stage_resume(run.tags)
+        latest = _int_tag(run.tags.get(TAG_PARAMS_VERSION))
+        if latest > max(self._seen_version, self.applied_version):
+            self._fetch(latest)
+
+    def _publish(self) -> None:
+        self.tracker.write_json(self.run_id, SPEC_PATH, self.spec.model_dump(mode="json"))
+        tags = {TAG_MANAGED: "true"}
+        if self.objective:
+            tags[TAG_OBJECTIVE] = self.objective
+        self.tracker.set_tags(self.run_id, tags)
+        self._published = True
+        log.info(
+            "atm: published knob spec for run %s (%d knobs)", self.run_id, len(self.spec.knobs)
+        )
+
+    def _flush_acks(self) -> None:
+        with self._lock:
+            acks, self._acks = self._acks, []
+        for i, ack in enumerate(acks):
+            try:
+                if ack.rejected:
+                    self.tracker.set_tags(self.run_id, {TAG_CLIENT_REJECTED: ack.rejected})
+                    continue
+                self.tracker.set_tags(
+                    self.run_id,
+                    {
+                        TAG_CLIENT_APPLIED_VERSION: str(ack.version),
+                        TAG_CLIENT_APPLIED_STEP: str(ack.step),
+                    },
+                )
+                self.tracker.log_metric(self.run_id, METRIC_PARAMS_VERSION, ack.version, ack.step)
+            except TrackerError:
+                with self._lock:
+                    self._acks[:0] = acks[i:]
+                raise
+
+    def _stage_resume(self, tags: dict[str, str]) -> None:
+        applied = _int_tag(tags.get(TAG_CLIENT_APPLIED_VERSION))
+        self._resume_pending = False
+        if applied <= 0 or self.applied_version:
+            return
+        try:
+            version = self._load(applied, check_parent=False)
+        except ParamsRejected as exc:
+            log.warning("atm: cannot re-apply v%d on resume: %s", applied, exc)
+            return
+        # Values only: a command (stop, checkpoint) was meant for the earlier process.
+        self._stage(version.model_copy(update={"commands": []}))
+        log.info("atm: resuming run %s: re-applying params v%d", self.run_id, applied)
+
+    def _fetch(self, version: int) -> None:
+        try:
+            params = self._load(version, check_parent=True)
+        except ParamsRejected as exc:
+            self._seen_version = version
+            reason = f"v{version}: {exc}"
+            self.rejections.append(reason)
+            log.warning("atm: refused params %s", reason)
+            self.tracker.set_tags(self.run_id, {TAG_CLIENT_REJECTED: reason})
+            return
+        self._seen_version = version
+        self._stage(params)
+
+    def _stage(self, params: ParamsVersion) -> None:
+        with self._lock:
+            previous = self._staged
+            if previous is not None:
+                # Values are absolute, so the newer version supersedes; keep its commands too.
+                merged = list(dict.fromkeys([*previous.commands, *params.commands]))
+                params = params.model_copy(update={"commands": merged})
+            self._staged = params
+
+    def _load(self, version: int, *, check_parent: bool) -> ParamsVersion:
+        try:
+            raw = self.tracker.read_json(self.run_id, params_path(version))
+        except TrackerError as exc:
+            if "not valid JSON" in str(exc):
+                raise ParamsRejected(f"malformed params file: {exc}") from exc
+            raise
+        if raw is None:
+            raise ParamsRejected(
+                f"tag names version {version} but {params_path(version)} is missing"
+            )
+        try:
+            params = ParamsVersion.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ParamsRejected(f"invalid params file ({where}: {first['msg']})") from exc
+        self._verify(params, version, check_parent=check_parent)
+        return params
+
+    def _verify(self, params: ParamsVersion, version: int, *, check_parent: bool) -> None:
+        if params.version != version:
+            raise ParamsRejected(f"file claims version {params.version}, expected {version}")
+        if check_parent and params.parent_version != version - 1:
+            raise ParamsRejected(
+                f"parent version {params.parent_version} does not continue the chain "
+                f"(expected {version - 1})"
+            )
+        problem = params.signature_problem(self.signing_key)
+        if problem:
+            raise ParamsRejected(problem)
+        for name, value in params.values.items():
+            knob = self.spec.knob(name)
+            if knob is None:
+                raise ParamsRejected(f"unknown knob {name!r}")
+            if not math.isfinite(value):
+                raise ParamsRejected(f"{name}={value} is not finite")
+            if not knob.min <= value <= knob.max:
+                raise ParamsRejected(f"{name}={value} outside [{knob.min}, {knob.max}]")
+            if knob.type == "int" and value != int(value):
+                raise ParamsRejected(f"{name}={value} is not an integer")
+        for command in params.commands:
+            if command not in self.spec.commands:
+                raise ParamsRejected(f"command {command.value!r} is not supported by this run")
+
+
+def _int_tag(text: str | None) -> int:
+    try:
+        return int(text) if text else 0
+    except ValueError:
+        return 0

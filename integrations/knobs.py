@@ -1,0 +1,63 @@
+"""Default bounds for knobs, derived from their starting values, and user overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from integrations.protocol import Boundary, KnobSpec, Scale
+
+# name -> (scale, min as a factor of the start (or absolute for lin), max, max_rel_step)
+_LOG_DEFAULTS: dict[str, tuple[float, float, float]] = {
+    # min factor, max factor, max_rel_step (3.0: one change moves at most ×4 or ÷4)
+    "learning_rate": (1e-3, 10.0, 3.0),
+    "max_grad_norm": (1e-2, 10.0, 3.0),
+}
+_LIN_DEFAULTS: dict[str, tuple[float, float, float]] = {
+    # absolute min, absolute max, max_rel_step as a share of the range
+    "weight_decay": (0.0, 0.5, 0.2),
+    "dropout": (0.0, 0.5, 0.2),
+}
+
+BoundsOverrides = Mapping[str, Mapping[str, Any]]
+
+
+def derive_knob(
+    name: str,
+    value: float,
+    *,
+    apply_at: Boundary = Boundary.STEP,
+    overrides: BoundsOverrides | None = None,
+    type_: str = "float",
+) -> KnobSpec:
+    """A knob spec with bounds derived from the starting value, then user overrides applied.
+
+    Log-scale knobs (learning rate, clipping norm, positive custom values) get bounds as
+    factors of the start; weight decay and dropout get fixed absolute ranges wide enough to
+    include the start. ``overrides[name]`` may set ``min``, ``max``, ``max_rel_step``,
+    ``scale`` and ``cooldown_steps``.
+    """
+    value = float(value)
+    if name in _LOG_DEFAULTS and value > 0:
+        lo, hi, step = _LOG_DEFAULTS[name]
+        fields: dict[str, Any] = dict(
+            min=value * lo, max=value * hi, max_rel_step=step, scale=Scale.LOG
+        )
+    elif name in _LIN_DEFAULTS:
+        lo, hi, step = _LIN_DEFAULTS[name]
+        fields = dict(
+            min=min(lo, value), max=max(hi, 2 * value), max_rel_step=step, scale=Scale.LIN
+        )
+    elif value > 0:
+        fields = dict(min=value / 10, max=value * 10, max_rel_step=1.0, scale=Scale.LOG)
+    else:
+        fields = dict(
+            min=min(0.0, value), max=max(1.0, abs(value)), max_rel_step=0.2, scale=Scale.LIN
+        )
+    fields.update((overrides or {}).get(name, {}))
+    try:
+        return KnobSpec(name=name, value=value, type=type_, apply_at=apply_at, **fields)
+    except ValidationError as exc:
+        raise ValueError(f"bounds for knob {name!r} are invalid: {exc.errors()[0]['msg']}") from exc

@@ -1,0 +1,318 @@
+"""The contract between a training process and the manager.
+
+Every tag name, artifact path and serialized model that crosses the process boundary lives
+here, and only here. Both sides import it; everything read from a tracker is validated by
+these models before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import time
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+# Run tags (MLflow). All under "atm.".
+TAG_MANAGED = "atm.managed"
+TAG_OBJECTIVE = "atm.objective"
+TAG_PARAMS_VERSION = "atm.params.version"
+TAG_CLIENT_HEARTBEAT = "atm.client.heartbeat"
+TAG_CLIENT_APPLIED_VERSION = "atm.client.applied_version"
+TAG_CLIENT_APPLIED_STEP = "atm.client.applied_step"
+TAG_CLIENT_REJECTED = "atm.client.rejected"
+TAG_LAST_INTERVENTION = "atm.last_intervention"
+
+# Artifacts (JSON, UTF-8).
+SPEC_PATH = "atm/spec.json"
+PARAMS_DIR = "atm/params"
+AUDIT_DIR = "atm/audit"
+
+# Metric logged by the client at the step a version was applied.
+METRIC_PARAMS_VERSION = "atm.params_version"
+
+DEFAULT_OBJECTIVE = "minimize:eval_loss"
+
+# The signing key shared by the daemon and the client, when one is configured.
+SIGNING_KEY_ENV = "ATM_SIGNING_KEY"
+
+
+def params_path(version: int) -> str:
+    """Artifact path of params version ``version``."""
+    return f"{PARAMS_DIR}/v{version:06d}.json"
+
+
+def audit_path(decision_id: int) -> str:
+    """Artifact path of the audit record of decision ``decision_id``."""
+    return f"{AUDIT_DIR}/d{decision_id:06d}.json"
+
+
+def parse_audit_path(path: str) -> int | None:
+    """The decision id in an audit artifact path, or None if it is not one."""
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith("d") and name.endswith(".json") and name[1:-5].isdigit():
+        return int(name[1:-5])
+    return None
+
+
+class Scale(StrEnum):
+    LIN = "lin"
+    LOG = "log"
+
+
+class Boundary(StrEnum):
+    """Where a staged version may be applied in the training loop."""
+
+    STEP = "step"
+    EVAL = "eval"
+    ROLLOUT = "rollout"
+
+
+class Command(StrEnum):
+    STOP = "stop"
+    CHECKPOINT = "checkpoint"
+    ROLLBACK_TO_BEST = "rollback_to_best"
+
+
+class Source(StrEnum):
+    LLM = "llm"
+    RULES = "rules"
+    HUMAN = "human"
+
+
+class Objective(BaseModel):
+    """What the run optimises: a metric key and a direction."""
+
+    model_config = ConfigDict(frozen=True)
+
+    direction: Literal["minimize", "maximize"]
+    metric: str
+
+    @classmethod
+    def parse(cls, text: str) -> Objective:
+        """Parse ``minimize:eval_loss`` / ``maximize:eval/safe_success``."""
+        direction, sep, metric = text.partition(":")
+        if not sep or direction not in ("minimize", "maximize") or not metric:
+            raise ValueError(
+                f"objective {text!r} is not of the form 'minimize:METRIC' or 'maximize:METRIC'"
+            )
+        return cls(direction=direction, metric=metric)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.direction}:{self.metric}"
+
+    def better(self, a: float, b: float) -> bool:
+        """True when value ``a`` is strictly better than ``b``."""
+        return a < b if self.direction == "minimize" else a > b
+
+
+class KnobSpec(BaseModel):
+    """One knob the training side exposes, with the bounds it accepts.
+
+    ``max_rel_step`` bounds a single change: on a log-scale knob the new value is within a
+    factor of ``1 + max_rel_step`` of the current one (1.0 allows halving or doubling); on a
+    linear knob it moves by at most ``max_rel_step * (max - min)``, so knobs that start at 0
+    (weight decay, dropout) can still move.
+    """
+
+    name: str = Field(min_length=1, max_length=200)
+    type: Literal["float", "int"] = "float"
+    value: float
+    min: float
+    max: float
+    max_rel_step: float = Field(gt=0)
+    scale: Scale = Scale.LIN
+    apply_at: Boundary = Boundary.STEP
+    cooldown_steps: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> KnobSpec:
+        if not all(math.isfinite(x) for x in (self.value, self.min, self.max)):
+            raise ValueError(f"knob {self.name!r}: value and bounds must be finite")
+        if self.min > self.max:
+            raise ValueError(f"knob {self.name!r}: min {self.min} is above max {self.max}")
+        if self.scale is Scale.LOG and self.min <= 0:
+            raise ValueError(f"knob {self.name!r}: a log-scale knob needs min > 0")
+        if not self.min <= self.value <= self.max:
+            raise ValueError(
+                f"knob {self.name!r}: value {self.value} outside [{self.min}, {self.max}]"
+            )
+        return self
+
+    def step_limits(self, current: float) -> tuple[float, float]:
+        """The lowest and highest value one change may move to from ``current``."""
+        if self.scale is Scale.LOG and current > 0:
+            factor = 1.0 + self.max_rel_step
+            low, high = current / factor, current * factor
+        else:
+            span = self.max_rel_step * (self.max - self.min)
+            low, high = current - span, current + span
+        return max(low, self.min), min(high, self.max)
+
+
+class RunSpec(BaseModel):
+    """``atm/spec.json``: what the training side exposes."""
+
+    schema_version: int = SCHEMA_VERSION
+    framework: str
+    knobs: list[KnobSpec]
+    commands: list[Command] = Field(default_factory=list)
+    apply_at: Boundary = Boundary.STEP
+    poll_interval_s: float = 2.0
+    published_at: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RunSpec:
+        names = [k.name for k in self.knobs]
+        if len(names) != len(set(names)):
+            raise ValueError(f"duplicate knob names in spec: {sorted(names)}")
+        return self
+
+    def knob(self, name: str) -> KnobSpec | None:
+        return next((k for k in self.knobs if k.name == name), None)
+
+    @property
+    def knob_values(self) -> dict[str, float]:
+        return {k.name: k.value for k in self.knobs}
+
+
+def _canonical(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sign_payload(payload: dict[str, Any], key: str | None) -> str:
+    """``hmac-sha256:…`` with a shared key, else ``sha256:…`` (integrity only)."""
+    body = _canonical(payload)
+    if key:
+        return "hmac-sha256:" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+class ParamsVersion(BaseModel):
+    """``atm/params/vNNNNNN.json``: one immutable, signed params version.
+
+    ``values`` holds the absolute value of every knob the manager has set so far, so a client
+    that skipped an intermediate version still ends up in the intended state.
+    """
+
+    version: int = Field(ge=1)
+    parent_version: int = Field(ge=0)
+    issued_at: float
+    source: Source
+    decision_id: int = Field(ge=0)
+    values: dict[str, float]
+    commands: list[Command] = Field(default_factory=list)
+    reason: str = ""
+    signature: str = ""
+
+    def unsigned_payload(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"signature"})
+
+    def signed(self, key: str | None) -> ParamsVersion:
+        return self.model_copy(update={"signature": sign_payload(self.unsigned_payload(), key)})
+
+    def signature_problem(self, key: str | None) -> str | None:
+        """Why the signature does not verify, or None when it does."""
+        scheme = self.signature.partition(":")[0]
+        if scheme == "hmac-sha256" and not key:
+            return f"signed with a key this process lacks (set {SIGNING_KEY_ENV})"
+        if key and scheme != "hmac-sha256":
+            return "not signed with the shared key"
+        if scheme not in ("sha256", "hmac-sha256"):
+            return "missing or unknown signature"
+        expected = sign_payload(self.unsigned_payload(), key)
+        if not hmac.compare_digest(expected, self.signature):
+            return "signature does not match the content (tampered or corrupted)"
+        return None
+
+
+Verdict = Literal["accepted", "clamped", "rejected", "noop"]
+
+
+class KnobVerdict(BaseModel):
+    """What validation did with one proposed change."""
+
+    knob: str
+    proposed: Any = None
+    current: float | None = None
+    final: float | None = None
+    verdict: Verdict
+    reason: str = ""
+
+
+class CommandVerdict(BaseModel):
+    command: str
+    verdict: Literal["accepted", "rejected"]
+    reason: str = ""
+
+
+class Proposal(BaseModel):
+    """A policy's (or a human's) proposed update, before validation."""
+
+    action: Literal["no_action", "adjust", "command"] = "adjust"
+    changes: dict[str, Any] = Field(default_factory=dict)
+    commands: list[str] = Field(default_factory=list)
+    reason: str = ""
+    expected_effect: str = ""
+    watch: str = ""
+
+
+class Outcome(BaseModel):
+    """The objective before a change and as measured after it."""
+
+    metric: str
+    before: float | None
+    after: float | None
+    measured_at_step: int
+    evaluations_after: int
+
+
+DecisionStatus = Literal["issued", "no_action", "rejected", "advisory", "stale", "error"]
+
+
+class AuditRecord(BaseModel):
+    """``atm/audit/dNNNNNN.json``: one decision, whatever came of it."""
+
+    decision_id: int = Field(ge=0)
+    run_id: str
+    created_at: float
+    source: Source
+    policy: str
+    model: str | None = None
+    status: DecisionStatus
+    step: int | None = None
+    telemetry: dict[str, Any] | None = None
+    prompt: str | None = None
+    prompt_digest: str | None = None
+    raw_response: str | None = None
+    proposal: Proposal | None = None
+    verdicts: list[KnobVerdict] = Field(default_factory=list)
+    command_verdicts: list[CommandVerdict] = Field(default_factory=list)
+    params_version: int | None = None
+    values: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+    outcome: Outcome | None = None
+
+    def summary(self) -> str:
+        """One human-readable line, as shown in ``atm.last_intervention``."""
+        changed = [
+            f"{v.knob} {_fmt(v.current)}→{_fmt(v.final)}"
+            for v in self.verdicts
+            if v.verdict in ("accepted", "clamped")
+        ]
+        changed += [c.command for c in self.command_verdicts if c.verdict == "accepted"]
+        what = ", ".join(changed) or "no change"
+        head = f"v{self.params_version}" if self.params_version else self.status
+        why = f" — {self.proposal.reason}" if self.proposal and self.proposal.reason else ""
+        return f"{head} @ step {self.step} by {self.source}: {what}{why}"
+
+
+def _fmt(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"

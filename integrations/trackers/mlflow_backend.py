@@ -1,0 +1,176 @@
+"""The MLflow backend of the ``Tracker`` protocol (server, sqlite or Databricks URIs)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.tracking import MlflowClient
+
+from integrations.protocol import TAG_MANAGED
+from integrations.trackers.base import (
+    MetricCursor,
+    MetricPoint,
+    RunInfo,
+    RunNotFound,
+    TrackerError,
+    TrackerUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_PAGE = 1000
+_MANAGED_FILTER = f"tags.`{TAG_MANAGED}` = 'true' and attributes.status = 'RUNNING'"
+
+
+def _page_token(offset: int) -> str | None:
+    # The server pages metric history by offset; building the token for a known offset lets
+    # a tick read only the points it has not seen. The token format is MLflow's own.
+    if offset <= 0:
+        return None
+    return base64.b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+class MlflowTracker:
+    """A ``Tracker`` over ``MlflowClient``."""
+
+    def __init__(self, uri: str) -> None:
+        # Artifact downloads would draw a progress bar in the training process's output
+        # at every poll that fetches a file.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.uri = uri
+        self._client = MlflowClient(tracking_uri=uri)
+        self._store = self._client._tracking_client.store
+
+    def ping(self) -> bool:
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            return requests.get(self.uri.rstrip("/") + "/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def get_run(self, run_id: str) -> RunInfo:
+        with _translated(run_id):
+            run = self._client.get_run(run_id)
+        return _run_info(run)
+
+    def find_managed_runs(self) -> list[RunInfo]:
+        with _translated():
+            experiment_ids = [e.experiment_id for e in self._client.search_experiments()]
+            runs = []
+            # search_runs takes a bounded number of experiments per call.
+            for i in range(0, len(experiment_ids), 100):
+                runs += self._client.search_runs(
+                    experiment_ids[i : i + 100], filter_string=_MANAGED_FILTER, max_results=1000
+                )
+        return [_run_info(r) for r in runs]
+
+    def read_new_points(
+        self, run_id: str, keys: list[str], cursor: MetricCursor
+    ) -> list[MetricPoint]:
+        points: list[MetricPoint] = []
+        for key in keys:
+            offset = cursor.offsets.get(key, 0)
+            token = _page_token(offset)
+            with _translated(run_id):
+                while True:
+                    page = self._store.get_metric_history(
+                        run_id, key, max_results=_PAGE, page_token=token
+                    )
+                    points += [_point(m) for m in page]
+                    offset += len(page)
+                    token = page.token
+                    if not token:
+                        break
+            cursor.offsets[key] = offset
+        points.sort(key=lambda p: (p.timestamp, p.step))
+        return points
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        with _translated(run_id):
+            for key, value in tags.items():
+                self._client.set_tag(run_id, key, value)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        with _translated(run_id):
+            try:
+                self._client.delete_tag(run_id, key)
+            except MlflowException as exc:
+                if "No tag with name" not in str(exc):
+                    raise
+
+    def log_metric(self, run_id: str, key: str, value: float, step: int) -> None:
+        with _translated(run_id):
+            self._client.log_metric(run_id, key, value, step=step)
+
+    def read_json(self, run_id: str, path: str) -> Any | None:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if path not in self.list_artifacts(run_id, parent):
+            return None
+        with tempfile.TemporaryDirectory() as tmp, _translated(run_id):
+            local = self._client.download_artifacts(run_id, path, dst_path=tmp)
+            raw = Path(local).read_bytes()
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TrackerError(f"artifact {path} of run {run_id} is not valid JSON: {exc}") from exc
+
+    def write_json(self, run_id: str, path: str, payload: Any) -> None:
+        with _translated(run_id):
+            self._client.log_dict(run_id, payload, path)
+
+    def list_artifacts(self, run_id: str, directory: str) -> list[str]:
+        with _translated(run_id):
+            files = self._client.list_artifacts(run_id, directory or None)
+        return [f.path for f in files if not f.is_dir]
+
+
+def _point(m: Metric) -> MetricPoint:
+    return MetricPoint(key=m.key, step=int(m.step), value=float(m.value), timestamp=m.timestamp)
+
+
+def _run_info(run: Any) -> RunInfo:
+    return RunInfo(
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        start_time=run.info.start_time,
+        tags=dict(run.data.tags),
+        latest_metrics=dict(run.data.metrics),
+    )
+
+
+class _translated:
+    """Turn MLflow and network exceptions into the tracker's own."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, TrackerError):
+            return False
+        if isinstance(exc, RestException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RunNotFound(f"no run {self.run_id!r} on this tracker") from exc
+        if isinstance(exc, MlflowException):
+            text = str(exc)
+            if "not found" in text.lower() and self.run_id and self.run_id in text:
+                raise RunNotFound(f"no run {self.run_id!r} on this tracker") from exc
+            if "API request" in text or "Max retries" in text or "Connection" in text:
+                raise TrackerUnavailable(f"tracker unreachable: {text.splitlines()[0]}") from exc
+            raise TrackerError(text.splitlines()[0] if text else repr(exc)) from exc
+        if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
+            raise TrackerUnavailable(f"tracker unreachable: {exc}") from exc
+        return False

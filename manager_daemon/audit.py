@@ -1,0 +1,155 @@
+"""The audit trail and params versions of a run, in the contract's write order.
+
+Write order: params file → audit record → version tag. A reader that sees tag N can always
+read file N; a writer killed in between leaves a file the next writer finds and completes
+(``recover``), so no decision is lost and no version is issued twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from pydantic import ValidationError
+
+from integrations.protocol import (
+    AUDIT_DIR,
+    SIGNING_KEY_ENV,
+    TAG_LAST_INTERVENTION,
+    TAG_PARAMS_VERSION,
+    AuditRecord,
+    Command,
+    ParamsVersion,
+    audit_path,
+    params_path,
+    parse_audit_path,
+)
+from integrations.trackers import Tracker, TrackerError
+
+log = logging.getLogger(__name__)
+
+
+class VersionConflict(RuntimeError):
+    """Another writer issued a version since this decision started."""
+
+
+def current_version(tags: dict[str, str]) -> int:
+    try:
+        return int(tags.get(TAG_PARAMS_VERSION, "0") or 0)
+    except ValueError:
+        return 0
+
+
+class AuditLog:
+    """Reads and writes one tracker's audit records and params versions."""
+
+    def __init__(self, tracker: Tracker, signing_key: str | None = None) -> None:
+        self.tracker = tracker
+        self.signing_key = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+
+    def decision_ids(self, run_id: str) -> list[int]:
+        ids = (parse_audit_path(p) for p in self.tracker.list_artifacts(run_id, AUDIT_DIR))
+        return sorted(i for i in ids if i is not None)
+
+    def records(self, run_id: str) -> list[AuditRecord]:
+        """Every readable audit record of a run, oldest first; unreadable ones are skipped."""
+        out = []
+        for decision_id in self.decision_ids(run_id):
+            try:
+                raw = self.tracker.read_json(run_id, audit_path(decision_id))
+                if raw is not None:
+                    out.append(AuditRecord.model_validate(raw))
+            except (TrackerError, ValidationError) as exc:
+                log.warning(
+                    "skipping unreadable audit record d%06d of %s: %s", decision_id, run_id, exc
+                )
+        return out
+
+    def read_params(self, run_id: str, version: int) -> ParamsVersion | None:
+        raw = self.tracker.read_json(run_id, params_path(version))
+        return None if raw is None else ParamsVersion.model_validate(raw)
+
+    def commit(
+        self,
+        record: AuditRecord,
+        *,
+        expected_version: int,
+        values: dict[str, float],
+        commands: list[Command],
+        issue: bool,
+    ) -> AuditRecord:
+        """Write a decision: params version (when ``issue``), then audit record, then the tag.
+
+        Raises VersionConflict when the run's version tag moved past ``expected_version``.
+        """
+        run_id = record.run_id
+        latest = current_version(self.tracker.get_run(run_id).tags)
+        if latest != expected_version:
+            raise VersionConflict(
+                f"params version moved from {expected_version} to {latest} during the decision"
+            )
+        params = None
+        if issue:
+            params = ParamsVersion(
+                version=latest + 1,
+                parent_version=latest,
+                issued_at=time.time(),
+                source=record.source,
+                decision_id=record.decision_id,
+                values=values,
+                commands=commands,
+                reason=record.proposal.reason if record.proposal else "",
+            ).signed(self.signing_key)
+            self.tracker.write_json(
+                run_id, params_path(params.version), params.model_dump(mode="json")
+            )
+            record = record.model_copy(update={"params_version": params.version, "values": values})
+        self.write_record(record)
+        if params is not None:
+            self.tracker.set_tags(
+                run_id,
+                {
+                    TAG_PARAMS_VERSION: str(params.version),
+                    TAG_LAST_INTERVENTION: record.summary()[:500],
+                },
+            )
+        return record
+
+    def write_record(self, record: AuditRecord) -> None:
+        """Write (or rewrite, to add its measured outcome) one audit record."""
+        payload = record.model_dump(mode="json")
+        self.tracker.write_json(record.run_id, audit_path(record.decision_id), payload)
+
+    def recover(self, run_id: str, tags: dict[str, str]) -> int | None:
+        """Complete a decision whose params file was written but whose tag was not.
+
+        Returns the version it completed, or None when there was nothing to do.
+        """
+        latest = current_version(tags)
+        orphan = self.read_params(run_id, latest + 1)
+        if orphan is None or orphan.parent_version != latest:
+            return None
+        if self.tracker.read_json(run_id, audit_path(orphan.decision_id)) is None:
+            record = AuditRecord(
+                decision_id=orphan.decision_id,
+                run_id=run_id,
+                created_at=time.time(),
+                source=orphan.source,
+                policy="recovered",
+                status="issued",
+                params_version=orphan.version,
+                values=orphan.values,
+                error="the writer stopped after the params file; recovered on restart",
+            )
+            self.tracker.write_json(
+                run_id, audit_path(orphan.decision_id), record.model_dump(mode="json")
+            )
+        self.tracker.set_tags(run_id, {TAG_PARAMS_VERSION: str(orphan.version)})
+        log.warning(
+            "run %s: completed interrupted decision d%06d (v%d)",
+            run_id,
+            orphan.decision_id,
+            orphan.version,
+        )
+        return orphan.version

@@ -1,0 +1,100 @@
+"""Start and stop a local MLflow server on loopback (for the demo and the tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class MlflowServer:
+    """An ``mlflow server`` subprocess with a sqlite store and local artifacts under ``root``."""
+
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        db = self.root / "mlflow.db"
+        store = f"sqlite:///{db}"
+        # Create the schema once, before the server's workers race to create it.
+        subprocess.run(
+            [sys.executable, "-m", "mlflow", "db", "upgrade", store],
+            check=True,
+            capture_output=True,
+        )
+        log = (self.root / "server.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                store,
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+            start_new_session=True,
+        )
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{tail}")
+            try:
+                if requests.get(self.uri + "/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"mlflow server at {self.uri} not healthy after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, 15)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, 9)
+            self.process.wait(10)
+
+
+def start_server(root: Path, port: int | None = None) -> MlflowServer:
+    """Start a server on a free loopback port (or ``port``) and wait until it is healthy."""
+    return MlflowServer(root=root, port=port or free_port()).start()

@@ -1,0 +1,29 @@
+"""The policy interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from integrations.protocol import Proposal, Source
+from manager_daemon.telemetry import Snapshot
+from manager_daemon.validation import Menu
+
+
+@dataclass
+class PolicyAnswer:
+    """A proposal and everything the audit record needs to explain it."""
+
+    proposal: Proposal
+    model: str | None = None
+    prompt: str | None = None
+    raw_response: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Policy(Protocol):
+    name: str
+    source: Source
+
+    def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer: ...

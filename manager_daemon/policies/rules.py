@@ -1,0 +1,138 @@
+"""The rules policy: the explainable controller a careful engineer would write.
+
+- divergence (non-finite values, loss spikes, train loss well above its best) → cut the
+  learning rate hard and clip gradients harder;
+- overfitting (objective not improving while the train/eval gap widens) → lower the learning
+  rate and raise weight decay and dropout;
+- plateau (no improvement for a while) → lower the learning rate;
+- nothing more plausible (no improvement long after several interventions, or the knobs a
+  diagnosis needs are at their bounds) → stop.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from integrations.protocol import Command, Proposal, Source
+from manager_daemon.policies.base import PolicyAnswer
+from manager_daemon.telemetry import Snapshot
+from manager_daemon.validation import Menu
+
+
+class RulesConfig(BaseModel):
+    """Named thresholds of the rules policy."""
+
+    overfit_patience: int = Field(2, ge=1, description="evaluations without improvement")
+    overfit_min_gap: float = Field(0.02, ge=0, description="relative eval-train gap")
+    plateau_patience: int = Field(4, ge=1, description="evaluations without improvement")
+    diverge_ratio: float = Field(1.5, gt=1, description="recent / best train-loss mean")
+    spike_count: int = Field(3, ge=1, description="loss spikes in the recent window")
+    lr_cut: float = Field(0.5, gt=0, lt=1, description="lr factor for overfitting/plateau")
+    lr_cut_diverge: float = Field(0.25, gt=0, lt=1, description="lr factor on divergence")
+    clip_cut: float = Field(0.5, gt=0, lt=1, description="max_grad_norm factor on divergence")
+    weight_decay_step: float = Field(0.05, gt=0, description="added to weight decay")
+    dropout_step: float = Field(0.05, gt=0, description="added to dropout")
+    stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
+    stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
+
+
+class RulesPolicy:
+    """Deterministic, explainable decisions from the snapshot and the menu."""
+
+    name = "rules"
+    source = Source.RULES
+
+    def __init__(self, config: RulesConfig | None = None) -> None:
+        self.config = config or RulesConfig()
+
+    def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer:
+        return PolicyAnswer(proposal=self.decide(snapshot, menu))
+
+    def decide(self, snap: Snapshot, menu: Menu) -> Proposal:
+        cfg = self.config
+        obj, train, gap = snap.objective, snap.train, snap.gap
+        stale = obj.evals_since_best
+        if self._should_stop(snap, menu):
+            return Proposal(
+                action="command",
+                commands=[Command.STOP.value],
+                reason=f"no improvement of {obj.metric} for {stale} evaluations after "
+                f"{len(snap.interventions)} interventions; "
+                f"best {_g(obj.best)} at step {obj.best_step}",
+                expected_effect="training ends near the best objective",
+            )
+        diverging = (
+            train.recent_mean is not None
+            and train.best_mean
+            and train.recent_mean > cfg.diverge_ratio * train.best_mean
+        )
+        if snap.non_finite or diverging or train.spikes >= cfg.spike_count:
+            why = (
+                "non-finite metric values"
+                if snap.non_finite
+                else f"{train.spikes} loss spikes"
+                if train.spikes >= cfg.spike_count
+                else f"train loss {_g(train.recent_mean)} vs best {_g(train.best_mean)}"
+            )
+            changes = _scaled(menu, "learning_rate", cfg.lr_cut_diverge) | _scaled(
+                menu, "max_grad_norm", cfg.clip_cut
+            )
+            return _proposal(changes, f"divergence: {why}", "loss returns to its trend")
+        overfitting = (
+            stale >= cfg.overfit_patience
+            and gap.relative is not None
+            and gap.relative > cfg.overfit_min_gap
+            and (gap.trend or 0) > 0
+        )
+        if overfitting:
+            changes = (
+                _scaled(menu, "learning_rate", cfg.lr_cut)
+                | _added(menu, "weight_decay", cfg.weight_decay_step)
+                | _added(menu, "dropout", cfg.dropout_step)
+            )
+            return _proposal(
+                changes,
+                f"overfitting: {obj.metric} not improved for {stale} evaluations (best "
+                f"{_g(obj.best)}, last {_g(obj.last)}) while the eval-train gap widens to "
+                f"{_g(gap.last)} ({gap.relative:.0%})",
+                f"{obj.metric} stops rising; the gap narrows",
+            )
+        if stale >= cfg.plateau_patience:
+            return _proposal(
+                _scaled(menu, "learning_rate", cfg.lr_cut),
+                f"plateau: {obj.metric} not improved for {stale} evaluations (best {_g(obj.best)})",
+                f"{obj.metric} improves again",
+            )
+        return Proposal(action="no_action", reason="no rule fired")
+
+    def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
+        cfg = self.config
+        if Command.STOP not in menu.commands or snap.objective.evals_since_best < cfg.stop_patience:
+            return False
+        tried = len(snap.interventions) >= cfg.stop_after_interventions
+        exhausted = not any(k in menu.knobs for k in ("learning_rate", "weight_decay", "dropout"))
+        return tried or exhausted
+
+
+def _scaled(menu: Menu, knob: str, factor: float) -> dict[str, float]:
+    item = menu.knobs.get(knob)
+    if item is None:
+        return {}
+    return {knob: min(max(item.current * factor, item.low), item.high)}
+
+
+def _added(menu: Menu, knob: str, delta: float) -> dict[str, float]:
+    item = menu.knobs.get(knob)
+    if item is None:
+        return {}
+    return {knob: min(max(item.current + delta, item.low), item.high)}
+
+
+def _proposal(changes: dict[str, float], reason: str, expected: str) -> Proposal:
+    if not changes:
+        return Proposal(action="no_action", reason=f"{reason}; but no knob for it is available now")
+    return Proposal(action="adjust", changes=changes, reason=reason, expected_effect=expected)
+
+
+def _g(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"

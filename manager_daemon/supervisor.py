@@ -1,0 +1,252 @@
+"""One managed run as the daemon sees it: read new points, decide, validate, write.
+
+A supervisor holds no state the tracker does not hold: on first sight of a run (or after a
+restart) it completes an interrupted write, reloads the audit trail, and re-reads the run's
+metrics once; after that each tick reads only new points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from integrations.protocol import (
+    DEFAULT_OBJECTIVE,
+    SPEC_PATH,
+    TAG_CLIENT_HEARTBEAT,
+    TAG_OBJECTIVE,
+    AuditRecord,
+    Objective,
+    Proposal,
+    RunSpec,
+    Source,
+)
+from integrations.trackers import MetricCursor, RunInfo, Tracker, TrackerError
+from manager_daemon.audit import AuditLog, VersionConflict, current_version
+from manager_daemon.policies.base import Policy, PolicyAnswer
+from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry
+from manager_daemon.validation import RunState, ValidationConfig, build_menu, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SupervisorConfig:
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    audit_no_action: bool = False
+    spec_refresh_ticks: int = 30
+
+
+class RunSupervisor:
+    """Decision cycles for one run."""
+
+    def __init__(
+        self, run_id: str, tracker: Tracker, audit: AuditLog, config: SupervisorConfig | None = None
+    ) -> None:
+        self.run_id = run_id
+        self.tracker = tracker
+        self.audit = audit
+        self.config = config or SupervisorConfig()
+        self.spec: RunSpec | None = None
+        self.spec_error: str | None = None
+        self.telemetry: RunTelemetry | None = None
+        self.cursor = MetricCursor()
+        self.records: dict[int, AuditRecord] = {}
+        self.history: list[Intervention] = []
+        self.last_decision_step = -1
+        self._ticks = 0
+        self._values_cache: tuple[int, dict[str, float]] | None = None
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def load(self, run: RunInfo) -> None:
+        """Rebuild this run's state from the tracker."""
+        self.audit.recover(self.run_id, run.tags)
+        objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
+        self.telemetry = RunTelemetry(objective)
+        self.cursor = MetricCursor()
+        self.records = {r.decision_id: r for r in self.audit.records(self.run_id)}
+        self.history = [_intervention(r) for r in self.records.values() if r.params_version]
+        self.history.sort(key=lambda i: i.version)
+        steps = [
+            r.step for r in self.records.values() if r.step is not None and r.source != Source.HUMAN
+        ]
+        self.last_decision_step = max(steps, default=-1)
+        self._load_spec()
+
+    def _load_spec(self) -> None:
+        try:
+            raw = self.tracker.read_json(self.run_id, SPEC_PATH)
+            self.spec = None if raw is None else RunSpec.model_validate(raw)
+            self.spec_error = None
+        except (ValidationError, TrackerError) as exc:
+            if isinstance(exc, TrackerError) and "not valid JSON" not in str(exc):
+                raise
+            self.spec, self.spec_error = None, f"unreadable {SPEC_PATH}: {exc}"
+            log.warning("run %s: %s", self.run_id, self.spec_error)
+
+    def refresh(self, run: RunInfo | None = None) -> RunInfo:
+        """Read the run and its new metric points."""
+        run = run or self.tracker.get_run(self.run_id)
+        if self.telemetry is None:
+            self.load(run)
+        elif self.spec is None or self._ticks % self.config.spec_refresh_ticks == 0:
+            self._load_spec()
+        self._ticks += 1
+        assert self.telemetry is not None
+        keys = self.telemetry.keys_to_read(run.latest_metrics)
+        self.telemetry.add(self.tracker.read_new_points(self.run_id, keys, self.cursor))
+        for item in self.history:
+            if item.applied_step is None:
+                item.applied_step = self.telemetry.applied_steps.get(item.version)
+        self._write_outcomes()
+        return run
+
+    # ---- deciding -----------------------------------------------------------------------
+
+    def tick(self, policy: Policy, run: RunInfo | None = None) -> AuditRecord | None:
+        """One decision cycle: decide when a new evaluation of the objective arrived."""
+        run = self.refresh(run)
+        assert self.telemetry is not None
+        if self.spec is None or not self.telemetry.evals:
+            return None
+        latest_eval_step = self.telemetry.evals[-1][0]
+        if latest_eval_step <= self.last_decision_step:
+            return None
+        self.last_decision_step = latest_eval_step
+        return self.decide(run, policy.source, policy.name, policy.propose)
+
+    def decide(self, run: RunInfo, source: Source, policy_name: str, propose) -> AuditRecord | None:
+        """Snapshot → menu → proposal → validation → params version and audit record."""
+        assert self.telemetry is not None and self.spec is not None
+        version = current_version(run.tags)
+        state = self.run_state(version)
+        menu = build_menu(state, self.config.validation, source)
+        snapshot = self.telemetry.snapshot(self.spec, state.values, self.history)
+        started = time.monotonic()
+        answer: PolicyAnswer = propose(snapshot, menu)
+        decided = time.monotonic() - started
+        proposal = answer.proposal
+        if proposal.action == "no_action" and not answer.error and not self.config.audit_no_action:
+            return None
+        result = validate(proposal, state, self.config.validation, source)
+        active = TAG_CLIENT_HEARTBEAT in run.tags
+        if not result.issues_version:
+            status = "no_action" if proposal.action == "no_action" else "rejected"
+        else:
+            status = "issued" if active else "advisory"
+        record = AuditRecord(
+            decision_id=self._next_decision_id(),
+            run_id=self.run_id,
+            created_at=time.time(),
+            source=source,
+            policy=policy_name,
+            model=answer.model,
+            status=status,
+            step=self.telemetry.step,
+            telemetry=snapshot.model_dump(mode="json"),
+            prompt=answer.prompt,
+            prompt_digest=_digest(answer.prompt),
+            raw_response=answer.raw_response,
+            proposal=proposal,
+            verdicts=result.verdicts,
+            command_verdicts=result.command_verdicts,
+            values=result.values,
+            timings={"policy_s": round(decided, 4), **answer.timings},
+            error=answer.error,
+        )
+        try:
+            record = self.audit.commit(
+                record,
+                expected_version=version,
+                values=result.values,
+                commands=result.commands,
+                issue=status == "issued",
+            )
+        except VersionConflict as exc:
+            record = record.model_copy(update={"status": "stale", "error": str(exc)})
+            self.audit.write_record(record)
+        self.records[record.decision_id] = record
+        if record.params_version:
+            self.history.append(_intervention(record))
+            self._values_cache = (record.params_version, dict(record.values))
+        log.info("run %s: %s", self.run_id, record.summary())
+        return record
+
+    def run_state(self, version: int) -> RunState:
+        assert self.spec is not None and self.telemetry is not None
+        last_changed: dict[str, int] = {}
+        for item in self.history:
+            for knob in item.changes:
+                last_changed[knob] = item.decision_step
+        automatic = sum(1 for i in self.history if i.source != Source.HUMAN.value)
+        return RunState(
+            spec=self.spec,
+            values=self._values(version),
+            step=self.telemetry.step,
+            last_changed_step=last_changed,
+            interventions_used=automatic,
+        )
+
+    def _values(self, version: int) -> dict[str, float]:
+        """The values in force: the spec's, overlaid with the latest issued version's."""
+        assert self.spec is not None
+        values = self.spec.knob_values
+        if version <= 0:
+            return values
+        if self._values_cache is None or self._values_cache[0] != version:
+            params = self.audit.read_params(self.run_id, version)
+            self._values_cache = (version, dict(params.values) if params else {})
+        values.update({k: v for k, v in self._values_cache[1].items() if k in values})
+        return values
+
+    def _next_decision_id(self) -> int:
+        known = max(self.records, default=0)
+        listed = max(self.audit.decision_ids(self.run_id), default=0)
+        return max(known, listed) + 1
+
+    def _write_outcomes(self) -> None:
+        assert self.telemetry is not None
+        for item in self.history:
+            if item.outcome is not None:
+                continue
+            outcome = self.telemetry.outcome(item)
+            if outcome.evaluations_after < EVALS_FOR_OUTCOME:
+                continue
+            item.outcome = outcome
+            record = self.records.get(item.decision_id)
+            if record is not None and record.outcome is None:
+                record = record.model_copy(update={"outcome": outcome})
+                self.records[item.decision_id] = record
+                self.audit.write_record(record)
+
+
+def human_proposal(changes: dict[str, float], commands: list[str], reason: str) -> Proposal:
+    action = "adjust" if changes else "command"
+    return Proposal(action=action, changes=changes, commands=commands, reason=reason)
+
+
+def _intervention(record: AuditRecord) -> Intervention:
+    changes = {
+        v.knob: (v.current, v.final)
+        for v in record.verdicts
+        if v.verdict in ("accepted", "clamped")
+    }
+    return Intervention(
+        version=record.params_version or 0,
+        decision_id=record.decision_id,
+        decision_step=record.step or 0,
+        source=record.source.value,
+        changes=changes,
+        commands=[c.command for c in record.command_verdicts if c.verdict == "accepted"],
+        expected_effect=record.proposal.expected_effect if record.proposal else "",
+        outcome=record.outcome,
+    )
+
+
+def _digest(text: str | None) -> str | None:
+    return None if text is None else "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,259 @@
+"""A compact telemetry snapshot of a run, built from metric points read incrementally."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from integrations.protocol import METRIC_PARAMS_VERSION, Objective, Outcome, RunSpec
+from integrations.trackers import MetricPoint
+
+TRAIN_LOSS_KEYS = ("loss", "train_loss", "train/loss")
+LR_KEYS = ("learning_rate", "lr", "train/learning_rate")
+GRAD_NORM_KEYS = ("grad_norm", "train/grad_norm")
+RECENT_EVALS = 8
+EVALS_FOR_OUTCOME = 2
+
+
+@dataclass
+class Intervention:
+    """An issued params version, as the daemon knows it from the audit trail."""
+
+    version: int
+    decision_id: int
+    decision_step: int
+    source: str
+    changes: dict[str, tuple[float | None, float | None]]
+    commands: list[str]
+    expected_effect: str = ""
+    applied_step: int | None = None
+    outcome: Outcome | None = None
+
+
+class ObjectiveView(BaseModel):
+    metric: str
+    direction: str
+    last: float | None = None
+    best: float | None = None
+    best_step: int | None = None
+    evaluations: int = 0
+    evals_since_best: int = 0
+    recent: list[tuple[int, float]] = Field(default_factory=list)
+    trend: float | None = Field(default=None, description="relative change per evaluation")
+
+
+class TrainView(BaseModel):
+    metric: str | None = None
+    last: float | None = None
+    recent_mean: float | None = None
+    best_mean: float | None = None
+    spikes: int = 0
+    trend: float | None = None
+
+
+class GapView(BaseModel):
+    """Objective minus train loss at recent evaluations (loss objectives only)."""
+
+    last: float | None = None
+    relative: float | None = None
+    trend: float | None = Field(default=None, description="change of the gap per evaluation")
+
+
+class InterventionView(BaseModel):
+    version: int
+    step: int
+    source: str
+    changes: dict[str, str]
+    expected: str = ""
+    objective_before: float | None = None
+    objective_after: float | None = None
+    evaluations_after: int = 0
+
+
+class Snapshot(BaseModel):
+    """What a policy sees: compact, JSON-serializable, stored in every audit record."""
+
+    step: int
+    objective: ObjectiveView
+    train: TrainView
+    gap: GapView
+    non_finite: bool
+    learning_rate_logged: float | None = None
+    knobs: dict[str, dict[str, float | str]]
+    interventions: list[InterventionView]
+
+
+class RunTelemetry:
+    """Windows of a run's metrics, fed with points as they are read."""
+
+    def __init__(self, objective: Objective, window: int = 400) -> None:
+        self.objective = objective
+        self.evals: list[tuple[int, float]] = []
+        self.train: deque[tuple[int, float]] = deque(maxlen=window)
+        self.train_key: str | None = None
+        self.lr: float | None = None
+        self.step = 0
+        self.applied_steps: dict[int, int] = {}
+        self.non_finite_steps: list[int] = []
+
+    def keys_to_read(self, available: Iterable[str]) -> list[str]:
+        """The metric keys worth reading from what the run has logged."""
+        available = set(available)
+        wanted = {self.objective.metric, METRIC_PARAMS_VERSION}
+        wanted |= {k for k in (*TRAIN_LOSS_KEYS, *LR_KEYS) if k in available}
+        return sorted(k for k in wanted if k in available)
+
+    def add(self, points: Iterable[MetricPoint]) -> None:
+        for p in points:
+            self.step = max(self.step, p.step)
+            if p.key == METRIC_PARAMS_VERSION:
+                self.applied_steps.setdefault(int(p.value), p.step)
+                continue
+            if not math.isfinite(p.value):
+                self.non_finite_steps.append(p.step)
+            if p.key == self.objective.metric:
+                self.evals.append((p.step, p.value))
+            elif p.key in TRAIN_LOSS_KEYS and self.train_key in (None, p.key):
+                self.train_key = p.key
+                self.train.append((p.step, p.value))
+            elif p.key in LR_KEYS:
+                self.lr = p.value
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.evals)
+
+    def objective_view(self) -> ObjectiveView:
+        view = ObjectiveView(metric=self.objective.metric, direction=self.objective.direction)
+        finite = [(s, v) for s, v in self.evals if math.isfinite(v)]
+        if not finite:
+            return view
+        best_step, best = finite[0]
+        for s, v in finite:
+            if self.objective.better(v, best):
+                best_step, best = s, v
+        view.last = self.evals[-1][1]
+        view.best, view.best_step = best, best_step
+        view.evaluations = len(self.evals)
+        view.evals_since_best = sum(1 for s, _ in self.evals if s > best_step)
+        view.recent = [(s, round(v, 6)) for s, v in self.evals[-RECENT_EVALS:]]
+        view.trend = _relative_slope([v for _, v in finite[-4:]])
+        return view
+
+    def train_view(self) -> TrainView:
+        values = [v for _, v in self.train if math.isfinite(v)]
+        view = TrainView(metric=self.train_key)
+        if not values:
+            return view
+        view.last = values[-1]
+        recent = values[-10:]
+        view.recent_mean = statistics.fmean(recent)
+        means = [statistics.fmean(values[i : i + 10]) for i in range(0, max(1, len(values) - 9), 5)]
+        view.best_mean = min(means)
+        view.spikes = _spikes(values[-60:])
+        view.trend = _relative_slope(
+            [statistics.fmean(values[i : i + 5]) for i in range(0, len(values), 5)][-4:]
+        )
+        return view
+
+    def train_mean_near(self, step: int, width: int = 5) -> float | None:
+        near = [v for s, v in self.train if s <= step and math.isfinite(v)][-width:]
+        return statistics.fmean(near) if near else None
+
+    def gap_view(self) -> GapView:
+        if self.objective.direction != "minimize" or "loss" not in self.objective.metric:
+            return GapView()
+        gaps = []
+        for s, v in self.evals[-4:]:
+            train = self.train_mean_near(s)
+            if train is not None and math.isfinite(v):
+                gaps.append((v - train, train))
+        if not gaps:
+            return GapView()
+        last, train = gaps[-1]
+        trend = (gaps[-1][0] - gaps[0][0]) / (len(gaps) - 1) if len(gaps) > 1 else None
+        return GapView(last=last, relative=last / abs(train) if train else None, trend=trend)
+
+    def outcome(self, item: Intervention) -> Outcome:
+        """The objective just before an intervention took effect, and as measured after."""
+        start = item.applied_step if item.applied_step is not None else item.decision_step
+        before = [v for s, v in self.evals if s < start]
+        after = [v for s, v in self.evals if s >= start]
+        measured = after[:EVALS_FOR_OUTCOME]
+        return Outcome(
+            metric=self.objective.metric,
+            before=before[-1] if before else None,
+            after=measured[-1] if measured else None,
+            measured_at_step=self.step,
+            evaluations_after=len(measured),
+        )
+
+    def snapshot(
+        self, spec: RunSpec | None, values: dict[str, float], history: list[Intervention]
+    ) -> Snapshot:
+        knobs: dict[str, dict[str, float | str]] = {}
+        for knob in spec.knobs if spec else []:
+            current = values.get(knob.name, knob.value)
+            knobs[knob.name] = {
+                "value": current,
+                "min": knob.min,
+                "max": knob.max,
+                "scale": knob.scale.value,
+            }
+        since = history[-1].decision_step if history else -1
+        views = []
+        for item in history[-5:]:
+            outcome = self.outcome(item)
+            views.append(
+                InterventionView(
+                    version=item.version,
+                    step=item.applied_step if item.applied_step is not None else item.decision_step,
+                    source=item.source,
+                    changes={k: f"{_g(a)}→{_g(b)}" for k, (a, b) in item.changes.items()}
+                    | {c: "command" for c in item.commands},
+                    expected=item.expected_effect,
+                    objective_before=outcome.before,
+                    objective_after=outcome.after,
+                    evaluations_after=outcome.evaluations_after,
+                )
+            )
+        return Snapshot(
+            step=self.step,
+            objective=self.objective_view(),
+            train=self.train_view(),
+            gap=self.gap_view(),
+            non_finite=any(s > since for s in self.non_finite_steps),
+            learning_rate_logged=self.lr,
+            knobs=knobs,
+            interventions=views,
+        )
+
+
+def _relative_slope(values: list[float]) -> float | None:
+    """Least-squares slope per point, relative to the mean magnitude."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean_x, mean_y = (n - 1) / 2, statistics.fmean(values)
+    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    den = sum((i - mean_x) ** 2 for i in range(n))
+    scale = abs(mean_y) or 1.0
+    return num / den / scale
+
+
+def _spikes(values: list[float], k: float = 6.0) -> int:
+    """Points far above the window's median (median + k·MAD, and at least 1.5× the median)."""
+    if len(values) < 10:
+        return 0
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values) or abs(median) * 0.01 or 1e-12
+    return sum(1 for v in values if v > median + k * mad and v > 1.5 * median)
+
+
+def _g(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"
