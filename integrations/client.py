@@ -255,6 +255,7 @@ class ManagerClient:
             return
         # Values only: a command (stop, checkpoint) was meant for the earlier process.
         self._stage(version.model_copy(update={"commands": []}))
+        self._seen_version = max(self._seen_version, applied)
         log.info("atm: resuming run %s: re-applying params v%d", self.run_id, applied)
 
     def _fetch(self, version: int) -> None:

@@ -1,0 +1,91 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from integrations.protocol import TAG_PARAMS_VERSION, ParamsVersion, Source, params_path
+from integrations.torch_hooks import TorchKnobs
+from integrations.trackers import Tracker
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.2) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def issue(
+    tracker: Tracker, run_id: str, version: int, values: dict[str, float], **kw: object
+) -> None:
+    """Write a correctly signed params version and bump the tag, as the daemon would."""
+    fields: dict[str, object] = dict(
+        version=version,
+        parent_version=version - 1,
+        issued_at=time.time(),
+        source=Source.HUMAN,
+        decision_id=version,
+        values=values,
+    )
+    fields.update(kw)
+    params = ParamsVersion(**fields).signed(None)  # type: ignore[arg-type]
+    tracker.write_json(run_id, params_path(version), params.model_dump(mode="json"))
+    tracker.set_tags(run_id, {TAG_PARAMS_VERSION: str(version)})
+
+
+class LoopThread(threading.Thread):
+    """A plain torch training loop using ``TorchKnobs``, run on a thread for tests."""
+
+    def __init__(self, run_id: str, uri: str, *, steps: int = 100_000, sleep: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1)
+        )
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, weight_decay=1e-4)
+        self.knobs = TorchKnobs(
+            optimizer=self.optimizer, model=self.model, live={"aux_weight": 0.5}
+        )
+        self.knobs.start(run_id, uri, poll_interval=0.5)
+        self.steps, self.sleep = steps, sleep
+        self.step = 0
+        self.lrs: list[tuple[int, float]] = []
+        self.step_times: list[float] = []
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for step in range(self.steps):
+                if self.halt.is_set() or self.knobs.stop_requested:
+                    break
+                started = time.perf_counter()
+                self.knobs.step(step)
+                x = torch.randn(16, 4)
+                loss = (self.model(x) - x.sum(1, keepdim=True)).pow(2).mean() * self.knobs[
+                    "aux_weight"
+                ]
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                self.step_times.append(time.perf_counter() - started)
+                self.lrs.append((step, self.optimizer.param_groups[0]["lr"]))
+                self.step = step
+                time.sleep(self.sleep)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+        finally:
+            self.knobs.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(30)

@@ -1,0 +1,100 @@
+"""The rules policy on snapshots built from synthetic metric streams."""
+
+from __future__ import annotations
+
+import math
+
+from integrations.protocol import Command, KnobSpec, Objective, RunSpec, Source
+from integrations.trackers import MetricPoint
+from manager_daemon.policies import RulesPolicy
+from manager_daemon.telemetry import Intervention, RunTelemetry
+from manager_daemon.validation import RunState, ValidationConfig, build_menu
+
+SPEC = RunSpec(
+    framework="transformers",
+    knobs=[
+        KnobSpec(
+            name="learning_rate", value=1e-3, min=1e-6, max=1e-2, max_rel_step=3.0, scale="log"
+        ),
+        KnobSpec(name="weight_decay", value=0.0, min=0.0, max=0.5, max_rel_step=0.2),
+        KnobSpec(name="dropout", value=0.0, min=0.0, max=0.5, max_rel_step=0.2),
+        KnobSpec(name="max_grad_norm", value=1.0, min=0.01, max=10, max_rel_step=3.0, scale="log"),
+    ],
+    commands=[Command.STOP, Command.CHECKPOINT],
+)
+
+
+def telemetry(train: list[float], evals: list[float], eval_every: int = 10) -> RunTelemetry:
+    t = RunTelemetry(Objective.parse("minimize:eval_loss"))
+    points = [MetricPoint("loss", i, v, i) for i, v in enumerate(train)]
+    points += [
+        MetricPoint("eval_loss", (i + 1) * eval_every, v, (i + 1) * eval_every)
+        for i, v in enumerate(evals)
+    ]
+    t.add(sorted(points, key=lambda p: p.timestamp))
+    return t
+
+
+def decide(t: RunTelemetry, history: list[Intervention] | None = None, values: dict | None = None):
+    values = values or SPEC.knob_values
+    st = RunState(spec=SPEC, values=values, step=t.step)
+    menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
+    return RulesPolicy().decide(t.snapshot(SPEC, values, history or []), menu)
+
+
+def falling(n: int, start: float = 3.0, end: float = 1.0) -> list[float]:
+    return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
+def test_healthy_run_gets_no_action() -> None:
+    p = decide(telemetry(falling(100), falling(10, 3.2, 1.2)))
+    assert p.action == "no_action"
+
+
+def test_overfitting_lowers_lr_and_raises_regularisation() -> None:
+    evals = [3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4]
+    p = decide(telemetry(falling(70, 3.0, 0.8), evals))
+    assert p.action == "adjust" and p.reason.startswith("overfitting")
+    assert math.isclose(p.changes["learning_rate"], 5e-4)
+    assert p.changes["weight_decay"] > 0 and p.changes["dropout"] > 0
+
+
+def test_spikes_cut_lr_hard_and_clip_harder() -> None:
+    train = falling(60, 2.0, 1.5)
+    for i in (50, 53, 56, 58):
+        train[i] = 9.0
+    p = decide(telemetry(train, falling(6, 2.1, 1.6)))
+    assert p.reason.startswith("divergence") and "spikes" in p.reason
+    assert math.isclose(p.changes["learning_rate"], 2.5e-4)
+    assert math.isclose(p.changes["max_grad_norm"], 0.5)
+
+
+def test_non_finite_loss_is_divergence() -> None:
+    train = [*falling(40), math.nan]
+    p = decide(telemetry(train, falling(4)))
+    assert p.reason.startswith("divergence: non-finite")
+
+
+def test_plateau_lowers_lr_only() -> None:
+    evals = [2.0, 1.5, 1.4, 1.41, 1.42, 1.41, 1.40, 1.42]
+    flat = [1.45 + 0.01 * ((i * 7) % 3) for i in range(80)]
+    p = decide(telemetry(flat, evals))
+    assert p.reason.startswith("plateau")
+    assert set(p.changes) == {"learning_rate"}
+
+
+def test_stops_when_nothing_more_is_plausible() -> None:
+    evals = [2.0, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 2.2]
+    history = [
+        Intervention(
+            version=i,
+            decision_id=i,
+            decision_step=30 + 10 * i,
+            source="rules",
+            changes={"learning_rate": (1e-3, 5e-4)},
+            commands=[],
+        )
+        for i in (1, 2)
+    ]
+    p = decide(telemetry(falling(90, 3.0, 0.5), evals), history)
+    assert p.action == "command" and p.commands == ["stop"]
