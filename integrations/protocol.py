@@ -206,6 +206,7 @@ class ParamsVersion(BaseModel):
     issued_at: float
     source: Source
     decision_id: int = Field(ge=0)
+    step: int | None = Field(default=None, description="the run's step the decision was based on")
     values: dict[str, float]
     commands: list[Command] = Field(default_factory=list)
     reason: str = ""

@@ -1,0 +1,165 @@
+"""The ``atm`` CLI against a real MLflow server: verbs, verdicts, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from integrations.protocol import (
+    TAG_CLIENT_HEARTBEAT,
+    SPEC_PATH,
+    TAG_LAST_INTERVENTION,
+    TAG_MANAGED,
+    TAG_OBJECTIVE,
+    TAG_PARAMS_VERSION,
+    AuditRecord,
+    Command,
+    KnobSpec,
+    ParamsVersion,
+    RunSpec,
+    params_path,
+)
+from manager_daemon import cli
+from manager_daemon.cli import app
+from manager_daemon.mlflow_server import free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables wide enough that cells are not wrapped in the captured output."""
+    monkeypatch.setattr(cli.console, "width", 250)
+
+
+def atm(uri: str, *args: str):  # noqa: ANN201
+    return runner.invoke(app, [*args, "--tracking-uri", uri])
+
+
+def publish_spec(tracker, run_id: str) -> None:  # noqa: ANN001
+    spec = RunSpec(
+        framework="torch",
+        knobs=[
+            KnobSpec(
+                name="learning_rate", value=1e-3, min=1e-6, max=1e-2, max_rel_step=3.0, scale="log"
+            ),
+            KnobSpec(name="weight_decay", value=0.0, min=0.0, max=0.5, max_rel_step=0.2),
+        ],
+        commands=[Command.STOP],
+    )
+    tracker.write_json(run_id, SPEC_PATH, spec.model_dump(mode="json"))
+    tracker.set_tags(run_id, {TAG_CLIENT_HEARTBEAT: str(time.time())})
+
+
+def test_attach_status_detach(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+    run_id = new_run("attach-me")
+    result = atm(tracking_uri, "attach", run_id, "--objective", "maximize:eval/acc")
+    assert result.exit_code == 0, result.output
+    assert "advisory" in result.output
+    tags = tracker.get_run(run_id).tags
+    assert tags[TAG_MANAGED] == "true" and tags[TAG_OBJECTIVE] == "maximize:eval/acc"
+    result = runner.invoke(app, ["status", "--tracking-uri", tracking_uri])
+    assert result.exit_code == 0 and run_id[:12] in result.output and "advisory" in result.output
+    assert atm(tracking_uri, "detach", run_id).exit_code == 0
+    assert tracker.get_run(run_id).tags[TAG_MANAGED] == "false"
+
+
+def test_set_issues_a_validated_audited_version(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+    run_id = new_run()
+    publish_spec(tracker, run_id)
+    result = atm(
+        tracking_uri, "set", run_id, "learning_rate=5e-4", "weight_decay=0.4", "--reason", "too hot"
+    )
+    assert result.exit_code == 0, result.output
+    assert "issued params v1" in result.output
+    tags = tracker.get_run(run_id).tags
+    assert tags[TAG_PARAMS_VERSION] == "1" and "too hot" in tags[TAG_LAST_INTERVENTION]
+    params = ParamsVersion.model_validate(tracker.read_json(run_id, params_path(1)))
+    assert params.source == "human" and params.parent_version == 0
+    # weight_decay 0.4 is more than one step (0.1) away: clamped, not refused.
+    assert params.values == {"learning_rate": 5e-4, "weight_decay": pytest.approx(0.1)}
+    assert params.signature_problem(None) is None
+
+
+def test_set_rejections_are_audited_and_issue_nothing(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+    run_id = new_run()
+    publish_spec(tracker, run_id)
+    result = atm(tracking_uri, "set", run_id, "momentum=0.9", "learning_rate=nan")
+    assert result.exit_code == 1
+    assert "unknown knob" in result.output and "not a finite number" in result.output
+    assert TAG_PARAMS_VERSION not in tracker.get_run(run_id).tags
+    lines = atm(tracking_uri, "log", run_id, "--json").output.strip().splitlines()
+    record = AuditRecord.model_validate_json(lines[-1])
+    assert record.status == "rejected" and record.params_version is None
+    assert {v.knob: v.verdict for v in record.verdicts} == {
+        "momentum": "rejected",
+        "learning_rate": "rejected",
+    }
+    assert record.telemetry is not None and "objective" in record.telemetry
+
+
+def test_log_table_shows_each_decision(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+    run_id = new_run()
+    publish_spec(tracker, run_id)
+    atm(tracking_uri, "set", run_id, "learning_rate=2e-3")
+    result = runner.invoke(app, ["log", run_id, "--tracking-uri", tracking_uri])
+    assert result.exit_code == 0
+    assert (
+        "d000001" in result.output
+        and "issued v1" in result.output
+        and "learning_rate" in result.output
+    )
+
+
+def test_set_without_a_client_is_advisory(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+    run_id = new_run()
+    publish_spec(tracker, run_id)
+    tracker.delete_tag(run_id, TAG_CLIENT_HEARTBEAT)
+    result = atm(tracking_uri, "set", run_id, "learning_rate=2e-3")
+    assert result.exit_code == 0 and "advisory" in result.output
+    assert TAG_PARAMS_VERSION not in tracker.get_run(run_id).tags
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["set", "RUN", "learning_rate=fast"], 2, "is not a number"),
+        (["set", "RUN", "explode"], 2, "neither KNOB=VALUE nor a command"),
+        (["attach", "RUN", "--objective", "eval_loss"], 2, "minimize:METRIC"),
+        (["log", "0123456789abcdef0123456789abcdef"], 1, "no run"),
+        (["set", "RUN", "learning_rate=1e-3"], 2, "no knob spec"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tracking_uri, new_run, args, code, message) -> None:  # noqa: ANN001
+    run_id = new_run()
+    result = atm(tracking_uri, *[run_id if a == "RUN" else a for a in args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) <= 2 and "Traceback" not in result.output
+
+
+def test_unreachable_tracker_is_one_line_and_exit_3() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    for args in (["status"], ["log", "abc"], ["daemon", "--once"]):
+        result = runner.invoke(app, [*args, "--tracking-uri", uri])
+        assert result.exit_code == 3, (args, result.output)
+        assert "unreachable" in result.output and "Traceback" not in result.output
+
+
+def test_no_tracker_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
+
+
+def test_log_json_is_one_object_per_line(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+    run_id = new_run()
+    publish_spec(tracker, run_id)
+    atm(tracking_uri, "set", run_id, "learning_rate=2e-3")
+    atm(tracking_uri, "set", run_id, "stop")
+    lines = atm(tracking_uri, "log", run_id, "--json").output.strip().splitlines()
+    assert [json.loads(line)["decision_id"] for line in lines] == [1, 2]
+    assert json.loads(lines[1])["command_verdicts"][0]["command"] == "stop"
