@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from integrations.protocol import (
-    TAG_CLIENT_HEARTBEAT,
     SPEC_PATH,
+    TAG_CLIENT_HEARTBEAT,
     TAG_LAST_INTERVENTION,
     TAG_MANAGED,
     TAG_OBJECTIVE,
@@ -35,11 +35,11 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli.console, "width", 250)
 
 
-def atm(uri: str, *args: str):  # noqa: ANN201
+def atm(uri: str, *args: str):
     return runner.invoke(app, [*args, "--tracking-uri", uri])
 
 
-def publish_spec(tracker, run_id: str) -> None:  # noqa: ANN001
+def publish_spec(tracker, run_id: str) -> None:
     spec = RunSpec(
         framework="torch",
         knobs=[
@@ -54,7 +54,7 @@ def publish_spec(tracker, run_id: str) -> None:  # noqa: ANN001
     tracker.set_tags(run_id, {TAG_CLIENT_HEARTBEAT: str(time.time())})
 
 
-def test_attach_status_detach(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+def test_attach_status_detach(tracking_uri, tracker, new_run) -> None:
     run_id = new_run("attach-me")
     result = atm(tracking_uri, "attach", run_id, "--objective", "maximize:eval/acc")
     assert result.exit_code == 0, result.output
@@ -67,7 +67,7 @@ def test_attach_status_detach(tracking_uri, tracker, new_run) -> None:  # noqa: 
     assert tracker.get_run(run_id).tags[TAG_MANAGED] == "false"
 
 
-def test_set_issues_a_validated_audited_version(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+def test_set_issues_a_validated_audited_version(tracking_uri, tracker, new_run) -> None:
     run_id = new_run()
     publish_spec(tracker, run_id)
     result = atm(
@@ -84,7 +84,7 @@ def test_set_issues_a_validated_audited_version(tracking_uri, tracker, new_run) 
     assert params.signature_problem(None) is None
 
 
-def test_set_rejections_are_audited_and_issue_nothing(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+def test_set_rejections_are_audited_and_issue_nothing(tracking_uri, tracker, new_run) -> None:
     run_id = new_run()
     publish_spec(tracker, run_id)
     result = atm(tracking_uri, "set", run_id, "momentum=0.9", "learning_rate=nan")
@@ -101,7 +101,7 @@ def test_set_rejections_are_audited_and_issue_nothing(tracking_uri, tracker, new
     assert record.telemetry is not None and "objective" in record.telemetry
 
 
-def test_log_table_shows_each_decision(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+def test_log_table_shows_each_decision(tracking_uri, tracker, new_run) -> None:
     run_id = new_run()
     publish_spec(tracker, run_id)
     atm(tracking_uri, "set", run_id, "learning_rate=2e-3")
@@ -114,7 +114,7 @@ def test_log_table_shows_each_decision(tracking_uri, tracker, new_run) -> None: 
     )
 
 
-def test_set_without_a_client_is_advisory(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+def test_set_without_a_client_is_advisory(tracking_uri, tracker, new_run) -> None:
     run_id = new_run()
     publish_spec(tracker, run_id)
     tracker.delete_tag(run_id, TAG_CLIENT_HEARTBEAT)
@@ -133,7 +133,7 @@ def test_set_without_a_client_is_advisory(tracking_uri, tracker, new_run) -> Non
         (["set", "RUN", "learning_rate=1e-3"], 2, "no knob spec"),
     ],
 )
-def test_bad_input_gives_one_clear_line(tracking_uri, new_run, args, code, message) -> None:  # noqa: ANN001
+def test_bad_input_gives_one_clear_line(tracking_uri, new_run, args, code, message) -> None:
     run_id = new_run()
     result = atm(tracking_uri, *[run_id if a == "RUN" else a for a in args])
     assert result.exit_code == code, result.output
@@ -155,7 +155,7 @@ def test_no_tracker_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
 
 
-def test_log_json_is_one_object_per_line(tracking_uri, tracker, new_run) -> None:  # noqa: ANN001
+def test_log_json_is_one_object_per_line(tracking_uri, tracker, new_run) -> None:
     run_id = new_run()
     publish_spec(tracker, run_id)
     atm(tracking_uri, "set", run_id, "learning_rate=2e-3")

@@ -76,7 +76,7 @@ SPEC = RunSpec(
 )
 
 
-def overfitting_run(tracking_uri: str, new_run) -> str:  # noqa: ANN001
+def overfitting_run(tracking_uri: str, new_run) -> str:
     """A managed run whose eval loss turned up while its train loss keeps falling."""
     run_id = new_run()
     client = MlflowClient(tracking_uri)
@@ -100,11 +100,11 @@ class Killed(BaseException):
 class DiesOnce:
     """A tracker that dies the first time it would write ``fatal_path`` (or the version tag)."""
 
-    def __init__(self, inner, fatal: str) -> None:  # noqa: ANN001
+    def __init__(self, inner, fatal: str) -> None:
         self.inner, self.fatal, self.armed = inner, fatal, True
         self.uri = inner.uri
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def write_json(self, run_id: str, path: str, payload: object) -> None:
@@ -124,7 +124,7 @@ class DiesOnce:
 def test_daemon_killed_mid_decision_loses_nothing_and_repeats_nothing(
     tracking_uri: str,
     new_run,
-    dies_before: str,  # noqa: ANN001
+    dies_before: str,
 ) -> None:
     run_id = overfitting_run(tracking_uri, new_run)
     tracker = open_tracker(tracking_uri)
