@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class Daemon:
             interval_s,
         )
         self.run_once()
+        # SIGTERM (Kubernetes, systemd) ends the loop after the tick in progress.
+        signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown(wait=False))
         try:
             scheduler.start()
         except (KeyboardInterrupt, SystemExit):

@@ -61,7 +61,13 @@ class MlflowServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+            # The server's background job runner (a pool of worker processes) serves features
+            # this project does not use; on a 2-core machine it competes with training.
+            env={
+                **os.environ,
+                "MLFLOW_TRACKING_URI": "",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
             start_new_session=True,
         )
         self.wait_healthy(timeout)

@@ -132,6 +132,12 @@ class RunSupervisor:
         decided = time.monotonic() - started
         proposal = answer.proposal
         if proposal.action == "no_action" and not answer.error and not self.config.audit_no_action:
+            log.debug(
+                "run %s @ step %d: no action (%s)",
+                self.run_id,
+                self.telemetry.step,
+                proposal.reason,
+            )
             return None
         result = validate(proposal, state, self.config.validation, source)
         active = TAG_CLIENT_HEARTBEAT in run.tags
