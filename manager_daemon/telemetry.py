@@ -155,7 +155,7 @@ class RunTelemetry:
         view.recent_mean = statistics.fmean(recent)
         means = [statistics.fmean(values[i : i + 10]) for i in range(0, max(1, len(values) - 9), 5)]
         view.best_mean = min(means)
-        view.spikes = _spikes(values[-60:])
+        view.spikes = _spikes(values)
         view.trend = _relative_slope(
             [statistics.fmean(values[i : i + 5]) for i in range(0, len(values), 5)][-4:]
         )
@@ -246,13 +246,20 @@ def _relative_slope(values: list[float]) -> float | None:
     return num / den / scale
 
 
-def _spikes(values: list[float], k: float = 6.0) -> int:
-    """Points far above the window's median (median + k·MAD, and at least 1.5× the median)."""
-    if len(values) < 10:
-        return 0
-    median = statistics.median(values)
-    mad = statistics.median(abs(v - median) for v in values) or abs(median) * 0.01 or 1e-12
-    return sum(1 for v in values if v > median + k * mad and v > 1.5 * median)
+def _spikes(values: list[float], recent: int = 10, lookback: int = 10, k: float = 6.0) -> int:
+    """Recent points far above what came just before them.
+
+    Each of the last ``recent`` points is compared with the median of the ``lookback`` points
+    before it: a spike is above that median by ``k`` MADs and by at least half of it, so a
+    loss that is merely falling fast (its early points above a later median) is no spike.
+    """
+    count = 0
+    for i in range(max(lookback, len(values) - recent), len(values)):
+        before = values[i - lookback : i]
+        median = statistics.median(before)
+        mad = statistics.median(abs(v - median) for v in before) or abs(median) * 0.01 or 1e-12
+        count += values[i] > median + k * mad and values[i] > 1.5 * median
+    return count
 
 
 def _g(x: float | None) -> str:

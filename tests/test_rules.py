@@ -98,3 +98,10 @@ def test_stops_when_nothing_more_is_plausible() -> None:
     ]
     p = decide(telemetry(falling(90, 3.0, 0.5), evals), history)
     assert p.action == "command" and p.commands == ["stop"]
+
+
+def test_a_fast_falling_loss_is_not_mistaken_for_spikes() -> None:
+    train = [8.0 * 0.9**i for i in range(30)]
+    t = telemetry(train, [7.0, 5.0, 3.0], eval_every=10)
+    assert t.train_view().spikes == 0
+    assert decide(t).action == "no_action"
