@@ -39,6 +39,9 @@ from integrations.trackers import Tracker, TrackerError, open_tracker
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+# The heartbeat only says "a client is alive"; refreshing it less often than the poll keeps
+# the cost of a quiet poll to one read.
+HEARTBEAT_EVERY_S = 10.0
 
 # Applies changed knob values and commands in the training process; raises if it cannot.
 ApplyFn = Callable[[dict[str, float], list[Command]], None]
@@ -103,6 +106,7 @@ class ManagerClient:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._unreachable_since: float | None = None
+        self._last_heartbeat = 0.0
         self.rejections: list[str] = []
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -166,6 +170,7 @@ class ManagerClient:
         backoff = self.poll_interval
         while True:
             stopping = self._stop.is_set()
+            started = time.monotonic()
             try:
                 self.poll_once()
             except TrackerError as exc:
@@ -178,7 +183,8 @@ class ManagerClient:
                 backoff = self.poll_interval
             if stopping:
                 return
-            self._wake.wait(backoff)
+            # Fixed rate: a tag set just after a read waits one interval, not one plus a poll.
+            self._wake.wait(max(0.0, backoff - (time.monotonic() - started)))
             self._wake.clear()
 
     def _note_unreachable(self, exc: Exception) -> None:
@@ -199,7 +205,9 @@ class ManagerClient:
             self._publish()
         self._flush_acks()
         run = self.tracker.get_run(self.run_id)
-        self.tracker.set_tags(self.run_id, {TAG_CLIENT_HEARTBEAT: f"{time.time():.3f}"})
+        if time.time() - self._last_heartbeat >= min(HEARTBEAT_EVERY_S, 5 * self.poll_interval):
+            self.tracker.set_tags(self.run_id, {TAG_CLIENT_HEARTBEAT: f"{time.time():.3f}"})
+            self._last_heartbeat = time.time()
         if self._unreachable_since is not None:
             log.warning(
                 "atm: tracker reachable again after %.0f s", time.time() - self._unreachable_since

@@ -25,6 +25,7 @@ class MlflowServer:
 
     root: Path
     port: int
+    cpus: set[int] | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,6 +70,7 @@ class MlflowServer:
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             },
             start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
         self.wait_healthy(timeout)
         return self
@@ -101,6 +103,10 @@ class MlflowServer:
             self.process.wait(10)
 
 
-def start_server(root: Path, port: int | None = None) -> MlflowServer:
-    """Start a server on a free loopback port (or ``port``) and wait until it is healthy."""
-    return MlflowServer(root=root, port=port or free_port()).start()
+def start_server(root: Path, port: int | None = None, cpus: set[int] | None = None) -> MlflowServer:
+    """Start a server on a free loopback port (or ``port``) and wait until it is healthy.
+
+    ``cpus`` pins the server (and its workers) to those cores, for benchmarks that must not
+    count the server's work against the process they measure.
+    """
+    return MlflowServer(root=root, port=port or free_port(), cpus=cpus).start()

@@ -113,12 +113,18 @@ class MlflowTracker:
             self._client.log_metric(run_id, key, value, step=step)
 
     def read_json(self, run_id: str, path: str) -> Any | None:
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if path not in self.list_artifacts(run_id, parent):
-            return None
-        with tempfile.TemporaryDirectory() as tmp, _translated(run_id):
-            local = self._client.download_artifacts(run_id, path, dst_path=tmp)
-            raw = Path(local).read_bytes()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with _translated(run_id):
+                    raw = Path(
+                        self._client.download_artifacts(run_id, path, dst_path=tmp)
+                    ).read_bytes()
+            except (RunNotFound, TrackerError, OSError):
+                # One request on the usual path; a listing tells "absent" from "failed".
+                parent = path.rsplit("/", 1)[0] if "/" in path else ""
+                if path not in self.list_artifacts(run_id, parent):
+                    return None
+                raise
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

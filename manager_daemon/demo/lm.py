@@ -144,12 +144,15 @@ class LMRecipe:
     seed: int
 
 
-# Calibrated on two CPU cores (about a minute per run): no regularisation, a small train split
-# seen for many epochs and a constant learning rate, so eval loss turns upward early on.
+# Calibrated on two CPU cores (about 30 s per run when the machine is otherwise idle): no
+# regularisation, 80 train stories seen for about 36 epochs at a constant learning rate. Eval loss
+# bottoms out near step 120 of 320 and then climbs by about a quarter while train loss keeps
+# falling towards zero. The vocabulary is near word level for this corpus, which keeps sequences
+# short; the eval split is three times the train split so its loss is a steady signal.
 DEMO_RECIPE = LMRecipe(
-    n_train_stories=200,
-    n_eval_stories=400,
-    vocab_size=512,
+    n_train_stories=80,
+    n_eval_stories=250,
+    vocab_size=768,
     block_size=128,
     n_layer=2,
     n_embd=128,
@@ -158,8 +161,8 @@ DEMO_RECIPE = LMRecipe(
     learning_rate=3e-3,
     weight_decay=0.0,
     max_grad_norm=1.0,
-    max_steps=300,
-    per_device_train_batch_size=16,
+    max_steps=320,
+    per_device_train_batch_size=8,
     per_device_eval_batch_size=64,
     eval_steps=20,
     logging_steps=10,

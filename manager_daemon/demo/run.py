@@ -188,7 +188,7 @@ def _summarise(
     records = [r for r in AuditLog(tracker).records(managed.run_id) if r.params_version]
     _print_interventions(records, console)
     result = Table(title="final eval loss")
-    for col in ("run", "final eval loss", "best eval loss", "steps", "MLflow run"):
+    for col in ("run", "final eval loss", "best eval loss", "steps"):
         result.add_column(col)
     for v in (unmanaged, managed):
         s = v.summary
@@ -198,9 +198,11 @@ def _summarise(
             f"{s['final_eval_loss']:.4f}",
             f"{s['best_eval_loss']:.4f}",
             str(s["steps"]),
-            f"{uri}/#/experiments/{_experiment_id(tracker, v.run_id)}/runs/{v.run_id}",
         )
     console.print(result)
+    for v in (unmanaged, managed):
+        experiment_id = _experiment_id(tracker, v.run_id)
+        console.print(f"{v.name:>9}: {uri}/#/experiments/{experiment_id}/runs/{v.run_id}")
     final_m = float(managed.summary["final_eval_loss"])  # type: ignore[arg-type]
     final_u = float(unmanaged.summary["final_eval_loss"])  # type: ignore[arg-type]
     verdict = "lower" if final_m < final_u else "NOT lower"
