@@ -298,6 +298,7 @@ class AuditRecord(BaseModel):
     params_version: int | None = None
     values: dict[str, float] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    usage: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
     outcome: Outcome | None = None
 

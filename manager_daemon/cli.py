@@ -42,7 +42,9 @@ from integrations.trackers import (
     open_tracker,
 )
 from manager_daemon.audit import AuditLog
-from manager_daemon.policies import PolicyAnswer, RulesConfig, RulesPolicy
+from manager_daemon.policies import PolicyAnswer, RulesConfig
+from manager_daemon.policies.factory import PolicySettings, make_policy
+from manager_daemon.policies.llm import LLMConfig
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig, human_proposal
 from manager_daemon.validation import ValidationConfig
 
@@ -138,7 +140,39 @@ def daemon(
     interval: Annotated[
         float, typer.Option(envvar="ATM_INTERVAL", min=0.1, help="Seconds between ticks.")
     ] = 10.0,
-    policy: Annotated[str, typer.Option(envvar="ATM_POLICY", help="Policy: rules.")] = "rules",
+    policy: Annotated[
+        str,
+        typer.Option(
+            envvar="ATM_POLICY",
+            help="auto (an endpoint if configured, else the embedded model, else rules), "
+            "llm, or rules.",
+        ),
+    ] = "auto",
+    llm_base_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint.", show_default=False
+        ),
+    ] = None,
+    llm_model: Annotated[
+        str | None, typer.Option(envvar="ATM_LLM_MODEL", help="Model name at the endpoint.")
+    ] = None,
+    llm_timeout: Annotated[
+        float, typer.Option(envvar="ATM_LLM_TIMEOUT", min=0.1, help="Seconds per model call.")
+    ] = LLMConfig().timeout_s,
+    llm_fallback: Annotated[
+        str, typer.Option(envvar="ATM_LLM_FALLBACK", help="After a failed retry: rules or none.")
+    ] = "rules",
+    response_mode: Annotated[
+        str,
+        typer.Option(envvar="ATM_LLM_RESPONSE_MODE", help="auto, json_schema, json_object, tools."),
+    ] = "auto",
+    stale_evals: Annotated[
+        int,
+        typer.Option(
+            envvar="ATM_STALE_EVALS", min=0, help="Discard answers older than this many evals."
+        ),
+    ] = SupervisorConfig().stale_evals,
     rules_config: Annotated[
         Path | None,
         typer.Option(envvar="ATM_RULES_CONFIG", help="YAML thresholds of the rules policy."),
@@ -159,20 +193,32 @@ def daemon(
     from manager_daemon.daemon import Daemon
 
     _setup_logging(verbose)
-    if policy != "rules":
-        raise CliError(f"unknown policy {policy!r}: expected 'rules'")
+    if llm_fallback not in ("rules", "none"):
+        raise CliError(f"--llm-fallback must be rules or none, not {llm_fallback!r}")
     tracker = _tracker(tracking_uri)
+    settings = PolicySettings.from_env(
+        policy=policy,
+        base_url=llm_base_url,
+        model=llm_model,
+        response_mode=response_mode,
+        llm=LLMConfig(timeout_s=llm_timeout, fallback=llm_fallback),  # type: ignore[arg-type]
+        rules=_rules_config(rules_config),
+    )
+    chosen, why = make_policy(settings)
+    logging.getLogger("manager_daemon").info(why)
     config = SupervisorConfig(
         validation=ValidationConfig(cooldown_steps=cooldown_steps, budget=budget),
         audit_no_action=audit_no_action,
+        stale_evals=stale_evals,
     )
-    runner = Daemon(tracker, RulesPolicy(_rules_config(rules_config)), config, workers=workers)
+    runner = Daemon(tracker, chosen, config, workers=workers)
     if once:
         report = runner.run_once()
         runner.close()
         for record in report.decisions:
             console.print(f"{record.run_id[:8]}  {record.summary()}")
         console.print(f"{report.runs} managed run(s), {len(report.decisions)} decision(s)")
+        console.print(runner.totals_line())
         if "*" in report.errors:
             raise TrackerUnavailable(report.errors["*"])
         return
@@ -350,7 +396,7 @@ def log_(
             f"d{r.decision_id:06d}",
             time.strftime("%H:%M:%S", time.localtime(r.created_at)),
             str(r.step),
-            r.policy if r.source.value == r.policy else f"{r.source.value}/{r.policy}",
+            _by_text(r),
             r.status + (f" v{r.params_version}" if r.params_version else ""),
             _changes_text(r),
             _telemetry_text(r.telemetry),
@@ -360,6 +406,18 @@ def log_(
     console.print(table)
     if not records:
         console.print("no decisions yet")
+
+
+def _by_text(r: AuditRecord) -> str:
+    """Who decided; for a model, which one, how long it took and what it cost."""
+    text = r.policy if r.source.value == r.policy else f"{r.source.value} (via {r.policy})"
+    calls = [v for k, v in r.timings.items() if k.startswith("llm_call_")]
+    if r.model:
+        text += f"\n{r.model}"
+    if calls:
+        tokens = r.usage.get("prompt_tokens", 0) + r.usage.get("completion_tokens", 0)
+        text += f"\n{sum(calls):.2f} s, {len(calls)} call(s), {tokens} tokens"
+    return text
 
 
 def _changes_text(r: AuditRecord) -> str:

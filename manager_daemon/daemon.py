@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from apscheduler.schedulers.blocking import BlockingScheduler
@@ -24,6 +26,7 @@ class TickReport:
     runs: int = 0
     decisions: list[AuditRecord] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)
 
 
 class Daemon:
@@ -46,11 +49,23 @@ class Daemon:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atm-run")
         self._tracker_down = False
         self._lock = threading.Lock()
+        self._in_flight: dict[str, Future[AuditRecord | None]] = {}
+        self.totals: Counter[str] = Counter()
+        self._ticks = 0
 
-    def run_once(self) -> TickReport:
-        """One pass over every managed run. Never raises for one run's failure."""
+    def run_once(self, wait: bool = True) -> TickReport:
+        """One pass over every managed run. Never raises for one run's failure.
+
+        A run whose previous cycle is still in flight (a slow model call) is skipped, so one
+        run never holds up the others or the scheduler. With ``wait`` the pass waits for the
+        cycles it started; otherwise their results are collected by later passes.
+        """
         report = TickReport()
         with self._lock:
+            self._ticks += 1
+            if self._ticks % 30 == 0 and self.totals:
+                log.info(self.totals_line())
+            self._collect(report)
             try:
                 runs = self.tracker.find_managed_runs()
             except TrackerError as exc:
@@ -63,34 +78,66 @@ class Daemon:
                 log.warning("tracker reachable again")
                 self._tracker_down = False
             live = {r.run_id for r in runs}
-            for gone in set(self.supervisors) - live:
+            for gone in set(self.supervisors) - live - set(self._in_flight):
                 del self.supervisors[gone]
+            report.runs = len(runs)
             for run in runs:
-                self.supervisors.setdefault(
+                if run.run_id in self._in_flight:
+                    report.busy.append(run.run_id)
+                    continue
+                supervisor = self.supervisors.setdefault(
                     run.run_id, RunSupervisor(run.run_id, self.tracker, self.audit, self.config)
                 )
-            futures = {
-                r.run_id: self._pool.submit(self.supervisors[r.run_id].tick, self.policy, r)
-                for r in runs
-            }
-            report.runs = len(runs)
-            for run_id, future in futures.items():
-                try:
-                    record = future.result()
-                except Exception as exc:  # one run's failure must not stop the others
-                    log.warning(
-                        "run %s: decision cycle failed: %s",
-                        run_id,
-                        exc,
-                        exc_info=not isinstance(exc, TrackerError),
-                    )
-                    report.errors[run_id] = str(exc)
-                    # Rebuild from the tracker next tick rather than trust partial state.
-                    self.supervisors.pop(run_id, None)
-                    continue
-                if record is not None:
-                    report.decisions.append(record)
+                self._in_flight[run.run_id] = self._pool.submit(supervisor.tick, self.policy, run)
+            if wait:
+                for future in list(self._in_flight.values()):
+                    with contextlib.suppress(Exception):
+                        future.result()
+                self._collect(report)
         return report
+
+    def _collect(self, report: TickReport) -> None:
+        for run_id, future in list(self._in_flight.items()):
+            if not future.done():
+                continue
+            del self._in_flight[run_id]
+            try:
+                record = future.result()
+            except Exception as exc:  # one run's failure must not stop the others
+                quiet = isinstance(exc, TrackerError)
+                log.warning("run %s: decision cycle failed: %s", run_id, exc, exc_info=not quiet)
+                report.errors[run_id] = str(exc)
+                # Rebuild from the tracker next tick rather than trust partial state.
+                self.supervisors.pop(run_id, None)
+                continue
+            if record is not None:
+                report.decisions.append(record)
+                self._count(record)
+
+    def _count(self, record: AuditRecord) -> None:
+        self.totals["decisions"] += 1
+        self.totals[f"status_{record.status}"] += 1
+        calls = [v for k, v in record.timings.items() if k.startswith("llm_call_")]
+        self.totals["llm_calls"] += len(calls)
+        self.totals["llm_ms"] += round(1000 * sum(calls))
+        self.totals["prompt_tokens"] += record.usage.get("prompt_tokens", 0)
+        self.totals["completion_tokens"] += record.usage.get("completion_tokens", 0)
+        self.totals["fallbacks"] += bool(record.error and "fell back" in record.error)
+
+    def totals_line(self) -> str:
+        """Totals since start: decisions by outcome, model calls, latency and tokens."""
+        t = self.totals
+        statuses = ", ".join(
+            f"{k.removeprefix('status_')} {v}"
+            for k, v in sorted(t.items())
+            if k.startswith("status_")
+        )
+        mean = t["llm_ms"] / t["llm_calls"] / 1000 if t["llm_calls"] else 0.0
+        return (
+            f"totals: {t['decisions']} decisions ({statuses or 'none'}); {t['llm_calls']} model "
+            f"calls, mean {mean:.2f} s, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
+            f"completion tokens; {t['fallbacks']} fallbacks"
+        )
 
     def serve(self, interval_s: float) -> None:
         """Run ``run_once`` every ``interval_s`` seconds until interrupted."""
@@ -98,6 +145,7 @@ class Daemon:
         scheduler.add_job(
             self.run_once,
             "interval",
+            kwargs={"wait": False},
             seconds=interval_s,
             max_instances=1,
             coalesce=True,
@@ -110,7 +158,7 @@ class Daemon:
             self.tracker.uri,
             interval_s,
         )
-        self.run_once()
+        self.run_once(wait=False)
         # SIGTERM (Kubernetes, systemd) ends the loop after the tick in progress.
         signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown(wait=False))
         try:
@@ -121,4 +169,6 @@ class Daemon:
             self.close()
 
     def close(self) -> None:
+        if self.totals:
+            log.info(self.totals_line())
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -28,7 +28,7 @@ from integrations.protocol import (
 from integrations.trackers import MetricCursor, RunInfo, Tracker, TrackerError
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
 from manager_daemon.policies.base import Policy, PolicyAnswer
-from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry
+from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry, Snapshot
 from manager_daemon.validation import RunState, ValidationConfig, build_menu, validate
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ class SupervisorConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     audit_no_action: bool = False
     spec_refresh_ticks: int = 30
+    # An answer is discarded (audited as stale) when the run moved on this far while the
+    # policy was deciding.
+    stale_evals: int = 2
+    stale_steps: int | None = None
 
 
 class RunSupervisor:
@@ -130,6 +134,7 @@ class RunSupervisor:
         started = time.monotonic()
         answer: PolicyAnswer = propose(snapshot, menu)
         decided = time.monotonic() - started
+        stale = self._staleness(snapshot, decided)
         proposal = answer.proposal
         if proposal.action == "no_action" and not answer.error and not self.config.audit_no_action:
             log.debug(
@@ -141,7 +146,10 @@ class RunSupervisor:
             return None
         result = validate(proposal, state, self.config.validation, source)
         active = TAG_CLIENT_HEARTBEAT in run.tags
-        if not result.issues_version:
+        if stale:
+            status = "stale"
+            answer.error = "; ".join(filter(None, [answer.error, stale]))
+        elif not result.issues_version:
             status = "no_action" if proposal.action == "no_action" else "rejected"
         else:
             status = "issued" if active else "advisory"
@@ -149,7 +157,7 @@ class RunSupervisor:
             decision_id=self._next_decision_id(),
             run_id=self.run_id,
             created_at=time.time(),
-            source=source,
+            source=answer.source or source,
             policy=policy_name,
             model=answer.model,
             status=status,
@@ -163,6 +171,7 @@ class RunSupervisor:
             command_verdicts=result.command_verdicts,
             values=result.values,
             timings={"policy_s": round(decided, 4), **answer.timings},
+            usage=answer.usage,
             error=answer.error,
         )
         try:
@@ -182,6 +191,24 @@ class RunSupervisor:
             self._values_cache = (record.params_version, dict(record.values))
         log.info("run %s: %s", self.run_id, record.summary())
         return record
+
+    def _staleness(self, snapshot: Snapshot, decided_s: float) -> str | None:
+        """Why an answer that took ``decided_s`` is too late for the run, or None."""
+        if decided_s < 1.0:
+            return None  # nothing can have moved on (rules, humans)
+        assert self.telemetry is not None
+        self.refresh()
+        new_evals = self.telemetry.evaluations - snapshot.objective.evaluations
+        new_steps = self.telemetry.step - snapshot.step
+        limit_steps = self.config.stale_steps
+        if new_evals > self.config.stale_evals or (
+            limit_steps is not None and new_steps > limit_steps
+        ):
+            return (
+                f"stale: the answer took {decided_s:.1f} s while the run moved on "
+                f"{new_steps} steps and {new_evals} evaluations"
+            )
+        return None
 
     def run_state(self, version: int) -> RunState:
         assert self.spec is not None and self.telemetry is not None

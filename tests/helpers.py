@@ -7,10 +7,23 @@ import time
 from collections.abc import Callable
 
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
-from integrations.protocol import TAG_PARAMS_VERSION, ParamsVersion, Source, params_path
+from integrations.protocol import (
+    SPEC_PATH,
+    TAG_CLIENT_HEARTBEAT,
+    TAG_MANAGED,
+    TAG_PARAMS_VERSION,
+    Command,
+    KnobSpec,
+    ParamsVersion,
+    RunSpec,
+    Source,
+    params_path,
+)
 from integrations.torch_hooks import TorchKnobs
-from integrations.trackers import Tracker
+from integrations.trackers import Tracker, open_tracker
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.2) -> object:
@@ -89,3 +102,32 @@ class LoopThread(threading.Thread):
     def stop(self) -> None:
         self.halt.set()
         self.join(30)
+
+
+OVERFIT_SPEC = RunSpec(
+    framework="transformers",
+    knobs=[
+        KnobSpec(
+            name="learning_rate", value=1e-3, min=1e-6, max=1e-2, max_rel_step=3.0, scale="log"
+        ),
+        KnobSpec(name="weight_decay", value=0.0, min=0.0, max=0.5, max_rel_step=0.2),
+    ],
+    commands=[Command.STOP],
+)
+
+
+def overfitting_run(tracking_uri: str, new_run) -> str:
+    """A managed run whose eval loss turned up while its train loss keeps falling."""
+    run_id = new_run()
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    train = [Metric("loss", 3.0 - 2.2 * i / 69, now + i, i) for i in range(70)]
+    evals = [
+        Metric("eval_loss", v, now + 10 * (i + 1), 10 * (i + 1))
+        for i, v in enumerate([3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4])
+    ]
+    client.log_batch(run_id, metrics=train + evals)
+    tracker = open_tracker(tracking_uri)
+    tracker.write_json(run_id, SPEC_PATH, OVERFIT_SPEC.model_dump(mode="json"))
+    tracker.set_tags(run_id, {TAG_MANAGED: "true", TAG_CLIENT_HEARTBEAT: str(time.time())})
+    return run_id

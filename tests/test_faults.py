@@ -7,22 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from integrations.protocol import (
     AUDIT_DIR,
     PARAMS_DIR,
-    SPEC_PATH,
     TAG_CLIENT_APPLIED_VERSION,
     TAG_CLIENT_HEARTBEAT,
-    TAG_MANAGED,
     TAG_PARAMS_VERSION,
     AuditRecord,
-    Command,
-    KnobSpec,
     ParamsVersion,
-    RunSpec,
     audit_path,
     params_path,
 )
@@ -30,7 +24,7 @@ from integrations.trackers import open_tracker
 from manager_daemon.daemon import Daemon
 from manager_daemon.mlflow_server import MlflowServer, free_port
 from manager_daemon.policies import RulesPolicy
-from tests.helpers import LoopThread, issue, wait_for
+from tests.helpers import LoopThread, issue, overfitting_run, wait_for
 
 
 def test_training_never_waits_while_the_tracker_is_down(
@@ -62,35 +56,6 @@ def test_training_never_waits_while_the_tracker_is_down(
     assert max(during) < 0.25, f"a training step waited {max(during):.3f} s"
     warnings = [r for r in caplog.records if "tracker unreachable" in r.getMessage()]
     assert len(warnings) == 1, "the client warns once per outage"
-
-
-SPEC = RunSpec(
-    framework="transformers",
-    knobs=[
-        KnobSpec(
-            name="learning_rate", value=1e-3, min=1e-6, max=1e-2, max_rel_step=3.0, scale="log"
-        ),
-        KnobSpec(name="weight_decay", value=0.0, min=0.0, max=0.5, max_rel_step=0.2),
-    ],
-    commands=[Command.STOP],
-)
-
-
-def overfitting_run(tracking_uri: str, new_run) -> str:
-    """A managed run whose eval loss turned up while its train loss keeps falling."""
-    run_id = new_run()
-    client = MlflowClient(tracking_uri)
-    now = int(time.time() * 1000)
-    train = [Metric("loss", 3.0 - 2.2 * i / 69, now + i, i) for i in range(70)]
-    evals = [
-        Metric("eval_loss", v, now + 10 * (i + 1), 10 * (i + 1))
-        for i, v in enumerate([3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4])
-    ]
-    client.log_batch(run_id, metrics=train + evals)
-    tracker = open_tracker(tracking_uri)
-    tracker.write_json(run_id, SPEC_PATH, SPEC.model_dump(mode="json"))
-    tracker.set_tags(run_id, {TAG_MANAGED: "true", TAG_CLIENT_HEARTBEAT: str(time.time())})
-    return run_id
 
 
 class Killed(BaseException):

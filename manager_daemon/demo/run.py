@@ -25,7 +25,7 @@ from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon
 from manager_daemon.demo.lm import DEMO_RECIPE
 from manager_daemon.mlflow_server import MlflowServer, start_server
-from manager_daemon.policies import RulesPolicy
+from manager_daemon.policies.factory import PolicySettings, make_policy
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
 
@@ -58,13 +58,22 @@ def run_demo(workdir: Path, console: Console) -> dict[str, object]:
         uri = server.uri
     console.print(f"MLflow tracking server: [bold]{uri}[/bold]")
     tracker = open_tracker(uri)
+    with console.status("loading the policy…"):
+        policy, why = make_policy(PolicySettings.from_env())
+    console.print(f"Manager {why}")
     scheduler = BackgroundScheduler()
     daemon = Daemon(
         tracker,
-        RulesPolicy(),
+        policy,
         SupervisorConfig(validation=ValidationConfig(cooldown_steps=2 * DEMO_RECIPE.eval_steps)),
     )
-    scheduler.add_job(daemon.run_once, "interval", seconds=DAEMON_INTERVAL_S, max_instances=1)
+    scheduler.add_job(
+        daemon.run_once,
+        "interval",
+        seconds=DAEMON_INTERVAL_S,
+        max_instances=1,
+        kwargs={"wait": False},
+    )
     scheduler.start()
     try:
         variants = _train_side_by_side(workdir, uri, tracker, console)
@@ -236,7 +245,7 @@ def _print_interventions(records: list[AuditRecord], console: Console) -> None:
         table.add_row(
             f"v{r.params_version}",
             str(r.step),
-            r.policy,
+            f"{r.source.value}\n{r.model}" if r.model else r.source.value,
             what.strip(", "),
             r.proposal.reason if r.proposal else "",
         )

@@ -19,7 +19,10 @@ class PolicyAnswer:
     prompt: str | None = None
     raw_response: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    # Who actually decided, when not the policy itself (an LLM policy falling back to rules).
+    source: Source | None = None
 
 
 class Policy(Protocol):

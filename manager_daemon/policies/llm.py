@@ -1,0 +1,102 @@
+"""The LLM policy: a schema-conditioned model picks an update from the menu.
+
+One call; if the answer is malformed or off the menu, one retry carrying the validation error;
+then the fallback (the rules policy, or no action). Every attempt, its raw answer, latency and
+token usage go into the decision's audit record.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from integrations.protocol import Proposal, Source
+from manager_daemon.policies.base import PolicyAnswer
+from manager_daemon.policies.chat import ChatError, ChatModel
+from manager_daemon.policies.prompt import (
+    SYSTEM,
+    InvalidAnswer,
+    build_prompt,
+    decision_schema,
+    parse_answer,
+)
+from manager_daemon.policies.rules import RulesPolicy
+from manager_daemon.telemetry import Snapshot
+from manager_daemon.validation import Menu
+
+
+class LLMConfig(BaseModel):
+    timeout_s: float = Field(60.0, gt=0, description="per model call")
+    retries: int = Field(1, ge=0, description="retries carrying the validation error")
+    fallback: Literal["rules", "none"] = "rules"
+
+
+class LLMPolicy:
+    """Decisions by a chat model, validated against the menu."""
+
+    name = "llm"
+    source = Source.LLM
+
+    def __init__(
+        self, model: ChatModel, config: LLMConfig | None = None, rules: RulesPolicy | None = None
+    ) -> None:
+        self.model = model
+        self.config = config or LLMConfig()
+        self.rules = rules or RulesPolicy()
+
+    def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer:
+        if menu.empty:
+            return PolicyAnswer(Proposal(action="no_action", reason="nothing is on the menu"))
+        prompt = build_prompt(snapshot, menu)
+        schema = decision_schema(menu)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        answer = PolicyAnswer(Proposal(action="no_action"), model=self.model.name, prompt=prompt)
+        raws: list[str] = []
+        problem = ""
+        for attempt in range(1 + self.config.retries):
+            started = time.monotonic()
+            try:
+                result = self.model.complete(messages, schema, timeout=self.config.timeout_s)
+            except ChatError as exc:
+                answer.timings[f"llm_call_{attempt}_s"] = round(time.monotonic() - started, 3)
+                problem = f"model call failed: {exc}"
+                break
+            answer.timings[f"llm_call_{attempt}_s"] = round(time.monotonic() - started, 3)
+            answer.model = result.model
+            answer.usage["prompt_tokens"] = answer.usage.get("prompt_tokens", 0) + (
+                result.prompt_tokens or 0
+            )
+            answer.usage["completion_tokens"] = answer.usage.get("completion_tokens", 0) + (
+                result.completion_tokens or 0
+            )
+            answer.usage["attempts"] = attempt + 1
+            raws.append(result.text)
+            answer.raw_response = raws[0] if len(raws) == 1 else "\n---retry---\n".join(raws)
+            try:
+                answer.proposal = parse_answer(result.text, menu)
+                return answer
+            except InvalidAnswer as exc:
+                problem = f"invalid answer: {exc}"
+                messages += [
+                    {"role": "assistant", "content": result.text},
+                    {
+                        "role": "user",
+                        "content": f"That answer is invalid: {exc}. Answer again with one JSON "
+                        "object in the format above, choosing only from the menu.",
+                    },
+                ]
+        return self._fall_back(snapshot, menu, answer, problem)
+
+    def _fall_back(
+        self, snapshot: Snapshot, menu: Menu, answer: PolicyAnswer, problem: str
+    ) -> PolicyAnswer:
+        if self.config.fallback == "rules":
+            answer.proposal = self.rules.decide(snapshot, menu)
+            answer.source = Source.RULES
+            answer.error = f"{problem}; fell back to the rules policy"
+        else:
+            answer.proposal = Proposal(action="no_action", reason="the model gave no valid answer")
+            answer.error = f"{problem}; no action"
+        return answer
