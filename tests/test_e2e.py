@@ -54,6 +54,8 @@ def test_daemon_corrects_an_overfitting_trainer(tracking_uri: str, tracker, tmp_
             "1",
             "--cooldown-steps",
             "30",
+            "--policy",
+            "rules",
         ],
         stdout=(tmp_path / "daemon.out").open("w"),
         stderr=subprocess.STDOUT,
