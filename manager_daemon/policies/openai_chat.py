@@ -81,7 +81,9 @@ class OpenAIChat:
                 "json_schema": {
                     "name": "decision",
                     "schema": _without(schema, "maxLength"),
-                    "strict": True,
+                    # Not strict: strict mode wants every property required, and the knobs
+                    # are optional. Servers that decode under the schema still enforce it.
+                    "strict": False,
                 },
             }
         elif mode == "json_object":

@@ -54,9 +54,12 @@ def build_prompt(snapshot: Snapshot, menu: Menu, run_name: str = "") -> str:
         "## Menu (choose only from these)\n" + _menu(menu),
         "## Answer format\n"
         'One JSON object: {"action": one of ' + json.dumps(_actions(menu)) + ', "changes": '
-        '[{"knob": NAME, "value": ONE OF ITS CHOICES}] (at most '
-        f"{MAX_CHANGES}, empty unless action is adjust), "
-        '"reason": a short sentence, "expect": what should happen, "watch": what to check}.',
+        "{KNOB: ONE OF ITS CHOICES} (1 to "
+        f"{MAX_CHANGES} knobs when action is adjust, otherwise {{}}), "
+        '"reason": a short sentence, "expect": what should happen, "watch": what to check}.\n'
+        'Example: {"action": "adjust", "changes": {"learning_rate": 0.0005}, "reason": "eval '
+        'loss rose for 3 evaluations while train loss fell", "expect": "eval loss stops '
+        'rising", "watch": "gap"}',
     ]
     return "\n\n".join(sections)
 
@@ -123,43 +126,31 @@ def _actions(menu: Menu) -> list[str]:
 
 def decision_schema(menu: Menu) -> dict[str, Any]:
     """The answer's JSON schema, with the menu's knobs and values as enums."""
-    items = [
-        {
-            "type": "object",
-            "properties": {"knob": {"const": name}, "value": {"enum": item.choices}},
-            "required": ["knob", "value"],
-            "additionalProperties": False,
-        }
-        for name, item in menu.knobs.items()
-    ]
-    changes: dict[str, Any] = {"type": "array", "maxItems": MAX_CHANGES if items else 0}
-    if items:
-        changes["items"] = {"anyOf": items}
-    text = {"type": "string", "maxLength": REASON_CHARS}
+    # An object of optional knobs keeps the grammar small: constrained decoding on a CPU
+    # slows down with every branch the schema opens.
+    changes = {
+        "type": "object",
+        "properties": {name: {"enum": item.choices} for name, item in menu.knobs.items()},
+        "additionalProperties": False,
+    }
     return {
         "type": "object",
         "properties": {
             "action": {"enum": _actions(menu)},
             "changes": changes,
-            "reason": text,
-            "expect": {"type": "string", "maxLength": 120},
-            "watch": {"type": "string", "maxLength": 80},
+            "reason": {"type": "string", "maxLength": REASON_CHARS},
+            "expect": {"type": "string", "maxLength": 80},
+            "watch": {"type": "string", "maxLength": 60},
         },
         "required": ["action", "changes", "reason", "expect", "watch"],
         "additionalProperties": False,
     }
 
 
-class _Change(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    knob: str
-    value: float
-
-
 class _Answer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: str
-    changes: list[_Change] = Field(default_factory=list)
+    changes: dict[str, float] = Field(default_factory=dict)
     reason: str = ""
     expect: str = ""
     watch: str = ""
@@ -186,27 +177,24 @@ def parse_answer(text: str, menu: Menu) -> Proposal:
     actions = _actions(menu)
     if answer.action not in actions:
         raise InvalidAnswer(f"action {answer.action!r} is not one of {actions}")
-    changes: dict[str, float] = {}
-    for change in answer.changes:
-        item = menu.knobs.get(change.knob)
+    changes = answer.changes
+    for knob, value in changes.items():
+        item = menu.knobs.get(knob)
         if item is None:
-            raise InvalidAnswer(f"knob {change.knob!r} is not on the menu ({list(menu.knobs)})")
-        if not any(math.isclose(change.value, c, rel_tol=1e-6) for c in item.choices):
-            raise InvalidAnswer(
-                f"value {change.value:g} for {change.knob!r} is not one of {item.choices}"
-            )
-        if change.knob in changes:
-            raise InvalidAnswer(f"knob {change.knob!r} appears twice")
-        changes[change.knob] = change.value
+            raise InvalidAnswer(f"knob {knob!r} is not on the menu ({list(menu.knobs)})")
+        if not any(math.isclose(value, c, rel_tol=1e-6) for c in item.choices):
+            raise InvalidAnswer(f"value {value:g} for {knob!r} is not one of {item.choices}")
     if answer.action == "adjust" and not changes:
         raise InvalidAnswer("action adjust needs at least one change")
+    if answer.action != "adjust" and changes:
+        raise InvalidAnswer(f"action {answer.action} takes no changes; use adjust to change knobs")
     if len(changes) > MAX_CHANGES:
         raise InvalidAnswer(f"at most {MAX_CHANGES} changes")
     commands = [answer.action] if answer.action in {c.value for c in Command} else []
     action = "adjust" if answer.action == "adjust" else "command" if commands else "no_action"
     return Proposal(
         action=action,  # type: ignore[arg-type]
-        changes=changes if action == "adjust" else {},
+        changes=changes,
         commands=commands,
         reason=answer.reason[:REASON_CHARS],
         expected_effect=answer.expect[:120],
