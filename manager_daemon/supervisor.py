@@ -223,6 +223,7 @@ class RunSupervisor:
             step=self.telemetry.step,
             last_changed_step=last_changed,
             interventions_used=automatic,
+            evals_since_best=self.telemetry.objective_view().evals_since_best,
         )
 
     def _values(self, version: int) -> dict[str, float]:

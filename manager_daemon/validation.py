@@ -34,6 +34,9 @@ class ValidationConfig(BaseModel):
 
     cooldown_steps: int = Field(default=50, ge=0, description="steps between two changes of a knob")
     budget: int = Field(default=20, ge=0, description="automatic interventions allowed per run")
+    stop_after_evals: int = Field(
+        default=6, ge=0, description="evaluations without improvement before stop is offered"
+    )
 
 
 @dataclass
@@ -45,6 +48,7 @@ class RunState:
     step: int
     last_changed_step: dict[str, int] = field(default_factory=dict)
     interventions_used: int = 0
+    evals_since_best: int = 0
 
     def cooldown_left(self, knob: KnobSpec, config: ValidationConfig) -> int:
         cooldown = knob.cooldown_steps if knob.cooldown_steps is not None else config.cooldown_steps
@@ -221,7 +225,14 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
         menu.knobs[knob.name] = MenuItem(
             knob=knob.name, current=current, low=low, high=high, scale=knob.scale, choices=choices
         )
-    menu.commands = [c for c in state.spec.commands if c is not Command.ROLLBACK_TO_BEST]
+    # Gate: a policy may stop a run only after a sustained lack of progress.
+    gated = {Command.ROLLBACK_TO_BEST}
+    if source is not Source.HUMAN and state.evals_since_best < config.stop_after_evals:
+        gated.add(Command.STOP)
+        menu.blocked["stop"] = (
+            f"offered after {config.stop_after_evals} evaluations without improvement"
+        )
+    menu.commands = [c for c in state.spec.commands if c not in gated]
     return menu
 
 

@@ -212,7 +212,7 @@ def test_prompt_quotes_run_text_as_data_and_schema_lists_the_menu() -> None:
     ):
         assert section in prompt
     schema = decision_schema(menu)
-    knobs = schema["properties"]["changes"]["properties"]
+    knobs = schema["anyOf"][0]["properties"]["changes"]["properties"]
     assert set(knobs) == set(menu.knobs)
     assert all(knobs[k]["enum"] == item.choices for k, item in menu.knobs.items())
     assert parse_answer(

@@ -37,7 +37,9 @@ def telemetry(train: list[float], evals: list[float], eval_every: int = 10) -> R
 
 def decide(t: RunTelemetry, history: list[Intervention] | None = None, values: dict | None = None):
     values = values or SPEC.knob_values
-    st = RunState(spec=SPEC, values=values, step=t.step)
+    st = RunState(
+        spec=SPEC, values=values, step=t.step, evals_since_best=t.objective_view().evals_since_best
+    )
     menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
     return RulesPolicy().decide(t.snapshot(SPEC, values, history or []), menu)
 

@@ -135,7 +135,14 @@ def test_menu_offers_only_allowed_non_noop_choices() -> None:
     for item in menu.knobs.values():
         assert item.current not in item.choices
         assert all(item.low <= c <= item.high for c in item.choices)
-    assert menu.commands == [Command.STOP]
+    assert menu.commands == []
+    assert "evaluations without improvement" in menu.blocked["stop"]
+
+
+def test_stop_is_offered_only_after_sustained_lack_of_progress() -> None:
+    assert Command.STOP not in build_menu(state(evals_since_best=5), CONFIG, Source.LLM).commands
+    assert build_menu(state(evals_since_best=6), CONFIG, Source.LLM).commands == [Command.STOP]
+    assert build_menu(state(), CONFIG, Source.HUMAN).commands == [Command.STOP]
 
 
 def test_menu_is_empty_when_the_budget_is_used() -> None:

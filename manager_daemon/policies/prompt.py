@@ -125,26 +125,34 @@ def _actions(menu: Menu) -> list[str]:
 
 
 def decision_schema(menu: Menu) -> dict[str, Any]:
-    """The answer's JSON schema, with the menu's knobs and values as enums."""
-    # An object of optional knobs keeps the grammar small: constrained decoding on a CPU
-    # slows down with every branch the schema opens.
-    changes = {
-        "type": "object",
-        "properties": {name: {"enum": item.choices} for name, item in menu.knobs.items()},
-        "additionalProperties": False,
+    """The answer's JSON schema, with the menu's knobs and values as enums.
+
+    One branch per kind of action, so that an answer cannot say "no_action" and list changes;
+    the knobs are an object of optional properties, which keeps the grammar small (constrained
+    decoding on a CPU slows down with every branch the schema opens).
+    """
+    texts = {
+        "reason": {"type": "string", "maxLength": REASON_CHARS},
+        "expect": {"type": "string", "maxLength": 80},
+        "watch": {"type": "string", "maxLength": 60},
     }
-    return {
-        "type": "object",
-        "properties": {
-            "action": {"enum": _actions(menu)},
-            "changes": changes,
-            "reason": {"type": "string", "maxLength": REASON_CHARS},
-            "expect": {"type": "string", "maxLength": 80},
-            "watch": {"type": "string", "maxLength": 60},
-        },
-        "required": ["action", "changes", "reason", "expect", "watch"],
-        "additionalProperties": False,
-    }
+    knobs = {name: {"enum": item.choices} for name, item in menu.knobs.items()}
+    no_changes = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def branch(actions: list[str], changes: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {"action": {"enum": actions}, "changes": changes, **texts},
+            "required": ["action", "changes", *texts],
+            "additionalProperties": False,
+        }
+
+    others = [a for a in _actions(menu) if a != "adjust"]
+    branches = [branch(others, no_changes)]
+    if knobs:
+        changes = {"type": "object", "properties": knobs, "additionalProperties": False}
+        branches.insert(0, branch(["adjust"], changes))
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 
 class _Answer(BaseModel):

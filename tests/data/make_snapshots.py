@@ -67,6 +67,7 @@ def case(
         step=t.step,
         last_changed_step=cooldown_from or {},
         interventions_used=len(history),
+        evals_since_best=t.objective_view().evals_since_best,
     )
     menu = build_menu(state, ValidationConfig(cooldown_steps=40), Source.LLM)
     snapshot = t.snapshot(spec, state.values, list(history))
@@ -79,6 +80,7 @@ def case(
             "step": state.step,
             "last_changed_step": state.last_changed_step,
             "interventions_used": state.interventions_used,
+            "evals_since_best": state.evals_since_best,
         },
         "snapshot": snapshot.model_dump(mode="json"),
         "menu": menu.model_dump(mode="json"),
