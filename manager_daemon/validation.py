@@ -225,8 +225,11 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
         menu.knobs[knob.name] = MenuItem(
             knob=knob.name, current=current, low=low, high=high, scale=knob.scale, choices=choices
         )
-    # Gate: a policy may stop a run only after a sustained lack of progress.
+    # Gates: checkpoints are the training script's business (humans may still ask for one);
+    # a policy may stop a run only after a sustained lack of progress.
     gated = {Command.ROLLBACK_TO_BEST}
+    if source is not Source.HUMAN:
+        gated.add(Command.CHECKPOINT)
     if source is not Source.HUMAN and state.evals_since_best < config.stop_after_evals:
         gated.add(Command.STOP)
         menu.blocked["stop"] = (
