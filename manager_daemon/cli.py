@@ -472,13 +472,20 @@ def demo(
     workdir: Annotated[
         Path, typer.Option(help="Where the MLflow store and outputs go (kept).")
     ] = Path("atm-demo"),
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="rules, llm (an endpoint from OPENAI_BASE_URL/ATM_LLM_MODEL, else the "
+            "embedded model) or auto."
+        ),
+    ] = "rules",
     verbose: Verbose = False,
 ) -> None:
     """The end-to-end showcase: an overfitting run, managed and unmanaged, on a local MLflow."""
     from manager_daemon.demo.run import run_demo
 
     _setup_logging(verbose)
-    run_demo(workdir.resolve(), console)
+    run_demo(workdir.resolve(), console, policy)
 
 
 def main() -> None:

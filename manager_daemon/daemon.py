@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -167,6 +168,17 @@ class Daemon:
             pass
         finally:
             self.close()
+
+    def drain(self, timeout: float) -> TickReport:
+        """Wait up to ``timeout`` seconds for decisions in flight; collect what finished."""
+        deadline = time.monotonic() + timeout
+        for future in list(self._in_flight.values()):
+            with contextlib.suppress(Exception):
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+        report = TickReport()
+        with self._lock:
+            self._collect(report)
+        return report
 
     def close(self) -> None:
         if self.totals:

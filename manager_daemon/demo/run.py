@@ -47,9 +47,11 @@ class Variant:
     summary: dict[str, object] | None = None
 
 
-def run_demo(workdir: Path, console: Console) -> dict[str, object]:
+def run_demo(workdir: Path, console: Console, policy_name: str = "rules") -> dict[str, object]:
     """Run the demo, print its summary, and return the figures it printed."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # Fail fast rather than wait out MLflow's default retries (minutes) on a stopped server.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     server: MlflowServer | None = None
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -59,13 +61,18 @@ def run_demo(workdir: Path, console: Console) -> dict[str, object]:
     console.print(f"MLflow tracking server: [bold]{uri}[/bold]")
     tracker = open_tracker(uri)
     with console.status("loading the policy…"):
-        policy, why = make_policy(PolicySettings.from_env())
+        policy, why = make_policy(PolicySettings.from_env(policy=policy_name))
     console.print(f"Manager {why}")
     scheduler = BackgroundScheduler()
+    # The demo's evaluations come every few seconds while a CPU model call takes longer, so
+    # answers may arrive several evaluations late and are still worth applying.
     daemon = Daemon(
         tracker,
         policy,
-        SupervisorConfig(validation=ValidationConfig(cooldown_steps=2 * DEMO_RECIPE.eval_steps)),
+        SupervisorConfig(
+            validation=ValidationConfig(cooldown_steps=2 * DEMO_RECIPE.eval_steps),
+            stale_evals=8,
+        ),
     )
     scheduler.add_job(
         daemon.run_once,
@@ -79,6 +86,7 @@ def run_demo(workdir: Path, console: Console) -> dict[str, object]:
         variants = _train_side_by_side(workdir, uri, tracker, console)
     finally:
         scheduler.shutdown(wait=True)
+        daemon.drain(timeout=60)
         daemon.close()
     try:
         return _summarise(variants, tracker, uri, console)

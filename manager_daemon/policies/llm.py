@@ -49,7 +49,7 @@ class LLMPolicy:
     def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer:
         if menu.empty:
             return PolicyAnswer(Proposal(action="no_action", reason="nothing is on the menu"))
-        prompt = build_prompt(snapshot, menu)
+        prompt = build_prompt(snapshot, menu, diagnosis=self.rules.decide(snapshot, menu))
         schema = decision_schema(menu)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         answer = PolicyAnswer(Proposal(action="no_action"), model=self.model.name, prompt=prompt)

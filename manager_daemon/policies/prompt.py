@@ -34,8 +34,10 @@ def _g(x: float | None) -> str:
     return "?" if x is None else f"{x:.4g}"
 
 
-def build_prompt(snapshot: Snapshot, menu: Menu, run_name: str = "") -> str:
-    """The user message for one decision."""
+def build_prompt(
+    snapshot: Snapshot, menu: Menu, run_name: str = "", diagnosis: Proposal | None = None
+) -> str:
+    """The user message for one decision; ``diagnosis`` is the rules policy's reading."""
     obj = snapshot.objective
     sections = [
         "## Task\n"
@@ -51,15 +53,14 @@ def build_prompt(snapshot: Snapshot, menu: Menu, run_name: str = "") -> str:
         "on the menu can plausibly help.",
         "## Current state\nDATA\n```\n" + _state(snapshot, run_name) + "\n```",
         "## History\nDATA\n```\n" + _history(snapshot) + "\n```",
+        "## Rule-based diagnosis (a second opinion; weigh it against the data)\n"
+        + _diagnosis(diagnosis),
         "## Menu (choose only from these)\n" + _menu(menu),
         "## Answer format\n"
         'One JSON object: {"action": one of ' + json.dumps(_actions(menu)) + ', "changes": '
         "{KNOB: ONE OF ITS CHOICES} (1 to "
         f"{MAX_CHANGES} knobs when action is adjust, otherwise {{}}), "
-        '"reason": a short sentence, "expect": what should happen, "watch": what to check}.\n'
-        'Example: {"action": "adjust", "changes": {"learning_rate": 0.0005}, "reason": "eval '
-        'loss rose for 3 evaluations while train loss fell", "expect": "eval loss stops '
-        'rising", "watch": "gap"}',
+        '"reason": a short sentence, "expect": what should happen, "watch": what to check}.',
     ]
     return "\n\n".join(sections)
 
@@ -97,6 +98,16 @@ def _history(s: Snapshot) -> str:
         expected = f", expected {json.dumps(i.expected)}" if i.expected else ""
         rows.append(f"v{i.version} at step {i.step} by {i.source}: {changes}{expected}; {measured}")
     return "\n".join(rows)
+
+
+def _diagnosis(proposal: Proposal | None) -> str:
+    if proposal is None:
+        return "none"
+    if proposal.action == "no_action":
+        return f"no rule fired ({proposal.reason})"
+    what = ", ".join(f"{json.dumps(k)} -> {v:g}" for k, v in proposal.changes.items())
+    what = what or ", ".join(proposal.commands)
+    return f"{proposal.reason}. Suggested: {what}."
 
 
 def _relative(current: float, value: float, scale: Scale) -> str:
