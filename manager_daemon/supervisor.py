@@ -20,6 +20,7 @@ from integrations.protocol import (
     TAG_CLIENT_HEARTBEAT,
     TAG_OBJECTIVE,
     AuditRecord,
+    Command,
     Objective,
     Proposal,
     RunSpec,
@@ -224,6 +225,7 @@ class RunSupervisor:
             last_changed_step=last_changed,
             interventions_used=automatic,
             evals_since_best=self.telemetry.objective_view().evals_since_best,
+            stop_issued=any(Command.STOP.value in item.commands for item in self.history),
         )
 
     def _values(self, version: int) -> dict[str, float]:

@@ -49,6 +49,7 @@ class RunState:
     last_changed_step: dict[str, int] = field(default_factory=dict)
     interventions_used: int = 0
     evals_since_best: int = 0
+    stop_issued: bool = False
 
     def cooldown_left(self, knob: KnobSpec, config: ValidationConfig) -> int:
         cooldown = knob.cooldown_steps if knob.cooldown_steps is not None else config.cooldown_steps
@@ -230,7 +231,10 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
     gated = {Command.ROLLBACK_TO_BEST}
     if source is not Source.HUMAN:
         gated.add(Command.CHECKPOINT)
-    if source is not Source.HUMAN and state.evals_since_best < config.stop_after_evals:
+    if state.stop_issued:
+        gated.add(Command.STOP)
+        menu.blocked["stop"] = "a stop was already issued"
+    elif source is not Source.HUMAN and state.evals_since_best < config.stop_after_evals:
         gated.add(Command.STOP)
         menu.blocked["stop"] = (
             f"offered after {config.stop_after_evals} evaluations without improvement"

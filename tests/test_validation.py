@@ -143,6 +143,8 @@ def test_stop_is_offered_only_after_sustained_lack_of_progress() -> None:
     assert Command.STOP not in build_menu(state(evals_since_best=5), CONFIG, Source.LLM).commands
     assert build_menu(state(evals_since_best=6), CONFIG, Source.LLM).commands == [Command.STOP]
     assert build_menu(state(), CONFIG, Source.HUMAN).commands == [Command.STOP]
+    already = build_menu(state(evals_since_best=9, stop_issued=True), CONFIG, Source.LLM)
+    assert already.commands == [] and already.blocked["stop"] == "a stop was already issued"
 
 
 def test_menu_is_empty_when_the_budget_is_used() -> None:
