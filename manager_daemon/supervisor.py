@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -30,7 +31,7 @@ from integrations.trackers import MetricCursor, RunInfo, Tracker, TrackerError
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
 from manager_daemon.policies.base import Policy, PolicyAnswer
 from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry, Snapshot
-from manager_daemon.validation import RunState, ValidationConfig, build_menu, validate
+from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu, validate
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,13 @@ class RunSupervisor:
         self.last_decision_step = latest_eval_step
         return self.decide(run, policy.source, policy.name, policy.propose)
 
-    def decide(self, run: RunInfo, source: Source, policy_name: str, propose) -> AuditRecord | None:
+    def decide(
+        self,
+        run: RunInfo,
+        source: Source,
+        policy_name: str,
+        propose: Callable[[Snapshot, Menu], PolicyAnswer],
+    ) -> AuditRecord | None:
         """Snapshot → menu → proposal → validation → params version and audit record."""
         assert self.telemetry is not None and self.spec is not None
         version = current_version(run.tags)

@@ -31,6 +31,7 @@ RECIPE = dataclasses.replace(
     dropout=0.05,
     weight_decay=0.0,
     max_steps=400,
+    warmup_steps=0,
     eval_steps=1000,
     logging_steps=1000,
 )
@@ -98,7 +99,7 @@ def test_callback_applies_knobs_and_commands(tracking_uri: str, tracker, tmp_pat
     assert any(p.name.startswith("checkpoint-") for p in tmp_path.iterdir()), "checkpoint saved"
     rows = recorder.rows
     first, last = rows[min(rows)], rows[max(rows)]
-    # Past warm-up the constant schedule holds the halved lr: the edit was not undone.
+    # The constant schedule holds the halved lr: the edit was not undone by the scheduler.
     assert last["lrs"] == pytest.approx([RECIPE.learning_rate / 2] * 2)
     assert last["base_lrs"] == pytest.approx([lr / 2 for lr in first["base_lrs"]])
     # Weight decay went to the decaying group only (the first; biases and norms stay at 0).
