@@ -144,9 +144,7 @@ class AuditLog:
                 values=orphan.values,
                 error="the writer stopped after the params file; recovered on restart",
             )
-            self.tracker.write_json(
-                run_id, audit_path(orphan.decision_id), record.model_dump(mode="json")
-            )
+            self.write_record(record)
         self.tracker.set_tags(run_id, {TAG_PARAMS_VERSION: str(orphan.version)})
         log.warning(
             "run %s: completed interrupted decision d%06d (v%d)",
