@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from integrations.protocol import Boundary, KnobSpec, Scale
 
-# name -> (scale, min as a factor of the start (or absolute for lin), max, max_rel_step)
 _LOG_DEFAULTS: dict[str, tuple[float, float, float]] = {
     # min factor, max factor, max_rel_step (3.0: one change moves at most ×4 or ÷4)
     "learning_rate": (1e-3, 10.0, 3.0),

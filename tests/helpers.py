@@ -17,13 +17,15 @@ from integrations.protocol import (
     TAG_PARAMS_VERSION,
     Command,
     KnobSpec,
+    Objective,
     ParamsVersion,
     RunSpec,
     Source,
     params_path,
 )
 from integrations.torch_hooks import TorchKnobs
-from integrations.trackers import Tracker, open_tracker
+from integrations.trackers import MetricPoint, Tracker, open_tracker
+from manager_daemon.telemetry import RunTelemetry
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.2) -> object:
@@ -131,3 +133,14 @@ def overfitting_run(tracking_uri: str, new_run) -> str:
     tracker.write_json(run_id, SPEC_PATH, OVERFIT_SPEC.model_dump(mode="json"))
     tracker.set_tags(run_id, {TAG_MANAGED: "true", TAG_CLIENT_HEARTBEAT: str(time.time())})
     return run_id
+
+
+def telemetry(train: list[float], evals: list[float], eval_every: int = 10) -> RunTelemetry:
+    t = RunTelemetry(Objective.parse("minimize:eval_loss"))
+    points = [MetricPoint("loss", i, v, i) for i, v in enumerate(train)]
+    points += [
+        MetricPoint("eval_loss", (i + 1) * eval_every, v, (i + 1) * eval_every)
+        for i, v in enumerate(evals)
+    ]
+    t.add(sorted(points, key=lambda p: p.timestamp))
+    return t

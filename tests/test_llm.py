@@ -16,15 +16,17 @@ from integrations.protocol import (
     PARAMS_DIR,
     TAG_PARAMS_VERSION,
     ParamsVersion,
+    Source,
     params_path,
 )
+from integrations.trackers import open_tracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.policies.llm import LLMConfig, LLMPolicy
 from manager_daemon.policies.openai_chat import OpenAIChat
 from manager_daemon.policies.prompt import build_prompt, decision_schema, parse_answer
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
-from manager_daemon.validation import ValidationConfig
-from tests.helpers import OVERFIT_SPEC, overfitting_run
+from manager_daemon.validation import RunState, ValidationConfig, build_menu
+from tests.helpers import OVERFIT_SPEC, overfitting_run, telemetry
 from tests.openai_replay import ReplayServer, Reply
 
 
@@ -57,8 +59,6 @@ def decide(tracking_uri: str, new_run, replay: ReplayServer, *replies: Reply, **
     run_id = overfitting_run(tracking_uri, new_run)
     replay.replies = list(replies)
     policy = LLMPolicy(OpenAIChat("replay-model", base_url=replay.base_url), LLMConfig(**config))
-    from integrations.trackers import open_tracker
-
     tracker = open_tracker(tracking_uri)
     supervisor = RunSupervisor(run_id, tracker, AuditLog(tracker))
     record = supervisor.tick(policy)
@@ -172,8 +172,6 @@ def test_an_answer_that_arrives_after_the_run_moved_on_is_stale(
 ) -> None:
     run_id = overfitting_run(tracking_uri, new_run)
     replay.replies = [Reply(answer(changes=lr_change()), delay_s=2.5)]
-    from integrations.trackers import open_tracker
-
     tracker = open_tracker(tracking_uri)
     supervisor = RunSupervisor(run_id, tracker, AuditLog(tracker), SupervisorConfig(stale_evals=2))
     client = MlflowClient(tracking_uri)
@@ -192,10 +190,6 @@ def test_an_answer_that_arrives_after_the_run_moved_on_is_stale(
 
 
 def test_prompt_quotes_run_text_as_data_and_schema_lists_the_menu() -> None:
-    from integrations.protocol import Source
-    from manager_daemon.validation import RunState, build_menu
-    from tests.test_rules import telemetry
-
     t = telemetry([3.0 - i / 50 for i in range(70)], [3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4])
     state = RunState(spec=OVERFIT_SPEC, values=OVERFIT_SPEC.knob_values, step=t.step)
     menu = build_menu(state, ValidationConfig(cooldown_steps=0), Source.LLM)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from integrations.protocol import Command, KnobSpec, Objective, RunSpec, Source
-from integrations.trackers import MetricPoint
+from integrations.protocol import Command, KnobSpec, RunSpec, Source
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.telemetry import Intervention, RunTelemetry
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
+from tests.helpers import telemetry
 
 SPEC = RunSpec(
     framework="transformers",
@@ -22,17 +22,6 @@ SPEC = RunSpec(
     ],
     commands=[Command.STOP, Command.CHECKPOINT],
 )
-
-
-def telemetry(train: list[float], evals: list[float], eval_every: int = 10) -> RunTelemetry:
-    t = RunTelemetry(Objective.parse("minimize:eval_loss"))
-    points = [MetricPoint("loss", i, v, i) for i, v in enumerate(train)]
-    points += [
-        MetricPoint("eval_loss", (i + 1) * eval_every, v, (i + 1) * eval_every)
-        for i, v in enumerate(evals)
-    ]
-    t.add(sorted(points, key=lambda p: p.timestamp))
-    return t
 
 
 def decide(t: RunTelemetry, history: list[Intervention] | None = None, values: dict | None = None):

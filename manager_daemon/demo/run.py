@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -154,8 +155,6 @@ def _train_side_by_side(
 
 
 def _follow(variants: list[Variant], tracker: Tracker, progress: Progress, tasks: dict) -> None:
-    import selectors
-
     selector = selectors.DefaultSelector()
     for v in variants:
         assert v.process is not None and v.process.stdout is not None
