@@ -23,8 +23,8 @@ def local() -> LocalChat:
 
 def test_embedded_model_returns_a_valid_decision_for_overfitting(local: LocalChat) -> None:
     case = next(c for c in load_cases() if c["name"] == "overfitting")
-    # The call is cut off at 10 s; past that the policy reports a timeout, and this fails.
-    policy = LLMPolicy(local, LLMConfig(timeout_s=10, fallback="none"))
+    # A generous cut-off: latency is measured by train_scripts/bench_llm_decisions.py, not here.
+    policy = LLMPolicy(local, LLMConfig(timeout_s=60, fallback="none"))
     answer = policy.propose(
         Snapshot.model_validate(case["snapshot"]), Menu.model_validate(case["menu"])
     )
