@@ -167,6 +167,22 @@ def daemon(
         str,
         typer.Option(envvar="ATM_LLM_RESPONSE_MODE", help="auto, json_schema, json_object, tools."),
     ] = "auto",
+    llm_mode: Annotated[
+        str,
+        typer.Option(
+            envvar="ATM_LLM_MODE",
+            help="compose (the model writes its answer from the menu), choose (it picks one of "
+            "a list of complete answers; for small models), or auto.",
+        ),
+    ] = "auto",
+    llm_consult: Annotated[
+        str,
+        typer.Option(
+            envvar="ATM_LLM_CONSULT",
+            help="always, on_symptom (only when the rules see one), or auto (on_symptom when "
+            "choosing).",
+        ),
+    ] = "auto",
     stale_evals: Annotated[
         int,
         typer.Option(
@@ -195,13 +211,22 @@ def daemon(
     _setup_logging(verbose)
     if llm_fallback not in ("rules", "none"):
         raise CliError(f"--llm-fallback must be rules or none, not {llm_fallback!r}")
+    if llm_mode not in ("auto", "compose", "choose"):
+        raise CliError(f"--llm-mode must be auto, compose or choose, not {llm_mode!r}")
+    if llm_consult not in ("auto", "always", "on_symptom"):
+        raise CliError(f"--llm-consult must be auto, always or on_symptom, not {llm_consult!r}")
     tracker = _tracker(tracking_uri)
     settings = PolicySettings.from_env(
         policy=policy,
         base_url=llm_base_url,
         model=llm_model,
         response_mode=response_mode,
-        llm=LLMConfig(timeout_s=llm_timeout, fallback=llm_fallback),  # type: ignore[arg-type]
+        llm=LLMConfig(
+            timeout_s=llm_timeout,
+            fallback=llm_fallback,  # type: ignore[arg-type]
+            mode=llm_mode,  # type: ignore[arg-type]
+            consult=llm_consult,  # type: ignore[arg-type]
+        ),
         rules=_rules_config(rules_config),
     )
     chosen, why = make_policy(settings)
@@ -475,10 +500,10 @@ def demo(
     policy: Annotated[
         str,
         typer.Option(
-            help="rules, llm (an endpoint from OPENAI_BASE_URL/ATM_LLM_MODEL, else the "
-            "embedded model) or auto."
+            help="auto (an endpoint from OPENAI_BASE_URL/ATM_LLM_MODEL, else the embedded "
+            "model, else rules), llm, or rules."
         ),
-    ] = "rules",
+    ] = "auto",
     verbose: Verbose = False,
 ) -> None:
     """The end-to-end showcase: an overfitting run, managed and unmanaged, on a local MLflow."""

@@ -23,7 +23,15 @@ from integrations.trackers import open_tracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.policies.llm import LLMConfig, LLMPolicy
 from manager_daemon.policies.openai_chat import OpenAIChat
-from manager_daemon.policies.prompt import build_prompt, decision_schema, parse_answer
+from manager_daemon.policies.prompt import (
+    answer_options,
+    build_prompt,
+    decision_schema,
+    option_core,
+    options_schema,
+    parse_answer,
+)
+from manager_daemon.policies.rules import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
 from tests.helpers import OVERFIT_SPEC, overfitting_run, telemetry
@@ -213,3 +221,72 @@ def test_prompt_quotes_run_text_as_data_and_schema_lists_the_menu() -> None:
         answer(changes=lr_change(menu.knobs["learning_rate"].choices[0])), menu
     ).changes
     assert len(prompt) < 6000
+
+
+def _overfitting_menu():
+    t = telemetry([3.0 - i / 50 for i in range(70)], [3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4])
+    state = RunState(spec=OVERFIT_SPEC, values=OVERFIT_SPEC.knob_values, step=t.step)
+    menu = build_menu(state, ValidationConfig(cooldown_steps=0), Source.LLM)
+    return t.snapshot(OVERFIT_SPEC, state.values, []), menu
+
+
+def test_options_for_a_choosing_model_are_all_valid_answers_from_the_menu() -> None:
+    snapshot, menu = _overfitting_menu()
+    diagnosis = RulesPolicy().decide(snapshot, menu)
+    assert diagnosis.action == "adjust"
+    options = answer_options(menu, diagnosis)
+    assert options[0]["action"] == "no_action"
+    assert options[1]["changes"] == diagnosis.changes and options[1]["reason"] == diagnosis.reason
+    singles = [o["changes"] for o in options[2:] if o["action"] == "adjust"]
+    # One move down and one up per knob where the menu has room, each a single change.
+    assert {next(iter(c)) for c in singles} == set(menu.knobs)
+    assert all(len(c) == 1 for c in singles)
+    lr = menu.knobs["learning_rate"]
+    assert {"learning_rate": min(lr.choices, key=lambda c: abs(c - lr.current / 2))} in singles
+    for option in options:
+        assert parse_answer(json.dumps(option), menu).reason == option["reason"]
+    assert options_schema(options) == {"enum": [option_core(o) for o in options]}
+    prompt = build_prompt(snapshot, menu, diagnosis=diagnosis, options=options)
+    assert "## Options" in prompt and "## Menu" not in prompt
+    assert json.dumps(option_core(options[1])) in prompt
+
+
+def test_a_choosing_model_answers_an_option_and_the_decision_carries_its_reason(
+    tracking_uri, new_run, replay
+) -> None:
+    core = {"action": "adjust", "changes": {"learning_rate": 5e-4}}
+    record, params = decide(tracking_uri, new_run, replay, Reply(json.dumps(core)), mode="choose")
+    assert record.status == "issued" and record.source == "llm"
+    assert params is not None and params.values["learning_rate"] == 5e-4
+    assert params.reason.startswith("lower learning_rate from")
+    assert replay.requests[0]["response_format"]["json_schema"]["schema"]["enum"][0] == {
+        "action": "no_action",
+        "changes": {},
+    }
+
+
+def test_a_choosing_model_answering_no_option_is_retried_then_falls_back(
+    tracking_uri, new_run, replay
+) -> None:
+    off = json.dumps({"action": "adjust", "changes": {"learning_rate": 0.02}})
+    record, params = decide(
+        tracking_uri, new_run, replay, Reply(off), Reply(off), mode="choose", fallback="none"
+    )
+    assert record.status == "no_action" and record.usage["attempts"] == 2
+    assert "not one of" in record.error and params is None
+
+
+def test_on_symptom_consults_the_model_only_when_the_rules_see_one(replay) -> None:
+    t = telemetry([3.0 - i / 40 for i in range(70)], [3.0, 2.6, 2.3, 2.1, 1.95, 1.85, 1.8])
+    state = RunState(spec=OVERFIT_SPEC, values=OVERFIT_SPEC.knob_values, step=t.step)
+    menu = build_menu(state, ValidationConfig(cooldown_steps=0), Source.LLM)
+    policy = LLMPolicy(
+        OpenAIChat("m", base_url=replay.base_url), LLMConfig(mode="choose", consult="on_symptom")
+    )
+    healthy = policy.propose(t.snapshot(OVERFIT_SPEC, state.values, []), menu)
+    assert healthy.proposal.action == "no_action" and healthy.source == Source.RULES
+    assert "not consulted" in healthy.proposal.reason and replay.requests == []
+    replay.replies = [Reply(json.dumps({"action": "no_action", "changes": {}}))]
+    sick_snapshot, sick_menu = _overfitting_menu()
+    sick = policy.propose(sick_snapshot, sick_menu)
+    assert len(replay.requests) == 1 and sick.model == "m" and sick.proposal.action == "no_action"

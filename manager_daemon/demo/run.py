@@ -48,7 +48,7 @@ class Variant:
     summary: dict[str, object] | None = None
 
 
-def run_demo(workdir: Path, console: Console, policy_name: str = "rules") -> dict[str, object]:
+def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict[str, object]:
     """Run the demo, print its summary, and return the figures it printed."""
     workdir.mkdir(parents=True, exist_ok=True)
     # Fail fast rather than wait out MLflow's default retries (minutes) on a stopped server.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 ChatErrorKind = Literal["timeout", "rate_limited", "server_error", "unavailable", "bad_request"]
@@ -25,6 +25,9 @@ class ChatResult:
     mode: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    # A choosing model's score for each listed answer, in order (mean token log-likelihood).
+    scores: list[float] = field(default_factory=list)
 
 
 class ChatModel(Protocol):

@@ -67,7 +67,8 @@ def make_policy(settings: PolicySettings) -> tuple[Policy, str]:
         else probe_local_model()
     )
     if problem is None:
-        local = LocalChat()
+        threads = os.environ.get("ATM_LLM_THREADS")
+        local = LocalChat(n_threads=int(threads) if threads else None)
         return (
             LLMPolicy(local, settings.llm, rules),
             f"policy: llm, the embedded model {local.name} (no endpoint configured)",

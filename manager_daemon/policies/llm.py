@@ -3,12 +3,18 @@
 One call; if the answer is malformed or off the menu, one retry carrying the validation error;
 then the fallback (the rules policy, or no action). Every attempt, its raw answer, latency and
 token usage go into the decision's audit record.
+
+A capable model composes its answer from the menu. A small one (the embedded model) chooses
+among complete answers instead (``mode="choose"``: no action, the rules' remedy, one move per
+knob each way, the commands), and is consulted only when the rules see a symptom
+(``consult="on_symptom"``): measured on the recorded snapshots, a 270M model cannot tell a
+healthy run from a sick one, but it can pick among remedies.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -18,8 +24,11 @@ from manager_daemon.policies.chat import ChatError, ChatModel
 from manager_daemon.policies.prompt import (
     SYSTEM,
     InvalidAnswer,
+    answer_options,
     build_prompt,
+    chosen_option,
     decision_schema,
+    options_schema,
     parse_answer,
 )
 from manager_daemon.policies.rules import RulesPolicy
@@ -31,6 +40,12 @@ class LLMConfig(BaseModel):
     timeout_s: float = Field(60.0, gt=0, description="per model call")
     retries: int = Field(1, ge=0, description="retries carrying the validation error")
     fallback: Literal["rules", "none"] = "rules"
+    mode: Literal["auto", "compose", "choose"] = Field(
+        "auto", description="auto: choose when the model says it prefers to (small models)"
+    )
+    consult: Literal["auto", "always", "on_symptom"] = Field(
+        "auto", description="auto: on_symptom for choosing models, else always"
+    )
 
 
 class LLMPolicy:
@@ -49,8 +64,23 @@ class LLMPolicy:
     def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer:
         if menu.empty:
             return PolicyAnswer(Proposal(action="no_action", reason="nothing is on the menu"))
-        prompt = build_prompt(snapshot, menu, diagnosis=self.rules.decide(snapshot, menu))
-        schema = decision_schema(menu)
+        diagnosis = self.rules.decide(snapshot, menu)
+        if self._consult() == "on_symptom" and diagnosis.action == "no_action":
+            return PolicyAnswer(
+                Proposal(
+                    action="no_action",
+                    reason=f"no symptom, model not consulted ({diagnosis.reason})"[:200],
+                ),
+                source=Source.RULES,
+            )
+        options: list[dict[str, Any]] | None = None
+        if self._mode() == "choose":
+            options = answer_options(menu, diagnosis)
+            prompt = build_prompt(snapshot, menu, diagnosis=diagnosis, options=options)
+            schema = options_schema(options)
+        else:
+            prompt = build_prompt(snapshot, menu, diagnosis=diagnosis)
+            schema = decision_schema(menu)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         answer = PolicyAnswer(Proposal(action="no_action"), model=self.model.name, prompt=prompt)
         raws: list[str] = []
@@ -71,11 +101,20 @@ class LLMPolicy:
             answer.usage["completion_tokens"] = answer.usage.get("completion_tokens", 0) + (
                 result.completion_tokens or 0
             )
+            if result.cached_tokens:
+                answer.usage["cached_tokens"] = (
+                    answer.usage.get("cached_tokens", 0) + result.cached_tokens
+                )
             answer.usage["attempts"] = attempt + 1
-            raws.append(result.text)
+            raws.append(
+                result.text
+                if not result.scores
+                else f"{result.text}\n---scores of the options, in order---\n{result.scores}"
+            )
             answer.raw_response = raws[0] if len(raws) == 1 else "\n---retry---\n".join(raws)
+            text = result.text if options is None else chosen_option(result.text, options)
             try:
-                answer.proposal = parse_answer(result.text, menu)
+                answer.proposal = parse_answer(text, menu)
                 return answer
             except InvalidAnswer as exc:
                 problem = f"invalid answer: {exc}"
@@ -88,6 +127,16 @@ class LLMPolicy:
                     },
                 ]
         return self._fall_back(snapshot, menu, answer, problem)
+
+    def _mode(self) -> str:
+        if self.config.mode != "auto":
+            return self.config.mode
+        return "choose" if getattr(self.model, "chooses", False) else "compose"
+
+    def _consult(self) -> str:
+        if self.config.consult != "auto":
+            return self.config.consult
+        return "on_symptom" if self._mode() == "choose" else "always"
 
     def _fall_back(
         self, snapshot: Snapshot, menu: Menu, answer: PolicyAnswer, problem: str

