@@ -220,6 +220,11 @@ class ManagerClient:
             self._fetch(latest)
 
     def _publish(self) -> None:
+        # The heartbeat first: a daemon that sees the spec must also see a live client, or it
+        # would take the run for one without a client and make its decision advisory.
+        now = time.time()
+        self.tracker.set_tags(self.run_id, {TAG_CLIENT_HEARTBEAT: f"{now:.3f}"})
+        self._last_heartbeat = now
         self.tracker.write_json(self.run_id, SPEC_PATH, self.spec.model_dump(mode="json"))
         tags = {TAG_MANAGED: "true"}
         if self.objective:

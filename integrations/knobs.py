@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from integrations.protocol import Boundary, KnobSpec, Scale
 
@@ -60,3 +60,67 @@ def derive_knob(
         return KnobSpec(name=name, value=value, type=type_, apply_at=apply_at, **fields)
     except ValidationError as exc:
         raise ValueError(f"bounds for knob {name!r} are invalid: {exc.errors()[0]['msg']}") from exc
+
+
+class KnobBounds(BaseModel):
+    """One knob's entry in a bounds file; what is left out keeps its derived default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: float | None = None
+    max: float | None = None
+    max_rel_step: float | None = Field(None, gt=0)
+    scale: Scale | None = None
+    cooldown_steps: int | None = Field(None, ge=0)
+
+
+def parse_bounds(data: object) -> dict[str, dict[str, Any]]:
+    """Validate a bounds file's content (``{knob: {min, max, max_rel_step, ...}}``).
+
+    Raises ValueError naming the knob and field at fault.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError("a bounds file maps knob names to {min, max, max_rel_step, ...}")
+    bounds: dict[str, dict[str, Any]] = {}
+    for name, entry in data.items():
+        try:
+            parsed = KnobBounds.model_validate(entry or {})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"knob {name!r}: {where}: {err['msg']}") from exc
+        bounds[str(name)] = parsed.model_dump(exclude_none=True, mode="json")
+    return bounds
+
+
+# Logged parameter names (transformers' TrainingArguments, stable-baselines3, common scripts)
+# that name a knob, for runs attached without a client.
+PARAM_KNOBS: dict[str, str] = {
+    "learning_rate": "learning_rate",
+    "lr": "learning_rate",
+    "weight_decay": "weight_decay",
+    "dropout": "dropout",
+    "hidden_dropout_prob": "dropout",
+    "max_grad_norm": "max_grad_norm",
+    "ent_coef": "ent_coef",
+    "clip_range": "clip_range",
+    "target_kl": "target_kl",
+    "vf_coef": "vf_coef",
+}
+
+
+def knobs_from_params(params: Mapping[str, str]) -> dict[str, float]:
+    """Knob values read from a run's logged parameters (the numeric ones we recognise)."""
+    found: dict[str, float] = {}
+    for key, name in PARAM_KNOBS.items():
+        if name in found or key not in params:
+            continue
+        try:
+            value = float(params[key])
+        except ValueError:
+            continue
+        if value == value and abs(value) != float("inf"):
+            found[name] = value
+    return found

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -95,8 +95,10 @@ class TorchKnobs:
         live: Mapping[str, float] | None = None,
         bounds: BoundsOverrides | None = None,
         apply_at: Boundary = Boundary.STEP,
+        commands: Sequence[Command] = (Command.STOP,),
     ) -> None:
         self.optimizer = optimizer
+        self.commands = list(commands)
         self.model = model
         self.scheduler = scheduler
         self.live = dict(live or {})
@@ -125,7 +127,7 @@ class TorchKnobs:
 
     def spec(self) -> RunSpec:
         return RunSpec(
-            framework="torch", knobs=self.knobs, commands=[Command.STOP], apply_at=self.apply_at
+            framework="torch", knobs=self.knobs, commands=self.commands, apply_at=self.apply_at
         )
 
     def start(

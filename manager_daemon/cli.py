@@ -20,6 +20,7 @@ from rich.table import Table
 
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
+    SPEC_PATH,
     TAG_CLIENT_APPLIED_STEP,
     TAG_CLIENT_APPLIED_VERSION,
     TAG_CLIENT_HEARTBEAT,
@@ -29,8 +30,10 @@ from integrations.protocol import (
     TAG_OBJECTIVE,
     TAG_PARAMS_VERSION,
     AuditRecord,
+    Boundary,
     Command,
     Objective,
+    RunSpec,
     Source,
 )
 from integrations.trackers import (
@@ -203,9 +206,13 @@ def daemon(
         bool, typer.Option(help="Also audit decisions to do nothing.")
     ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Threads for tracker I/O and policies.")] = 4,
+    experiment: Annotated[
+        list[str] | None,
+        typer.Option(help="Only runs of this experiment (repeatable; default: all)."),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Supervise every managed run on the tracker."""
+    """Supervise every managed run on the tracker (or on the experiments named)."""
     from manager_daemon.daemon import Daemon
 
     _setup_logging(verbose)
@@ -236,7 +243,7 @@ def daemon(
         audit_no_action=audit_no_action,
         stale_evals=stale_evals,
     )
-    runner = Daemon(tracker, chosen, config, workers=workers)
+    runner = Daemon(tracker, chosen, config, workers=workers, experiments=experiment)
     if once:
         report = runner.run_once()
         runner.close()
@@ -250,6 +257,73 @@ def daemon(
     runner.serve(interval)
 
 
+@app.command(
+    context_settings={"allow_interspersed_args": False},
+    epilog="Example: atm run --objective minimize:eval_loss -- python train.py --epochs 3",
+)
+@_one_line_errors
+def run(
+    command: Annotated[
+        list[str], typer.Argument(help="The training command, after --.", show_default=False)
+    ],
+    objective: Annotated[
+        str, typer.Option(help="minimize:METRIC or maximize:METRIC")
+    ] = DEFAULT_OBJECTIVE,
+    bounds: Annotated[
+        Path | None,
+        typer.Option(help="YAML: per knob min, max, max_rel_step, scale, cooldown_steps."),
+    ] = None,
+    poll_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between the client's polls.")
+    ] = 2.0,
+    apply_at: Annotated[
+        str | None, typer.Option(help="step, eval or rollout (default: each framework's own).")
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue this run (a restart from a checkpoint): its params history goes on "
+            "and the last applied version is applied again."
+        ),
+    ] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Run a training command with the manager's client injected; the script is unchanged."""
+    import integrations.autorun
+    from integrations.inject import ENV, InjectConfig
+    from integrations.knobs import parse_bounds
+
+    Objective.parse(objective)
+    try:
+        boundary = Boundary(apply_at) if apply_at else None
+    except ValueError as exc:
+        raise CliError(f"--apply-at must be step, eval or rollout, not {apply_at!r}") from exc
+    overrides: dict[str, dict[str, Any]] = {}
+    if bounds is not None:
+        try:
+            overrides = parse_bounds(yaml.safe_load(bounds.read_text()))
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            raise CliError(f"cannot use bounds file {bounds}: {exc}") from exc
+    config = InjectConfig(
+        objective=objective,
+        poll_interval=poll_interval,
+        apply_at=boundary.value if boundary else None,
+        bounds=overrides,
+    )
+    env = dict(os.environ)
+    autorun = os.path.dirname(integrations.autorun.__file__)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (autorun, env.get("PYTHONPATH")) if p)
+    env[ENV] = config.to_env()
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if run_id:
+        env["MLFLOW_RUN_ID"] = run_id
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        raise CliError(f"cannot run {command[0]!r}: {exc.strerror}") from exc
+
+
 @app.command()
 @_one_line_errors
 def attach(
@@ -257,15 +331,49 @@ def attach(
     objective: Annotated[
         str, typer.Option(help="minimize:METRIC or maximize:METRIC")
     ] = DEFAULT_OBJECTIVE,
+    knob: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE: a knob of a run without a client, and its current value "
+            "(repeatable; default: read from the run's logged params)."
+        ),
+    ] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Mark a run as managed by the daemon."""
+    """Mark a run as managed by the daemon.
+
+    A run whose script has no client is managed in advisory mode: decisions are made and
+    audited as advisory, nothing is issued. Its knobs come from ``--knob`` or from the
+    parameters the run logged. When a client appears (the script restarted under `atm run`),
+    its own knob spec replaces these and control resumes.
+    """
+    from integrations.knobs import derive_knob, knobs_from_params
+
     parsed = Objective.parse(objective)
+    values, commands = _parse_assignments(knob) if knob else ({}, [])
+    if commands:
+        raise CliError(f"--knob takes NAME=VALUE, not {commands[0]!r}")
     tracker = _tracker(tracking_uri)
     run = tracker.get_run(run_id)
+    has_spec = tracker.read_json(run_id, SPEC_PATH) is not None
+    if not has_spec or values:
+        values = values or knobs_from_params(run.params)
+        if values:
+            spec = RunSpec(
+                framework="attached",
+                knobs=[derive_knob(name, value) for name, value in values.items()],
+            )
+            tracker.write_json(run_id, SPEC_PATH, spec.model_dump(mode="json"))
     tracker.set_tags(run_id, {TAG_MANAGED: "true", TAG_OBJECTIVE: str(parsed)})
     mode = "active" if TAG_CLIENT_HEARTBEAT in run.tags else "advisory (no client seen yet)"
     console.print(f"attached {run_id} ({run.name}), objective {parsed}, mode {mode}")
+    if values:
+        console.print("knobs: " + ", ".join(f"{k}={v:g}" for k, v in values.items()))
+    elif not has_spec:
+        console.print(
+            "no knobs: none given (--knob NAME=VALUE) and none recognised in the run's params; "
+            "the daemon decides once a client publishes them (atm run)"
+        )
 
 
 @app.command()

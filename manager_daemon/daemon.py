@@ -41,8 +41,10 @@ class Daemon:
         *,
         workers: int = 4,
         signing_key: str | None = None,
+        experiments: list[str] | None = None,
     ) -> None:
         self.tracker = tracker
+        self.experiments = experiments or None
         self.policy = policy
         self.config = config or SupervisorConfig()
         self.audit = AuditLog(tracker, signing_key)
@@ -68,7 +70,7 @@ class Daemon:
                 log.info(self.totals_line())
             self._collect(report)
             try:
-                runs = self.tracker.find_managed_runs()
+                runs = self.tracker.find_managed_runs(self.experiments)
             except TrackerError as exc:
                 if not self._tracker_down:
                     log.warning("tracker unreachable: %s; retrying every tick", exc)

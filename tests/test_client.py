@@ -38,8 +38,11 @@ def tags(tracker, run_id):
 
 def test_client_publishes_spec_and_heartbeats(loop, tracker) -> None:
     run_id = loop.knobs.client.run_id
-    wait_for(lambda: TAG_CLIENT_HEARTBEAT in tags(tracker, run_id))
+    # Heartbeat first, then the spec, then the managed tag: a daemon never sees a spec
+    # without a live client.
+    wait_for(lambda: TAG_MANAGED in tags(tracker, run_id))
     assert tags(tracker, run_id)[TAG_MANAGED] == "true"
+    assert TAG_CLIENT_HEARTBEAT in tags(tracker, run_id)
     spec = RunSpec.model_validate(tracker.read_json(run_id, SPEC_PATH))
     assert spec.framework == "torch"
     assert {k.name for k in spec.knobs} == {

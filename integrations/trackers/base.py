@@ -40,6 +40,7 @@ class RunInfo:
     start_time: int | None
     tags: dict[str, str] = field(default_factory=dict)
     latest_metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_running(self) -> bool:
@@ -63,8 +64,8 @@ class Tracker(Protocol):
         """The run's status, tags and latest metric values; raises RunNotFound."""
         ...
 
-    def find_managed_runs(self) -> list[RunInfo]:
-        """Running runs tagged as managed."""
+    def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
+        """Running runs tagged as managed (in the named experiments, when given)."""
         ...
 
     def read_new_points(

@@ -63,9 +63,13 @@ class MlflowTracker:
             run = self._client.get_run(run_id)
         return _run_info(run)
 
-    def find_managed_runs(self) -> list[RunInfo]:
+    def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
         with _translated():
-            experiment_ids = [e.experiment_id for e in self._client.search_experiments()]
+            experiment_ids = [
+                e.experiment_id
+                for e in self._client.search_experiments()
+                if experiments is None or e.name in experiments
+            ]
             runs = []
             # search_runs takes a bounded number of experiments per call.
             for i in range(0, len(experiment_ids), 100):
@@ -153,6 +157,7 @@ def _run_info(run: Any) -> RunInfo:
         start_time=run.info.start_time,
         tags=dict(run.data.tags),
         latest_metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
     )
 
 

@@ -1,0 +1,1 @@
+"""Put first on ``PYTHONPATH`` by ``atm run``; holds the ``sitecustomize`` it injects."""

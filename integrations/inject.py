@@ -1,0 +1,325 @@
+"""Zero-code supervision: what ``atm run -- CMD`` switches on inside the launched process.
+
+``atm run`` puts ``integrations/autorun`` (which holds a ``sitecustomize.py``) first on
+``PYTHONPATH`` and passes its options in the ``ATM_RUN`` environment variable. Python imports
+``sitecustomize`` at start-up; it calls :func:`install`, which registers post-import hooks (the
+way ``opentelemetry-instrument`` and ``ddtrace-run`` work), so each framework is patched when,
+and only if, the script imports it:
+
+- ``transformers.trainer``: every ``Trainer`` gets the manager's callback;
+- ``stable_baselines3.common.base_class``: every ``learn()`` gets the manager's callback, and
+  SB3's own training metrics go to the MLflow run;
+- ``torch.optim``: for hand-written loops, a global optimizer step hook manages the first
+  optimizer that steps (its lr, weight decay, and the lr schedulers built on it), unless a
+  Trainer or an SB3 algorithm is already managing the process.
+
+Each integration finds the run the script logs to (MLflow's active run, or ``MLFLOW_RUN_ID``)
+when training starts, marks it managed and publishes its knobs. Without ``ATM_RUN`` none of
+this runs: importing this package changes nothing, starts no thread and hooks nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from integrations.protocol import Boundary
+
+log = logging.getLogger("integrations.inject")
+
+ENV = "ATM_RUN"
+
+
+@dataclass
+class InjectConfig:
+    """``atm run``'s options (validated there), as the launched process receives them.
+
+    A plain dataclass, so that start-up imports nothing heavy: the integrations and their
+    dependencies load only when the script imports the framework they hook.
+    """
+
+    objective: str = "minimize:eval_loss"
+    poll_interval: float = 2.0
+    apply_at: str | None = None  # step, eval or rollout; None: each framework's default
+    bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls, text: str) -> InjectConfig:
+        return cls(**json.loads(text))
+
+
+class _Session:
+    """What the hooks share within one process."""
+
+    def __init__(self, config: InjectConfig) -> None:
+        self.config = config
+        self.owner: str | None = None  # a framework integration managing this process
+        self.lock = threading.Lock()
+        self.schedulers: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+        self.loop: _LoopKnobs | None = None
+
+    def claim(self, owner: str) -> None:
+        with self.lock:
+            if self.owner is None:
+                self.owner = owner
+
+
+_session: _Session | None = None
+
+
+def active() -> bool:
+    """Whether this process was launched by ``atm run`` (and the hooks are installed)."""
+    return _session is not None
+
+
+def install(config: InjectConfig | None = None) -> None:
+    """Install the post-import hooks; called by ``sitecustomize`` under ``atm run`` only."""
+    global _session
+    if _session is not None:
+        return
+    if config is None:
+        raw = os.environ.get(ENV)
+        if not raw:
+            return
+        config = InjectConfig.from_env(raw)
+    _session = _Session(config)
+    hooks: dict[str, Callable[[ModuleType], None]] = {
+        "transformers.trainer": _patch_trainer,
+        "stable_baselines3.common.base_class": _patch_sb3,
+        "torch.optim.optimizer": _patch_torch_optimizer,
+        "torch.optim.lr_scheduler": _patch_torch_schedulers,
+    }
+    finder = _PostImportFinder(hooks)
+    sys.meta_path.insert(0, finder)
+    for name in hooks:
+        module = sys.modules.get(name)
+        if module is not None:
+            finder.run_hook(name, module)
+
+
+# ---- post-import hooks ------------------------------------------------------------------
+
+
+class _HookedLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, after: Callable[[ModuleType], None]):
+        self.loader = loader
+        self.after = after
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.after(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs a hook right after one of the named modules has been executed."""
+
+    def __init__(self, hooks: dict[str, Callable[[ModuleType], None]]) -> None:
+        self.hooks = hooks
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.hooks:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _HookedLoader(
+                        spec.loader, lambda module: self.run_hook(fullname, module)
+                    )
+                return spec
+        return None
+
+    def run_hook(self, name: str, module: ModuleType) -> None:
+        # A failing hook must never break the script's import: the run goes on unmanaged.
+        try:
+            self.hooks[name](module)
+        except Exception:
+            log.warning("atm: could not hook %s; it runs unmanaged", name, exc_info=True)
+
+
+def _config() -> InjectConfig:
+    assert _session is not None
+    return _session.config
+
+
+def _boundary(default: Boundary, allowed: tuple[Boundary, ...]) -> Boundary:
+    from integrations.protocol import Boundary
+
+    if _config().apply_at is None:
+        return default
+    wanted = Boundary(_config().apply_at)
+    if wanted not in allowed:
+        log.warning("atm: --apply-at %s does not apply here; using %s", wanted, default)
+        return default
+    return wanted
+
+
+def _patch_trainer(module: ModuleType) -> None:
+    trainer_cls = module.Trainer
+    original_init = trainer_cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        from integrations.hf import ManagerCallback
+        from integrations.protocol import Boundary
+
+        if _session is None:
+            return
+        callbacks = self.callback_handler.callbacks
+        if not any(isinstance(c, ManagerCallback) for c in callbacks):
+            config = _config()
+            self.add_callback(
+                ManagerCallback(
+                    objective=config.objective,
+                    poll_interval=config.poll_interval,
+                    apply_at=_boundary(Boundary.STEP, (Boundary.STEP, Boundary.EVAL)),
+                    bounds=config.bounds,
+                )
+            )
+        _session.claim("transformers")
+
+    trainer_cls.__init__ = __init__
+
+
+def _patch_sb3(module: ModuleType) -> None:
+    # Every algorithm defines its own learn(); all of them go through _init_callback.
+    algorithm_cls = module.BaseAlgorithm
+    original_init_callback = algorithm_cls._init_callback
+
+    def _init_callback(self: Any, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if _session is not None:
+            from stable_baselines3.common.callbacks import (
+                BaseCallback,
+                CallbackList,
+                ConvertCallback,
+            )
+
+            from integrations.protocol import Boundary
+            from integrations.sb3 import ManagerSB3Callback
+
+            _session.claim("stable-baselines3")
+            config = _config()
+            ours = ManagerSB3Callback(
+                objective=config.objective,
+                poll_interval=config.poll_interval,
+                apply_at=_boundary(Boundary.ROLLOUT, (Boundary.ROLLOUT, Boundary.EVAL)),
+                bounds=config.bounds,
+                log_to_mlflow=True,
+            )
+            if callback is None:
+                callback = ours
+            elif isinstance(callback, list):
+                callback = [*callback, ours]
+            elif isinstance(callback, BaseCallback):
+                callback = CallbackList([callback, ours])
+            else:
+                callback = CallbackList([ConvertCallback(callback), ours])
+        return original_init_callback(self, callback, *args, **kwargs)
+
+    algorithm_cls._init_callback = _init_callback
+
+
+def _patch_torch_schedulers(module: ModuleType) -> None:
+    scheduler_cls = module.LRScheduler
+    original_init = scheduler_cls.__init__
+
+    def __init__(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, optimizer, *args, **kwargs)
+        if _session is not None:
+            _session.schedulers.setdefault(optimizer, []).append(self)
+
+    scheduler_cls.__init__ = __init__
+
+
+def _patch_torch_optimizer(module: ModuleType) -> None:
+    module.register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    session = _session
+    if session is None or session.owner not in (None, "torch"):
+        return
+    try:
+        if session.loop is None:
+            if os.environ.get("RANK", "0") != "0":
+                session.claim("another rank")
+                return
+            session.loop = _LoopKnobs(optimizer, session)
+            session.claim("torch")
+        session.loop.after_step(optimizer)
+    except Exception:
+        # Whatever goes wrong here, the training step already happened and must not fail.
+        log.warning("atm: the optimizer hook failed; training continues unmanaged", exc_info=True)
+        session.claim("failed")
+
+
+class _LoopKnobs:
+    """A hand-written loop's first optimizer, managed from a global step hook."""
+
+    def __init__(self, optimizer: Any, session: _Session) -> None:
+        self.optimizer = optimizer
+        self.session = session
+        self.steps = 0
+        self.knobs: Any = None
+        self._next_look = 0
+
+    def after_step(self, optimizer: Any) -> None:
+        if optimizer is not self.optimizer:
+            return
+        self.steps += 1
+        if self.knobs is None:
+            self._connect()
+            if self.knobs is None:
+                return
+        # Applied now, the values take effect from the next step.
+        self.knobs.step(self.steps + 1)
+
+    def _connect(self) -> None:
+        # Look for the run at step 1, then every 10 steps: a script may start its MLflow
+        # run (or log its first metric, which starts one) only after some steps.
+        if self.steps < self._next_look:
+            return
+        self._next_look = self.steps + 10
+        run_id = os.environ.get("MLFLOW_RUN_ID")
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and (run := mlflow.active_run()) is not None:
+            run_id = run.info.run_id
+        if run_id is None:
+            return
+        from integrations.protocol import Boundary
+        from integrations.torch_hooks import TorchKnobs
+
+        config = self.session.config
+        schedulers = self.session.schedulers.get(self.optimizer) or [None]
+        knobs = TorchKnobs(
+            optimizer=self.optimizer,
+            scheduler=schedulers[-1],
+            bounds=config.bounds,
+            apply_at=Boundary.STEP,
+            commands=[],
+        )
+        # No commands: an unmodified loop has no way to be told to stop or checkpoint.
+        self.knobs = knobs.start(
+            run_id, objective=config.objective, poll_interval=config.poll_interval
+        )

@@ -1,0 +1,388 @@
+"""`atm run`: unmodified scripts (tests/data/scripts, which import nothing from this project)
+are supervised by `atm daemon` through a real MLflow server. The daemon's LLM is a loopback
+OpenAI-compatible server replaying one scripted decision: halve the learning rate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from integrations.protocol import (
+    SPEC_PATH,
+    TAG_CLIENT_APPLIED_VERSION,
+    TAG_MANAGED,
+    TAG_OBJECTIVE,
+    TAG_PARAMS_VERSION,
+    ParamsVersion,
+    RunSpec,
+    params_path,
+)
+from integrations.trackers import open_tracker
+from manager_daemon.audit import AuditLog
+from tests.helpers import wait_for
+from tests.openai_replay import ReplayServer, Reply
+
+SCRIPTS = Path(__file__).parent / "data" / "scripts"
+ATM = [sys.executable, "-m", "manager_daemon.cli"]
+
+
+@pytest.fixture
+def replay() -> Iterator[ReplayServer]:
+    server = ReplayServer()
+    yield server
+    server.close()
+
+
+def halve_lr(start: float) -> Reply:
+    return Reply(
+        json.dumps(
+            {
+                "action": "adjust",
+                "changes": {"learning_rate": start / 2},
+                "reason": "halve the learning rate",
+                "expect": "smoother loss",
+                "watch": "the objective",
+            }
+        )
+    )
+
+
+def supervise(
+    tracking_uri: str,
+    replay: ReplayServer,
+    tmp_path: Path,
+    script: list[str],
+    objective: str,
+    *run_options: str,
+    timeout: float = 240,
+) -> tuple[str, MlflowClient]:
+    """Run ``script`` under `atm run` beside `atm daemon`; return the run id it logged to."""
+    experiment = f"atm-run-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": experiment,
+        "OPENAI_API_KEY": "unused",
+    }
+    atm = [sys.executable, "-m", "manager_daemon.cli"]
+    daemon = subprocess.Popen(
+        [
+            *atm,
+            "daemon",
+            "--experiment",
+            experiment,
+            "--interval",
+            "1",
+            "--policy",
+            "llm",
+            "--llm-base-url",
+            replay.base_url,
+            "--llm-model",
+            "replay",
+            "--llm-fallback",
+            "none",
+            "--stale-evals",
+            "100",
+        ],
+        stdout=(tmp_path / "daemon.log").open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        train = subprocess.run(
+            [
+                *atm,
+                "run",
+                "--objective",
+                objective,
+                "--poll-interval",
+                "0.5",
+                *run_options,
+                "--",
+                *script,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=tmp_path,
+        )
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    assert train.returncode == 0, train.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0].info.run_id, client
+
+
+def assert_lr_halved(client: MlflowClient, run_id: str, lr_key: str, start: float) -> None:
+    """Version 1 was applied, and the lr the script itself logs went from ``start`` to half."""
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    assert tags[TAG_MANAGED] == "true" and int(tags[TAG_PARAMS_VERSION]) >= 1
+    assert int(tags[TAG_CLIENT_APPLIED_VERSION]) >= 1
+    v1 = ParamsVersion.model_validate_json(
+        Path(client.download_artifacts(run_id, params_path(1))).read_text()
+    )
+    assert v1.values["learning_rate"] == pytest.approx(start / 2)
+    logged = [m.value for m in sorted(client.get_metric_history(run_id, lr_key), key=_step)]
+    assert logged[0] == pytest.approx(start)
+    assert logged[-1] == pytest.approx(start / 2), logged
+    # Once changed it stays changed: the script's own scheduler does not undo it.
+    first_half = next(i for i, v in enumerate(logged) if v == pytest.approx(start / 2))
+    assert all(v == pytest.approx(start / 2) for v in logged[first_half:])
+
+
+def _step(metric) -> int:
+    return metric.step
+
+
+def test_plain_torch_loop_is_supervised_without_changes(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    replay.replies = [halve_lr(0.01)]
+    run_id, client = supervise(
+        tracking_uri,
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "torch_loop.py"), "400", "0.03"],
+        "minimize:eval_loss",
+    )
+    spec = RunSpec.model_validate_json(
+        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
+    )
+    assert spec.framework == "torch" and spec.commands == []
+    assert {k.name for k in spec.knobs} == {"learning_rate", "weight_decay"}
+    assert client.get_run(run_id).data.tags[TAG_OBJECTIVE] == "minimize:eval_loss"
+    assert_lr_halved(client, run_id, "lr", 0.01)
+
+
+def test_transformers_trainer_is_supervised_without_changes(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    replay.replies = [halve_lr(1e-3)]
+    run_id, client = supervise(
+        tracking_uri,
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "hf_trainer.py"), str(tmp_path / "out"), "200", "0.08"],
+        "minimize:eval_loss",
+    )
+    spec = RunSpec.model_validate_json(
+        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
+    )
+    assert spec.framework == "transformers"
+    assert_lr_halved(client, run_id, "learning_rate", 1e-3)
+
+
+def test_stable_baselines3_ppo_is_supervised_without_changes(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    replay.replies = [halve_lr(3e-4)]
+    run_id, client = supervise(
+        tracking_uri,
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "sb3_ppo.py"), "5120", "0.3"],
+        "maximize:mean_reward",
+    )
+    spec = RunSpec.model_validate_json(
+        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
+    )
+    assert spec.framework == "stable-baselines3"
+    assert {"learning_rate", "ent_coef", "clip_range"} <= {k.name for k in spec.knobs}
+    assert_lr_halved(client, run_id, "lr", 3e-4)
+    # SB3's own training metrics went to the run as well.
+    assert any(key.startswith("train/") for key in client.get_run(run_id).data.metrics)
+
+
+def test_without_atm_run_importing_the_project_changes_nothing() -> None:
+    code = """
+import sys, threading
+import torch
+before_threads = threading.active_count()
+import integrations, integrations.client, integrations.hf, integrations.torch_hooks
+import integrations.inject, integrations.sb3, manager_daemon.cli
+from torch.optim import optimizer
+model = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+model(torch.ones(1, 2)).sum().backward()
+opt.step()
+assert not integrations.inject.active()
+assert not [f for f in sys.meta_path if type(f).__module__.startswith("integrations")]
+assert not optimizer._global_optimizer_post_hooks
+assert threading.active_count() == before_threads, threading.enumerate()
+print("inert")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ATM_RUN"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and "inert" in result.stdout, result.stderr[-2000:]
+
+
+def test_atm_run_rejects_bad_options_before_starting_anything(tmp_path: Path) -> None:
+    atm = [sys.executable, "-m", "manager_daemon.cli", "run"]
+    marker = tmp_path / "ran"
+    script = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    bounds = tmp_path / "bounds.yaml"
+    bounds.write_text("learning_rate: {min: 1e-5, maxx: 1e-2}\n")
+    cases = [
+        (["--objective", "eval_loss"], "minimize:METRIC"),
+        (["--apply-at", "epoch"], "--apply-at"),
+        (["--bounds", str(bounds)], "maxx"),
+        (["--bounds", str(tmp_path / "missing.yaml")], "cannot use bounds file"),
+    ]
+    for options, message in cases:
+        result = subprocess.run(
+            [*atm, *options, "--", *script], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2 and message in result.stderr, (options, result.stderr)
+    assert not marker.exists()
+    missing = subprocess.run(
+        [*atm, "--", "no-such-program-atm"], capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 2 and "cannot run" in missing.stderr
+
+
+def test_attach_a_running_script_without_a_client_is_advisory(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    experiment = f"advisory-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_EXPERIMENT_NAME": experiment,
+        "OPENAI_API_KEY": "unused",
+    }
+    env.pop("ATM_RUN", None)
+    replay.replies = [halve_lr(0.01)]
+    atm = [sys.executable, "-m", "manager_daemon.cli"]
+    script = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "torch_loop.py"), "500", "0.04"],
+        env=env,
+        stderr=(tmp_path / "script.log").open("w"),
+    )
+    client = MlflowClient(tracking_uri)
+    daemon = None
+    try:
+        runs = wait_for(
+            lambda: (
+                (e := client.get_experiment_by_name(experiment))
+                and client.search_runs([e.experiment_id])
+            ),
+            timeout=60,
+        )
+        run_id = runs[0].info.run_id
+        attach = subprocess.run(
+            [*atm, "attach", run_id, "--knob", "learning_rate=0.01"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert attach.returncode == 0 and "advisory" in attach.stdout, attach.stderr
+        daemon = subprocess.Popen(
+            [
+                *atm,
+                "daemon",
+                "--experiment",
+                experiment,
+                "--interval",
+                "1",
+                "--policy",
+                "llm",
+                "--llm-base-url",
+                replay.base_url,
+                "--llm-model",
+                "replay",
+                "--llm-fallback",
+                "none",
+            ],
+            stdout=(tmp_path / "daemon.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        tracker = open_tracker(tracking_uri)
+        records = wait_for(
+            lambda: [r for r in AuditLog(tracker).records(run_id) if r.status == "advisory"],
+            timeout=90,
+        )
+        status = subprocess.run(
+            [*atm, "status"],
+            capture_output=True,
+            text=True,
+            env={**env, "COLUMNS": "250"},
+            timeout=60,
+        )
+        assert script.wait(120) == 0
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+        if script.poll() is None:
+            script.kill()
+    first = records[0]
+    assert first.source == "llm" and first.params_version is None
+    assert first.proposal is not None and first.proposal.changes == {"learning_rate": 0.005}
+    assert TAG_PARAMS_VERSION not in client.get_run(run_id).data.tags
+    assert run_id[:12] in status.stdout and "advisory" in status.stdout
+    logged = {m.value for m in client.get_metric_history(run_id, "lr")}
+    assert logged == {0.01}, "nothing pretends to be applied"
+
+
+def test_attach_reads_knobs_from_the_run_params(tracking_uri: str, new_run) -> None:
+    run_id = new_run()
+    client = MlflowClient(tracking_uri)
+    for key, value in {"learning_rate": "3e-4", "weight_decay": "0.0", "optim": "adamw"}.items():
+        client.log_param(run_id, key, value)
+    result = subprocess.run(
+        [sys.executable, "-m", "manager_daemon.cli", "attach", run_id],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    spec = RunSpec.model_validate_json(
+        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
+    )
+    assert spec.knob_values == {"learning_rate": 3e-4, "weight_decay": 0.0}
+
+
+def test_a_restarted_script_continues_the_run_and_reapplies_its_last_version(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    replay.replies = [halve_lr(0.01)]
+    script = [sys.executable, str(SCRIPTS / "torch_loop.py"), "300", "0.03"]
+    run_id, client = supervise(tracking_uri, replay, tmp_path, script, "minimize:eval_loss")
+    assert_lr_halved(client, run_id, "lr", 0.01)
+    restarted_at = int(time.time() * 1000)
+    # The restart: same script, same run, no daemon; the version applied before comes back.
+    restart = subprocess.run(
+        [*ATM, "run", "--run-id", run_id, "--poll-interval", "0.5", "--", *script[:2], "60"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        timeout=180,
+    )
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    after = sorted(
+        (m.timestamp, m.value)
+        for m in client.get_metric_history(run_id, "lr")
+        if m.timestamp >= restarted_at
+    )
+    assert after and after[-1][1] == pytest.approx(0.005), after
+    tags = client.get_run(run_id).data.tags
+    assert tags[TAG_PARAMS_VERSION] == "1" and tags[TAG_CLIENT_APPLIED_VERSION] == "1"
