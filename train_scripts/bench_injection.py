@@ -1,8 +1,10 @@
 """Benchmark: what `atm run`'s injection costs a process.
 
-1. Start-up: wall time of ``python -c "import torch"`` launched plainly and launched with the
-   injection switched on (the ``sitecustomize`` on ``PYTHONPATH`` and ``ATM_RUN`` set, exactly
-   as `atm run` sets them), interleaved, ``--starts`` times each; the median difference.
+1. Start-up: wall time of ``python -c pass`` and of ``python -c "import torch"`` launched
+   plainly and launched with the injection switched on (the ``sitecustomize`` on
+   ``PYTHONPATH`` and ``ATM_RUN`` set, exactly as `atm run` sets them), interleaved,
+   ``--starts`` times each; the median difference. The first isolates the injection's own
+   cost; the second includes hooking ``torch.optim`` as it loads.
 2. Throughput: a plain PyTorch loop (an MLP, no manager code in it) run as a child process
    plainly and under the injection, logging to a run on a real MLflow server (pinned to a core
    of its own, as in ``bench_client_overhead.py``), interleaved, ``--repeats`` times each;
@@ -63,9 +65,9 @@ def injected_env(base: dict[str, str], poll_interval: float) -> dict[str, str]:
     return env
 
 
-def time_start(env: dict[str, str]) -> float:
+def time_start(env: dict[str, str], code: str) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return time.perf_counter() - started
 
 
@@ -81,11 +83,15 @@ def main() -> None:
 
     plain = {k: v for k, v in os.environ.items() if k != ENV}
     injected = injected_env(plain, args.poll_interval)
-    time_start(plain)  # warm the file cache
-    starts: dict[str, list[float]] = {"plain": [], "injected": []}
+    codes = {"pass": "pass", "torch": "import torch"}
+    time_start(plain, codes["torch"])  # warm the file cache
+    starts: dict[str, list[float]] = {
+        f"{what}_{how}": [] for what in codes for how in ("plain", "injected")
+    }
     for _ in range(args.starts):
-        starts["plain"].append(time_start(plain))
-        starts["injected"].append(time_start(injected))
+        for what, code in codes.items():
+            starts[f"{what}_plain"].append(time_start(plain, code))
+            starts[f"{what}_injected"].append(time_start(injected, code))
 
     cores = os.sched_getaffinity(0)
     server_cpus = {max(cores)} if len(cores) > 1 else None
@@ -118,18 +124,25 @@ def main() -> None:
         finally:
             server.stop()
 
-    start_plain = statistics.median(starts["plain"])
-    start_injected = statistics.median(starts["injected"])
+    start = {key: statistics.median(values) for key, values in starts.items()}
     rate_plain = statistics.median(rates["plain"])
     rate_injected = statistics.median(rates["injected"])
     summary = {
-        "startup_plain_s": round(start_plain, 3),
-        "startup_injected_s": round(start_injected, 3),
-        "startup_added_s": round(start_injected - start_plain, 3),
+        **{f"startup_{key}_s": round(value, 3) for key, value in start.items()},
+        "startup_added_pass_s": round(start["pass_injected"] - start["pass_plain"], 3),
+        "startup_added_torch_s": round(start["torch_injected"] - start["torch_plain"], 3),
         "startup_target_s": 0.3,
         "steps_per_s_plain": round(rate_plain, 2),
         "steps_per_s_injected": round(rate_injected, 2),
         "slowdown": round(1 - rate_injected / rate_plain, 4),
+        # Each injected run against the plain run just before it: drift hits both alike.
+        "slowdown_paired_median": round(
+            1
+            - statistics.median(
+                i / p for p, i in zip(rates["plain"], rates["injected"], strict=True)
+            ),
+            4,
+        ),
         "rates": rates,
         "poll_interval_s": args.poll_interval,
         "server_pinned_apart": server_cpus is not None,
