@@ -86,6 +86,12 @@ def active() -> bool:
     return _session is not None
 
 
+def claim(owner: str) -> None:
+    """An integration the script set up itself manages this process: the hooks stand back."""
+    if _session is not None:
+        _session.claim(owner)
+
+
 def install(config: InjectConfig | None = None) -> None:
     """Install the post-import hooks; called by ``sitecustomize`` under ``atm run`` only."""
     global _session
@@ -219,6 +225,8 @@ def _patch_sb3(module: ModuleType) -> None:
             from integrations.sb3 import ManagerSB3Callback
 
             _session.claim("stable-baselines3")
+            if _contains(callback, ManagerSB3Callback):
+                return original_init_callback(self, callback, *args, **kwargs)
             config = _config()
             ours = ManagerSB3Callback(
                 objective=config.objective,
@@ -238,6 +246,14 @@ def _patch_sb3(module: ModuleType) -> None:
         return original_init_callback(self, callback, *args, **kwargs)
 
     algorithm_cls._init_callback = _init_callback
+
+
+def _contains(callback: Any, kind: type) -> bool:
+    """Whether ``callback`` (a callback, a list, or nested CallbackLists) holds a ``kind``."""
+    if isinstance(callback, kind):
+        return True
+    children = callback if isinstance(callback, list) else getattr(callback, "callbacks", None)
+    return isinstance(children, list) and any(_contains(c, kind) for c in children)
 
 
 def _patch_torch_schedulers(module: ModuleType) -> None:

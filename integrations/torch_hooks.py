@@ -139,6 +139,9 @@ class TorchKnobs:
         poll_interval: float = 2.0,
     ) -> TorchKnobs:
         """Connect to the manager through the run this process logs to (MLflow's active run)."""
+        from integrations import inject
+
+        inject.claim("torch-knobs")  # under `atm run`, the optimizer hook leaves this loop alone
         run_id, tracking_uri = resolve_mlflow_run(run_id, tracking_uri)
         if run_id is None:
             log.warning("atm: no MLflow run to attach to; training continues unmanaged")

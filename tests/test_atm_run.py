@@ -56,6 +56,35 @@ def halve_lr(start: float) -> Reply:
     )
 
 
+def start_daemon(
+    experiment: str, replay: ReplayServer, env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    """`atm daemon` on one experiment, deciding with the replayed LLM (no fallback)."""
+    return subprocess.Popen(
+        [
+            *ATM,
+            "daemon",
+            "--experiment",
+            experiment,
+            "--interval",
+            "1",
+            "--policy",
+            "llm",
+            "--llm-base-url",
+            replay.base_url,
+            "--llm-model",
+            "replay",
+            "--llm-fallback",
+            "none",
+            "--stale-evals",
+            "100",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
 def supervise(
     tracking_uri: str,
     replay: ReplayServer,
@@ -73,34 +102,11 @@ def supervise(
         "MLFLOW_EXPERIMENT_NAME": experiment,
         "OPENAI_API_KEY": "unused",
     }
-    atm = [sys.executable, "-m", "manager_daemon.cli"]
-    daemon = subprocess.Popen(
-        [
-            *atm,
-            "daemon",
-            "--experiment",
-            experiment,
-            "--interval",
-            "1",
-            "--policy",
-            "llm",
-            "--llm-base-url",
-            replay.base_url,
-            "--llm-model",
-            "replay",
-            "--llm-fallback",
-            "none",
-            "--stale-evals",
-            "100",
-        ],
-        stdout=(tmp_path / "daemon.log").open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    daemon = start_daemon(experiment, replay, env, tmp_path / "daemon.log")
     try:
         train = subprocess.run(
             [
-                *atm,
+                *ATM,
                 "run",
                 "--objective",
                 objective,
@@ -268,7 +274,6 @@ def test_attach_a_running_script_without_a_client_is_advisory(
     }
     env.pop("ATM_RUN", None)
     replay.replies = [halve_lr(0.01)]
-    atm = [sys.executable, "-m", "manager_daemon.cli"]
     script = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "torch_loop.py"), "500", "0.04"],
         env=env,
@@ -286,41 +291,21 @@ def test_attach_a_running_script_without_a_client_is_advisory(
         )
         run_id = runs[0].info.run_id
         attach = subprocess.run(
-            [*atm, "attach", run_id, "--knob", "learning_rate=0.01"],
+            [*ATM, "attach", run_id, "--knob", "learning_rate=0.01"],
             capture_output=True,
             text=True,
             env=env,
             timeout=60,
         )
         assert attach.returncode == 0 and "advisory" in attach.stdout, attach.stderr
-        daemon = subprocess.Popen(
-            [
-                *atm,
-                "daemon",
-                "--experiment",
-                experiment,
-                "--interval",
-                "1",
-                "--policy",
-                "llm",
-                "--llm-base-url",
-                replay.base_url,
-                "--llm-model",
-                "replay",
-                "--llm-fallback",
-                "none",
-            ],
-            stdout=(tmp_path / "daemon.log").open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        daemon = start_daemon(experiment, replay, env, tmp_path / "daemon.log")
         tracker = open_tracker(tracking_uri)
         records = wait_for(
             lambda: [r for r in AuditLog(tracker).records(run_id) if r.status == "advisory"],
             timeout=90,
         )
         status = subprocess.run(
-            [*atm, "status"],
+            [*ATM, "status"],
             capture_output=True,
             text=True,
             env={**env, "COLUMNS": "250"},
@@ -386,3 +371,32 @@ def test_a_restarted_script_continues_the_run_and_reapplies_its_last_version(
     assert after and after[-1][1] == pytest.approx(0.005), after
     tags = client.get_run(run_id).data.tags
     assert tags[TAG_PARAMS_VERSION] == "1" and tags[TAG_CLIENT_APPLIED_VERSION] == "1"
+
+
+def test_a_script_that_adds_the_manager_itself_is_not_managed_twice(
+    tracking_uri: str, new_run, tmp_path: Path
+) -> None:
+    run_id = new_run()
+    code = f"""
+import threading
+import torch
+from integrations.torch_hooks import TorchKnobs
+model = torch.nn.Linear(2, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+knobs = TorchKnobs(optimizer=opt).start({run_id!r}, {tracking_uri!r})
+for step in range(30):
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    knobs.step(step)
+clients = [t for t in threading.enumerate() if t.name == "atm-client"]
+assert len(clients) == 1, clients
+print("once")
+"""
+    result = subprocess.run(
+        [*ATM, "run", "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": tracking_uri},
+        timeout=120,
+    )
+    assert result.returncode == 0 and "once" in result.stdout, result.stderr[-2000:]
