@@ -93,9 +93,10 @@ def supervise(
     objective: str,
     *run_options: str,
     timeout: float = 240,
+    experiment: str | None = None,
 ) -> tuple[str, MlflowClient]:
     """Run ``script`` under `atm run` beside `atm daemon`; return the run id it logged to."""
-    experiment = f"atm-run-{uuid.uuid4().hex[:8]}"
+    experiment = experiment or f"atm-run-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
@@ -400,3 +401,39 @@ print("once")
         timeout=120,
     )
     assert result.returncode == 0 and "once" in result.stdout, result.stderr[-2000:]
+
+
+def test_control_resumes_when_a_client_appears_on_an_attached_run(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    client = MlflowClient(tracking_uri)
+    experiment = f"resume-{uuid.uuid4().hex[:8]}"
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    attach = subprocess.run(
+        [*ATM, "attach", run_id, "--knob", "learning_rate=0.01"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert attach.returncode == 0 and "advisory" in attach.stdout, attach.stderr
+    # The script is (re)started under `atm run` on that run: its client takes over.
+    replay.replies = [halve_lr(0.01)]
+    script = [sys.executable, str(SCRIPTS / "torch_loop.py"), "300", "0.03"]
+    found, _ = supervise(
+        tracking_uri,
+        replay,
+        tmp_path,
+        script,
+        "minimize:eval_loss",
+        "--run-id",
+        run_id,
+        experiment=experiment,
+    )
+    assert found == run_id
+    spec = RunSpec.model_validate_json(
+        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
+    )
+    assert spec.framework == "torch"
+    assert_lr_halved(client, run_id, "lr", 0.01)
