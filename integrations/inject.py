@@ -1,6 +1,6 @@
 """Zero-code supervision: what ``atm run -- CMD`` switches on inside the launched process.
 
-``atm run`` puts ``integrations/autorun`` (which holds a ``sitecustomize.py``) first on
+``atm run`` puts ``integrations/autoinject`` (which holds a ``sitecustomize.py``) first on
 ``PYTHONPATH`` and passes its options in the ``ATM_RUN`` environment variable. Python imports
 ``sitecustomize`` at start-up; it calls :func:`install`, which registers post-import hooks (the
 way ``opentelemetry-instrument`` and ``ddtrace-run`` work), so each framework is patched when,

@@ -289,7 +289,7 @@ def run(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Run a training command with the manager's client injected; the script is unchanged."""
-    import integrations.autorun
+    import integrations.autoinject
     from integrations.inject import ENV, InjectConfig
     from integrations.knobs import parse_bounds
 
@@ -311,8 +311,8 @@ def run(
         bounds=overrides,
     )
     env = dict(os.environ)
-    autorun = os.path.dirname(integrations.autorun.__file__)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (autorun, env.get("PYTHONPATH")) if p)
+    autoinject = os.path.dirname(integrations.autoinject.__file__)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (autoinject, env.get("PYTHONPATH")) if p)
     env[ENV] = config.to_env()
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri

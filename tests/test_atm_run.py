@@ -151,6 +151,12 @@ def assert_lr_halved(client: MlflowClient, run_id: str, lr_key: str, start: floa
     assert all(v == pytest.approx(start / 2) for v in logged[first_half:])
 
 
+def published_spec(client: MlflowClient, run_id: str) -> RunSpec:
+    return RunSpec.model_validate_json(
+        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
+    )
+
+
 def _step(metric) -> int:
     return metric.step
 
@@ -166,9 +172,7 @@ def test_plain_torch_loop_is_supervised_without_changes(
         [sys.executable, str(SCRIPTS / "torch_loop.py"), "400", "0.03"],
         "minimize:eval_loss",
     )
-    spec = RunSpec.model_validate_json(
-        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
-    )
+    spec = published_spec(client, run_id)
     assert spec.framework == "torch" and spec.commands == []
     assert {k.name for k in spec.knobs} == {"learning_rate", "weight_decay"}
     assert client.get_run(run_id).data.tags[TAG_OBJECTIVE] == "minimize:eval_loss"
@@ -186,9 +190,7 @@ def test_transformers_trainer_is_supervised_without_changes(
         [sys.executable, str(SCRIPTS / "hf_trainer.py"), str(tmp_path / "out"), "200", "0.08"],
         "minimize:eval_loss",
     )
-    spec = RunSpec.model_validate_json(
-        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
-    )
+    spec = published_spec(client, run_id)
     assert spec.framework == "transformers"
     assert_lr_halved(client, run_id, "learning_rate", 1e-3)
 
@@ -204,9 +206,7 @@ def test_stable_baselines3_ppo_is_supervised_without_changes(
         [sys.executable, str(SCRIPTS / "sb3_ppo.py"), "5120", "0.3"],
         "maximize:mean_reward",
     )
-    spec = RunSpec.model_validate_json(
-        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
-    )
+    spec = published_spec(client, run_id)
     assert spec.framework == "stable-baselines3"
     assert {"learning_rate", "ent_coef", "clip_range"} <= {k.name for k in spec.knobs}
     assert_lr_halved(client, run_id, "lr", 3e-4)
@@ -341,9 +341,7 @@ def test_attach_reads_knobs_from_the_run_params(tracking_uri: str, new_run) -> N
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    spec = RunSpec.model_validate_json(
-        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
-    )
+    spec = published_spec(client, run_id)
     assert spec.knob_values == {"learning_rate": 3e-4, "weight_decay": 0.0}
 
 
@@ -432,8 +430,6 @@ def test_control_resumes_when_a_client_appears_on_an_attached_run(
         experiment=experiment,
     )
     assert found == run_id
-    spec = RunSpec.model_validate_json(
-        Path(client.download_artifacts(run_id, SPEC_PATH)).read_text()
-    )
+    spec = published_spec(client, run_id)
     assert spec.framework == "torch"
     assert_lr_halved(client, run_id, "lr", 0.01)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-import integrations.autorun
+import integrations.autoinject
 from integrations.inject import ENV, InjectConfig
 from manager_daemon.mlflow_server import start_server
 
@@ -59,8 +59,8 @@ print(json.dumps({"steps_per_s": steps / elapsed}))
 def injected_env(base: dict[str, str], poll_interval: float) -> dict[str, str]:
     """The environment `atm run` gives the command it launches."""
     env = dict(base)
-    autorun = os.path.dirname(integrations.autorun.__file__)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (autorun, env.get("PYTHONPATH")) if p)
+    autoinject = os.path.dirname(integrations.autoinject.__file__)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (autoinject, env.get("PYTHONPATH")) if p)
     env[ENV] = InjectConfig(poll_interval=poll_interval).to_env()
     return env
 
