@@ -6,7 +6,9 @@ Add it to any ``Trainer`` that logs to MLflow (``report_to=["mlflow"]``)::
 
 Knobs: ``learning_rate`` (the scheduler's base lrs and the current lr together),
 ``weight_decay`` (decaying groups only), ``dropout`` (every dropout module),
-``max_grad_norm``. Commands: ``stop``, ``checkpoint``.
+``max_grad_norm``. Commands: ``stop``, ``checkpoint`` and ``rollback_to_best`` (the weights and
+optimizer moments of the best evaluation so far, kept in host memory; on by default for models
+of up to 50M parameters, ``keep_best=True`` or ``False`` to decide).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from integrations.client import ManagerClient
 from integrations.knobs import BoundsOverrides, derive_knob
-from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command, KnobSpec, RunSpec
+from integrations.protocol import (
+    DEFAULT_OBJECTIVE,
+    Boundary,
+    Command,
+    KnobSpec,
+    Objective,
+    RunSpec,
+)
 from integrations.torch_hooks import (
+    BestState,
     current_dropout,
     decaying_groups,
     resolve_mlflow_run,
@@ -43,16 +53,20 @@ class ManagerCallback(TrainerCallback):
         poll_interval: float = 2.0,
         apply_at: Boundary = Boundary.STEP,
         bounds: BoundsOverrides | None = None,
+        keep_best: bool | None = None,
     ) -> None:
         if apply_at is Boundary.ROLLOUT:
             raise ValueError("a Trainer has step and eval boundaries, not rollouts")
         self.run_id = run_id
         self.tracking_uri = tracking_uri
         self.objective = objective
+        self._objective = Objective.parse(objective)  # a bad objective fails here, not mid-run
         self.poll_interval = poll_interval
         self.apply_at = apply_at
         self.bounds = bounds
+        self.keep_best = keep_best
         self.client: ManagerClient | None = None
+        self._best: BestState | None = None
         self._objects: dict[str, Any] = {}
         self._decay_groups: list[int] = []
 
@@ -70,10 +84,15 @@ class ManagerCallback(TrainerCallback):
         self._objects = {"args": args, **kwargs}
         optimizer = kwargs.get("optimizer")
         self._decay_groups = decaying_groups(optimizer) if optimizer is not None else []
+        commands = [Command.STOP, Command.CHECKPOINT]
+        model = kwargs.get("model")
+        if model is not None and BestState.worth_keeping(model, self.keep_best):
+            self._best = BestState(self._objective.better)
+            commands.append(Command.ROLLBACK_TO_BEST)
         spec = RunSpec(
             framework="transformers",
             knobs=self._discover(args, kwargs),
-            commands=[Command.STOP, Command.CHECKPOINT],
+            commands=commands,
             apply_at=self.apply_at,
         )
         self.client = ManagerClient(
@@ -106,6 +125,16 @@ class ManagerCallback(TrainerCallback):
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        metrics = kwargs.get("metrics") or {}
+        if self._best is not None:
+            value = metrics.get(self._objective.metric)
+            if isinstance(value, int | float):
+                self._best.offer(
+                    float(value),
+                    state.global_step,
+                    self._objects["model"],
+                    self._objects.get("optimizer"),
+                )
         self._apply_pending(Boundary.EVAL, state, control)
 
     def on_train_end(
@@ -131,6 +160,13 @@ class ManagerCallback(TrainerCallback):
     ) -> None:
         assert self.client is not None
         optimizer = self._objects.get("optimizer")
+        # First: the restored optimizer keeps its current hyperparameters, which the new values
+        # below then change.
+        if Command.ROLLBACK_TO_BEST in commands:
+            if self._best is None:
+                raise RuntimeError("rollback_to_best is not enabled for this run")
+            step = self._best.restore(self._objects["model"], optimizer)
+            log.info("atm: rolled back to the best evaluation, at step %d", step)
         for name, value in changed.items():
             if name == "learning_rate":
                 factor = value / self.client.value(name)

@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,65 @@ from integrations.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# Keeping the best state costs host memory of about four times the model (weights and Adam's two
+# moments); beyond this size a script must opt in.
+KEEP_BEST_MAX_PARAMS = 50_000_000
+
+
+class BestState:
+    """The weights and optimizer moments at the best evaluation so far, for ``rollback_to_best``.
+
+    ``offer`` after each evaluation copies the state to host memory when the objective improved;
+    ``restore`` puts it back while keeping the optimizer's current hyperparameters (learning
+    rate, weight decay…), which are the manager's to set.
+    """
+
+    def __init__(self, better: Callable[[float, float], bool]) -> None:
+        self.better = better
+        self.value: float | None = None
+        self.step: int | None = None
+        self._model: dict[str, torch.Tensor] | None = None
+        self._optimizer: dict[str, Any] | None = None
+
+    @staticmethod
+    def worth_keeping(model: nn.Module, keep: bool | None) -> bool:
+        """``keep`` if given, else whether ``model`` is small enough to copy at every best."""
+        if keep is not None:
+            return keep
+        return sum(p.numel() for p in model.parameters()) <= KEEP_BEST_MAX_PARAMS
+
+    def offer(
+        self, value: float, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> bool:
+        if self.value is not None and not self.better(value, self.value):
+            return False
+        self.value, self.step = value, step
+        self._model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self._optimizer = _to_cpu(optimizer.state_dict()) if optimizer is not None else None
+        return True
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+        """Load the best state back; returns the step it was taken at."""
+        if self._model is None or self.step is None:
+            raise RuntimeError("no evaluation has been recorded yet: nothing to roll back to")
+        model.load_state_dict(self._model)
+        if optimizer is not None and self._optimizer is not None:
+            saved = copy.deepcopy(self._optimizer)
+            for now, then in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+                then.update({k: v for k, v in now.items() if k != "params"})
+            optimizer.load_state_dict(saved)
+        return self.step
+
+
+def _to_cpu(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    return copy.deepcopy(state)
 
 
 def dropout_modules(model: nn.Module) -> list[nn.Module]:

@@ -225,6 +225,9 @@ class RunSupervisor:
             for knob in item.changes:
                 last_changed[knob] = item.decision_step
         automatic = sum(1 for i in self.history if i.source != Source.HUMAN.value)
+        rolled_back = [
+            i.decision_step for i in self.history if Command.ROLLBACK_TO_BEST.value in i.commands
+        ]
         return RunState(
             spec=self.spec,
             values=self._values(version),
@@ -232,6 +235,9 @@ class RunSupervisor:
             last_changed_step=last_changed,
             interventions_used=automatic,
             evals_since_best=self.telemetry.objective_view().evals_since_best,
+            regressed_evals=self.telemetry.regressed_evals(
+                self.config.validation.rollback_min_regression, max(rolled_back, default=-1)
+            ),
             stop_issued=any(Command.STOP.value in item.commands for item in self.history),
         )
 

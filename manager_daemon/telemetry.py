@@ -128,6 +128,21 @@ class RunTelemetry:
     def evaluations(self) -> int:
         return len(self.evals)
 
+    def regressed_evals(self, margin: float, after_step: int = -1) -> int:
+        """How many of the latest evaluations after ``after_step``, in a row, are worse than the
+        best so far by more than ``margin`` of its magnitude (non-finite ones count as worse)."""
+        best = self.objective_view().best
+        if best is None:
+            return 0
+        sign = 1.0 if self.objective.direction == "minimize" else -1.0
+        count = 0
+        for step, value in reversed(self.evals):
+            worse = not math.isfinite(value) or sign * (value - best) > margin * abs(best)
+            if step <= after_step or not worse:
+                break
+            count += 1
+        return count
+
     def objective_view(self) -> ObjectiveView:
         view = ObjectiveView(metric=self.objective.metric, direction=self.objective.direction)
         finite = [(s, v) for s, v in self.evals if math.isfinite(v)]

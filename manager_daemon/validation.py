@@ -37,6 +37,12 @@ class ValidationConfig(BaseModel):
     stop_after_evals: int = Field(
         default=6, ge=0, description="evaluations without improvement before stop is offered"
     )
+    rollback_after_evals: int = Field(
+        default=2, ge=1, description="evaluations in a row regressed before rollback is offered"
+    )
+    rollback_min_regression: float = Field(
+        default=0.05, ge=0, description="how far below the best counts as regressed (relative)"
+    )
 
 
 @dataclass
@@ -49,6 +55,7 @@ class RunState:
     last_changed_step: dict[str, int] = field(default_factory=dict)
     interventions_used: int = 0
     evals_since_best: int = 0
+    regressed_evals: int = 0
     stop_issued: bool = False
 
     def cooldown_left(self, knob: KnobSpec, config: ValidationConfig) -> int:
@@ -227,10 +234,18 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
             knob=knob.name, current=current, low=low, high=high, scale=knob.scale, choices=choices
         )
     # Gates: checkpoints are the training script's business (humans may still ask for one);
-    # a policy may stop a run only after a sustained lack of progress.
-    gated = {Command.ROLLBACK_TO_BEST}
+    # a policy may roll back only after a sustained regression, and stop only after a sustained
+    # lack of progress.
+    gated = set()
     if source is not Source.HUMAN:
         gated.add(Command.CHECKPOINT)
+        if state.regressed_evals < config.rollback_after_evals:
+            gated.add(Command.ROLLBACK_TO_BEST)
+            if Command.ROLLBACK_TO_BEST in state.spec.commands:
+                menu.blocked["rollback_to_best"] = (
+                    f"offered after {config.rollback_after_evals} evaluations in a row at least "
+                    f"{config.rollback_min_regression:.0%} worse than the best"
+                )
     if state.stop_issued:
         gated.add(Command.STOP)
         menu.blocked["stop"] = "a stop was already issued"

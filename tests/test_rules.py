@@ -96,3 +96,28 @@ def test_a_fast_falling_loss_is_not_mistaken_for_spikes() -> None:
     t = telemetry(train, [7.0, 5.0, 3.0], eval_every=10)
     assert t.train_view().spikes == 0
     assert decide(t).action == "no_action"
+
+
+def test_sustained_regression_rolls_back_with_the_overfitting_remedy() -> None:
+    t = telemetry(falling(70, 3.0, 0.8), [3.0, 2.5, 2.2, 2.1, 2.3, 2.4, 2.5])
+    assert t.regressed_evals(0.05) == 3
+    assert t.regressed_evals(0.05, after_step=60) == 1  # only evaluations after a rollback count
+    spec = SPEC.model_copy(update={"commands": [Command.STOP, Command.ROLLBACK_TO_BEST]})
+    st = RunState(
+        spec=spec,
+        values=spec.knob_values,
+        step=t.step,
+        evals_since_best=t.objective_view().evals_since_best,
+        regressed_evals=t.regressed_evals(0.05),
+    )
+    menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
+    p = RulesPolicy().decide(t.snapshot(spec, spec.knob_values, []), menu)
+    assert p.reason.startswith("overfitting") and p.commands == ["rollback_to_best"]
+    assert math.isclose(p.changes["learning_rate"], 5e-4)
+
+
+def test_no_rollback_while_the_objective_is_only_slightly_worse() -> None:
+    t = telemetry(falling(70, 3.0, 0.8), [3.0, 2.5, 2.2, 2.1, 2.12, 2.14, 2.16])
+    assert t.regressed_evals(0.05) == 0
+    p = decide(t)
+    assert p.action == "adjust" and p.commands == []

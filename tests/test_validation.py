@@ -150,3 +150,16 @@ def test_stop_is_offered_only_after_sustained_lack_of_progress() -> None:
 def test_menu_is_empty_when_the_budget_is_used() -> None:
     menu = build_menu(state(interventions_used=3), CONFIG, Source.RULES)
     assert menu.empty and "budget" in menu.blocked["*"]
+
+
+def test_rollback_is_offered_to_policies_only_after_a_sustained_regression() -> None:
+    spec = SPEC.model_copy(update={"commands": [Command.STOP, Command.ROLLBACK_TO_BEST]})
+    once = build_menu(state(spec=spec, regressed_evals=1), CONFIG, Source.LLM)
+    assert Command.ROLLBACK_TO_BEST not in once.commands
+    assert "rollback_to_best" in once.blocked
+    twice = build_menu(state(spec=spec, regressed_evals=2), CONFIG, Source.RULES)
+    assert Command.ROLLBACK_TO_BEST in twice.commands
+    human = build_menu(state(spec=spec), CONFIG, Source.HUMAN)
+    assert Command.ROLLBACK_TO_BEST in human.commands
+    unsupported = build_menu(state(regressed_evals=5), CONFIG, Source.RULES)
+    assert Command.ROLLBACK_TO_BEST not in unsupported.commands

@@ -58,7 +58,9 @@ def build_prompt(
         "- gap: objective minus train loss; trend > 0 means it widens.\n"
         "- spikes / non_finite: instability (lower the learning rate, clip harder).\n"
         "- a long flat stretch is a plateau (lower the learning rate); stop only when nothing "
-        "on the menu can plausibly help.",
+        "on the menu can plausibly help.\n"
+        "- rollback_to_best, offered only after a sustained regression, restores the best "
+        "evaluation's weights; pair it with a fix, or the run regresses again.",
         "## Current state\nDATA\n```\n" + _state(snapshot, run_name) + "\n```",
         "## History\nDATA\n```\n" + _history(snapshot) + "\n```",
         "## Rule-based diagnosis (a second opinion; weigh it against the data)\n"
@@ -194,7 +196,11 @@ def answer_options(menu: Menu, diagnosis: Proposal | None) -> list[dict[str, Any
             )
     for command in menu.commands:
         if not any(o["action"] == command.value for o in options):
-            what = {"stop": "end training now", "checkpoint": "save the current weights"}
+            what = {
+                "stop": "end training now",
+                "checkpoint": "save the current weights",
+                "rollback_to_best": "restore the weights of the best evaluation so far",
+            }
             reason = what.get(command.value, command.value)
             options.append(_option(command.value, {}, reason, "", objective_watch))
     return options

@@ -3,7 +3,8 @@
 - divergence (non-finite values, loss spikes, train loss well above its best) → cut the
   learning rate hard and clip gradients harder;
 - overfitting (objective not improving while the train/eval gap widens) → lower the learning
-  rate and raise weight decay and dropout;
+  rate and raise weight decay and dropout, and roll back to the best state when the menu offers
+  it (after a sustained regression);
 - plateau (no improvement for a while) → lower the learning rate;
 - nothing more plausible (no improvement long after several interventions, or the knobs a
   diagnosis needs are at their bounds) → stop.
@@ -77,7 +78,9 @@ class RulesPolicy:
             changes = _scaled(menu, "learning_rate", cfg.lr_cut_diverge) | _scaled(
                 menu, "max_grad_norm", cfg.clip_cut
             )
-            return _proposal(changes, f"divergence: {why}", "loss returns to its trend")
+            return _proposal(
+                changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
+            )
         overfitting = (
             stale >= cfg.overfit_patience
             and gap.relative is not None
@@ -96,6 +99,7 @@ class RulesPolicy:
                 f"{_g(obj.best)}, last {_g(obj.last)}) while the eval-train gap widens to "
                 f"{_g(gap.last)} ({gap.relative:.0%})",
                 f"{obj.metric} stops rising; the gap narrows",
+                _rollback(menu),
             )
         if stale >= cfg.plateau_patience:
             return _proposal(
@@ -128,10 +132,25 @@ def _added(menu: Menu, knob: str, delta: float) -> dict[str, float]:
     return {knob: min(max(item.current + delta, item.low), item.high)}
 
 
-def _proposal(changes: dict[str, float], reason: str, expected: str) -> Proposal:
-    if not changes:
+def _rollback(menu: Menu) -> list[str]:
+    return [Command.ROLLBACK_TO_BEST.value] if Command.ROLLBACK_TO_BEST in menu.commands else []
+
+
+def _proposal(
+    changes: dict[str, float], reason: str, expected: str, commands: list[str] | None = None
+) -> Proposal:
+    commands = commands or []
+    if commands:
+        reason += "; back to the best state"
+    if not changes and not commands:
         return Proposal(action="no_action", reason=f"{reason}; but no knob for it is available now")
-    return Proposal(action="adjust", changes=changes, reason=reason, expected_effect=expected)
+    return Proposal(
+        action="adjust" if changes else "command",
+        changes=changes,
+        commands=commands,
+        reason=reason,
+        expected_effect=expected,
+    )
 
 
 def _g(x: float | None) -> str:
