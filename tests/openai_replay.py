@@ -101,3 +101,18 @@ class ReplayServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def halve_lr(start: float) -> Reply:
+    """A composed decision: halve the learning rate from ``start``."""
+    return Reply(
+        json.dumps(
+            {
+                "action": "adjust",
+                "changes": {"learning_rate": start / 2},
+                "reason": "halve the learning rate",
+                "expect": "smoother loss",
+                "watch": "the objective",
+            }
+        )
+    )

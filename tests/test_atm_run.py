@@ -4,7 +4,6 @@ OpenAI-compatible server replaying one scripted decision: halve the learning rat
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from integrations.protocol import (
 from integrations.trackers import open_tracker
 from manager_daemon.audit import AuditLog
 from tests.helpers import wait_for
-from tests.openai_replay import ReplayServer, Reply
+from tests.openai_replay import ReplayServer, halve_lr
 
 SCRIPTS = Path(__file__).parent / "data" / "scripts"
 ATM = [sys.executable, "-m", "manager_daemon.cli"]
@@ -40,20 +39,6 @@ def replay() -> Iterator[ReplayServer]:
     server = ReplayServer()
     yield server
     server.close()
-
-
-def halve_lr(start: float) -> Reply:
-    return Reply(
-        json.dumps(
-            {
-                "action": "adjust",
-                "changes": {"learning_rate": start / 2},
-                "reason": "halve the learning rate",
-                "expect": "smoother loss",
-                "watch": "the objective",
-            }
-        )
-    )
 
 
 def start_daemon(

@@ -1,0 +1,472 @@
+"""TinyStories benchmark: the manager against fixed recipes, on the same data and budget.
+
+For each seed it trains ``train_scripts/tinystories.py`` as
+
+- ``fixed``: the preset's overfitting recipe, untouched;
+- ``rules``: the same start under ``atm run``, supervised by the rules policy;
+- ``llm``: the same start under ``atm run``, supervised by the LLM policy (the embedded model,
+  or an OpenAI-compatible endpoint with ``--llm-base-url``/``--llm-model``);
+- ``plateau``: the fixed recipe plus ``ReduceLROnPlateau``, early stopping and the best
+  checkpoint restored, which is what a careful engineer does without a supervisor;
+
+and a sweep of starting learning rates, fixed and managed by rules, for the sensitivity to the
+starting recipe. Runs go two at a time (``--parallel``), each on one CPU thread; ``fixed`` and
+``rules`` of one seed run side by side, so their steps/s are compared under the same load.
+
+Writes ``OUT/results.json`` (one object per run), ``OUT/results.md`` (the tables, with ratios)
+and ``OUT/eval_loss.png`` / ``OUT/lr_sweep.png`` (eval-loss curves with intervention markers),
+and logs them to a ``summary`` run in the benchmark's MLflow experiment. Run from the repository
+root::
+
+    python train_scripts/bench_tinystories.py --preset cpu --seeds 3 --out bench/tinystories
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if not __package__:  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib
+import mlflow
+from apscheduler.schedulers.background import BackgroundScheduler
+from mlflow.tracking import MlflowClient
+
+from integrations.protocol import METRIC_PARAMS_VERSION, AuditRecord
+from integrations.trackers import Tracker, open_tracker
+from manager_daemon.audit import AuditLog
+from manager_daemon.daemon import Daemon
+from manager_daemon.mlflow_server import MlflowServer, start_server
+from manager_daemon.policies.factory import PolicySettings, make_policy
+from manager_daemon.supervisor import SupervisorConfig
+from manager_daemon.validation import ValidationConfig
+from train_scripts.tinystories import PRESETS
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+log = logging.getLogger("bench_tinystories")
+
+SCRIPT = Path(__file__).with_name("tinystories.py")
+EXPERIMENT = "tinystories-bench"
+MANAGED = ("rules", "llm")
+VARIANTS = ("fixed", "rules", "llm", "plateau")
+COLORS = {"fixed": "tab:red", "rules": "tab:blue", "llm": "tab:green", "plateau": "tab:orange"}
+DAEMON_INTERVAL_S = 2.0
+
+
+@dataclass
+class Job:
+    variant: str
+    seed: int
+    learning_rate: float
+    sweep: bool = False
+
+
+@dataclass
+class Result:
+    variant: str
+    seed: int
+    learning_rate: float
+    sweep: bool
+    run_id: str
+    data_source: str
+    final_eval_loss: float
+    best_eval_loss: float
+    steps: int
+    steps_per_s: float
+    wall_s: float
+    interventions: list[dict[str, object]] = field(default_factory=list)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)
+    paired_steps_per_s: float | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/tinystories"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument(
+        "--lr-factors",
+        default="0.33,3",
+        help="sweep: starting lrs as factors of the preset's (empty: no sweep)",
+    )
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument("--source", default="generated", help="tinystories.py --source")
+    parser.add_argument("--data", type=Path, help="tinystories.py --data")
+    parser.add_argument("--llm-base-url", help="an OpenAI-compatible endpoint for the llm variant")
+    parser.add_argument("--llm-model", help="the endpoint's model name")
+    args = parser.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}: expected some of {VARIANTS}")
+    try:
+        args.lr_factors = [float(f) for f in args.lr_factors.split(",") if f]
+    except ValueError:
+        parser.error(f"--lr-factors {args.lr_factors!r}: expected numbers separated by commas")
+    if args.seeds < 1 or args.parallel < 1:
+        parser.error("--seeds and --parallel must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    args.out.mkdir(parents=True, exist_ok=True)
+    server: MlflowServer | None = None
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        server = start_server(args.out / "mlflow")
+        uri = server.uri
+    log.info("MLflow: %s", uri)
+    try:
+        results = run_all(args, uri)
+        report(results, args, uri)
+    finally:
+        if server is not None:
+            server.stop()
+    return results
+
+
+# ---- running ------------------------------------------------------------------------------
+
+
+def plan(args: argparse.Namespace) -> list[list[Job]]:
+    """Waves of jobs that run side by side: fixed beside rules, llm beside plateau."""
+    lr = PRESETS[args.preset].recipe.learning_rate
+    jobs: list[Job] = []
+    for seed in range(args.seeds):
+        jobs += [Job(v, seed, lr) for v in VARIANTS if v in args.variants]
+        for factor in args.lr_factors:
+            jobs += [Job(v, seed, lr * factor, sweep=True) for v in ("fixed", "rules")]
+    return [jobs[i : i + args.parallel] for i in range(0, len(jobs), args.parallel)]
+
+
+def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
+    tracker = open_tracker(uri)
+    eval_steps = PRESETS[args.preset].recipe.eval_steps
+    config = SupervisorConfig(
+        validation=ValidationConfig(cooldown_steps=2 * eval_steps), stale_evals=8
+    )
+    daemons: list[Daemon] = []
+    scheduler = BackgroundScheduler()
+    for variant in MANAGED:
+        if variant not in args.variants and not (variant == "rules" and args.lr_factors):
+            continue
+        settings = PolicySettings.from_env(
+            policy="rules" if variant == "rules" else "llm",
+            base_url=args.llm_base_url,
+            model=args.llm_model,
+        )
+        policy, why = make_policy(settings)
+        log.info("%s variant: %s", variant, why)
+        daemon = Daemon(tracker, policy, config, experiments=[f"{EXPERIMENT}-{variant}"])
+        daemons.append(daemon)
+        scheduler.add_job(
+            daemon.run_once,
+            "interval",
+            seconds=DAEMON_INTERVAL_S,
+            max_instances=1,
+            kwargs={"wait": False},
+        )
+    scheduler.start()
+    results: list[Result] = []
+    try:
+        for wave in plan(args):
+            with ThreadPoolExecutor(len(wave)) as pool:
+                done = list(pool.map(lambda job: train(job, args, uri), wave))
+            pair_steps_per_s(done, uri)
+            results += done
+            for r in done:
+                log.info(
+                    "%-7s seed %d lr %.2g: final %.3f best %.3f, %d steps, %.2f steps/s",
+                    r.variant, r.seed, r.learning_rate, r.final_eval_loss, r.best_eval_loss,
+                    r.steps, r.steps_per_s,
+                )  # fmt: skip
+    finally:
+        scheduler.shutdown(wait=True)
+        for daemon in daemons:
+            daemon.drain(timeout=60)
+            daemon.close()
+    for r in results:
+        r.eval_curve = metric_curve(uri, r.run_id, "eval_loss")
+        if r.variant in MANAGED:
+            r.interventions = interventions(tracker, uri, r.run_id)
+    return results
+
+
+def train(job: Job, args: argparse.Namespace, uri: str) -> Result:
+    experiment = f"{EXPERIMENT}-{job.variant}" if job.variant in MANAGED else f"{EXPERIMENT}-fixed"
+    name = f"{job.variant}-s{job.seed}-lr{job.learning_rate:.2g}"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        *("--preset", args.preset, "--seed", str(job.seed), "--threads", "1"),
+        *("--learning-rate", repr(job.learning_rate), "--source", args.source),
+        *("--tracking-uri", uri, "--experiment", experiment, "--run-name", name),
+        *("--tag", f"bench.variant={job.variant}", "--tag", f"bench.sweep={job.sweep}"),
+        *(["--data", str(args.data)] if args.data else []),
+        *(["--plateau"] if job.variant == "plateau" else []),
+    ]
+    if job.variant in MANAGED:
+        atm = [sys.executable, "-m", "manager_daemon.cli", "run", "--tracking-uri", uri]
+        cmd = [*atm, "--objective", "minimize:eval_loss", "--", *cmd]
+    log_path = args.out / "logs" / f"{name}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    started = time.monotonic()
+    with log_path.open("w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
+    wall = time.monotonic() - started
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}, log {log_path}):\n{tail}")
+    s = json.loads(lines[-1])
+    return Result(
+        variant=job.variant,
+        seed=job.seed,
+        learning_rate=job.learning_rate,
+        sweep=job.sweep,
+        run_id=s["run_id"],
+        data_source=s["data_source"],
+        final_eval_loss=s["final_eval_loss"],
+        best_eval_loss=s["best_eval_loss"],
+        steps=s["steps"],
+        steps_per_s=s["steps_per_s"],
+        wall_s=wall,
+    )
+
+
+def pair_steps_per_s(wave: list[Result], uri: str) -> None:
+    """Steps/s of each run over the steps that every run of the wave trained side by side.
+
+    A managed run that stops early leaves its neighbour the machine to itself; comparing whole
+    runs would credit that neighbour with the freed CPU.
+    """
+    curves = {r.run_id: metric_timeline(uri, r.run_id, "loss") for r in wave}
+    common = min((c[-1][0] for c in curves.values() if c), default=0)
+    for r in wave:
+        points = [(s, t) for s, t in curves[r.run_id] if s <= common]
+        if len(points) >= 2 and points[-1][1] > points[0][1]:
+            r.paired_steps_per_s = (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
+
+
+def metric_timeline(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    history = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.timestamp / 1000) for m in history)
+
+
+def metric_curve(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    history = MlflowClient(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def interventions(tracker: Tracker, uri: str, run_id: str) -> list[dict[str, object]]:
+    """Issued params versions, each at the step the training side applied it."""
+    applied = {int(v): s for s, v in metric_curve(uri, run_id, METRIC_PARAMS_VERSION)}
+    records = [r for r in AuditLog(tracker).records(run_id) if r.params_version]
+    return [describe(r, applied.get(r.params_version or 0)) for r in records]
+
+
+def describe(record: AuditRecord, applied_step: int | None) -> dict[str, object]:
+    changes = {
+        v.knob: [v.current, v.final]
+        for v in record.verdicts
+        if v.verdict in ("accepted", "clamped")
+    }
+    return {
+        "version": record.params_version,
+        "decision_step": record.step,
+        "applied_step": applied_step,
+        "source": record.source.value,
+        "model": record.model,
+        "changes": changes,
+        "commands": [c.command for c in record.command_verdicts if c.verdict == "accepted"],
+        "reason": record.proposal.reason if record.proposal else "",
+    }
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def report(results: list[Result], args: argparse.Namespace, uri: str) -> None:
+    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    table = results_markdown(results, args)
+    (args.out / "results.md").write_text(table)
+    plot_curves(results, args.out / "eval_loss.png")
+    sweep = [r for r in results if r.sweep or r.variant in ("fixed", "rules")]
+    if any(r.sweep for r in results):
+        plot_sweep(sweep, args.out / "lr_sweep.png")
+    print(table, flush=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name=f"summary-{args.preset}-{args.seeds}seeds"):
+        mlflow.set_tags({"preset": args.preset, "seeds": str(args.seeds)})
+        for name in ("results.json", "results.md", "eval_loss.png", "lr_sweep.png"):
+            if (args.out / name).exists():
+                mlflow.log_artifact(str(args.out / name))
+
+
+def results_markdown(results: list[Result], args: argparse.Namespace) -> str:
+    main_runs = [r for r in results if not r.sweep]
+    fixed = {r.seed: r for r in main_runs if r.variant == "fixed"}
+    recipe = PRESETS[args.preset].recipe
+    lines = [
+        f"# TinyStories benchmark, preset `{args.preset}`, {args.seeds} seed(s)",
+        "",
+        f"Data: {sorted({r.data_source for r in results})}; {recipe.max_steps} steps, "
+        f"eval every {recipe.eval_steps}; starting lr {recipe.learning_rate:g}, weight decay "
+        f"{recipe.weight_decay:g}, dropout {recipe.dropout:g}.",
+        "",
+        "| variant | final eval loss | best eval loss | final / fixed | steps | "
+        "interventions | steps/s (side by side) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        runs = [r for r in main_runs if r.variant == variant]
+        if not runs:
+            continue
+        ratios = [
+            r.final_eval_loss / fixed[r.seed].final_eval_loss for r in runs if r.seed in fixed
+        ]
+        paired = [r.paired_steps_per_s for r in runs if r.paired_steps_per_s]
+        lines.append(
+            f"| {variant} | {_ms([r.final_eval_loss for r in runs])} | "
+            f"{_ms([r.best_eval_loss for r in runs])} | {_ms(ratios)} | "
+            f"{_ms([r.steps for r in runs], '.0f')} | "
+            f"{_ms([len(r.interventions) for r in runs], '.1f')} | "
+            f"{_ms(paired, '.2f') if paired else 'n/a'} |"
+        )
+    lines += ["", *comparisons(main_runs), *sweep_lines(results)]
+    return "\n".join(lines) + "\n"
+
+
+def comparisons(runs: list[Result]) -> list[str]:
+    by = {(r.variant, r.seed): r for r in runs}
+    out = []
+    for managed in MANAGED:
+        for other in ("fixed", "plateau"):
+            ratios = [
+                by[(managed, s)].final_eval_loss / by[(other, s)].final_eval_loss
+                for (v, s) in by
+                if v == managed and (other, s) in by
+            ]
+            if ratios:
+                out.append(f"- final eval loss {managed} / {other}: {_ms(ratios)} (per seed)")
+    on_off = [
+        by[("rules", s)].paired_steps_per_s / by[("fixed", s)].paired_steps_per_s  # type: ignore[operator]
+        for (v, s) in by
+        if v == "rules"
+        and ("fixed", s) in by
+        and by[("rules", s)].paired_steps_per_s
+        and by[("fixed", s)].paired_steps_per_s
+    ]
+    if on_off:
+        out.append(
+            f"- steps/s with the manager on / off (rules beside fixed, over the steps both "
+            f"trained): {_ms(on_off, '.3f')}"
+        )
+    return out
+
+
+def sweep_lines(results: list[Result]) -> list[str]:
+    """Spread of final eval loss across starting lrs, fixed vs managed (rules), per seed."""
+    lrs = sorted({r.learning_rate for r in results if r.sweep})
+    if not lrs:
+        return []
+    all_lrs = sorted({*lrs, *(r.learning_rate for r in results if not r.sweep)})
+    out = [
+        "",
+        "## Starting learning rate sweep (final eval loss, mean over seeds)",
+        "",
+        "| starting lr | fixed | managed (rules) | managed / fixed |",
+        "|---|---|---|---|",
+    ]
+    final = {(r.variant, r.seed, r.learning_rate): r.final_eval_loss for r in results}
+    seeds = sorted({r.seed for r in results})
+    for lr in all_lrs:
+        f = [final[("fixed", s, lr)] for s in seeds if ("fixed", s, lr) in final]
+        m = [final[("rules", s, lr)] for s in seeds if ("rules", s, lr) in final]
+        ratio = statistics.mean(m) / statistics.mean(f) if f and m else float("nan")
+        out.append(f"| {lr:.2g} | {_ms(f)} | {_ms(m)} | {ratio:.2f} |")
+    spreads: dict[str, list[float]] = {"fixed": [], "rules": []}
+    for s in seeds:
+        for v in spreads:
+            values = [final[(v, s, lr)] for lr in all_lrs if (v, s, lr) in final]
+            if len(values) == len(all_lrs):
+                spreads[v].append(max(values) - min(values))
+    if spreads["fixed"] and spreads["rules"]:
+        narrower = [f / m for f, m in zip(spreads["fixed"], spreads["rules"], strict=True) if m]
+        out += [
+            "",
+            f"- spread (max − min final eval loss across starting lrs): fixed "
+            f"{_ms(spreads['fixed'])}, managed {_ms(spreads['rules'])}; managed is "
+            f"{_ms(narrower, '.1f')}× narrower (per seed)",
+        ]
+    return out
+
+
+def _ms(values: list[float] | list[int], fmt: str = ".3f") -> str:
+    if not values:
+        return "n/a"
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{mean:{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def plot_curves(results: list[Result], path: Path) -> None:
+    runs = [r for r in results if not r.sweep]
+    seeds = sorted({r.seed for r in runs})
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 4), squeeze=False)
+    for ax, seed in zip(axes[0], seeds, strict=True):
+        for r in (r for r in runs if r.seed == seed):
+            _plot_run(ax, r, r.variant)
+        ax.set(title=f"seed {seed}", xlabel="step", ylabel="eval loss")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(results: list[Result], path: Path) -> None:
+    lrs = sorted({r.learning_rate for r in results})
+    fig, axes = plt.subplots(1, len(lrs), figsize=(5 * len(lrs), 4), squeeze=False)
+    for ax, lr in zip(axes[0], lrs, strict=True):
+        for r in (r for r in results if r.learning_rate == lr and r.variant in ("fixed", "rules")):
+            _plot_run(ax, r, f"{r.variant} s{r.seed}")
+        ax.set(title=f"starting lr {lr:.2g}", xlabel="step", ylabel="eval loss")
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_run(ax: plt.Axes, r: Result, label: str) -> None:
+    if not r.eval_curve:
+        return
+    steps, losses = zip(*r.eval_curve, strict=True)
+    ax.plot(steps, losses, color=COLORS[r.variant], label=label, alpha=0.85)
+    for item in r.interventions:
+        step = item["applied_step"] or item["decision_step"]
+        y = min(r.eval_curve, key=lambda p: abs(p[0] - step))[1]  # type: ignore[operator]
+        marker = "x" if item["commands"] else "v"
+        ax.plot([step], [y], marker=marker, color=COLORS[r.variant], markersize=8)
+
+
+if __name__ == "__main__":
+    main()
