@@ -11,9 +11,12 @@ level), ``ent_coef`` (a fixed coefficient, not SAC's ``"auto"``), ``vf_coef``, `
 (PPO; a new value replaces the schedule with a constant), ``target_kl`` (PPO, when set),
 ``n_epochs`` (PPO, an integer) and ``action_noise_sigma`` (off-policy Gaussian or
 Ornstein-Uhlenbeck exploration noise: the mean sigma over action dimensions; a new value
-rescales every dimension's sigma by new/start, keeping their ratios). Commands: ``stop``
-(``learn()`` returns at the next env step) and ``checkpoint`` (``model.save`` under
-``checkpoint_dir``).
+rescales every dimension's sigma by new/start, keeping their ratios), plus the script's own
+values (``live``: reward weights, say; ``on_live`` receives the changed ones). Commands: ``stop``
+(``learn()`` returns at the next env step), ``checkpoint`` (``model.save`` under
+``checkpoint_dir``) and ``rollback_to_best`` (the policy and optimizer state of the best
+evaluation so far, kept in host memory; the evaluations' objective values come from
+``on_evaluation(metrics)`` or, for ``eval/mean_reward``, from an ``EvalCallback``).
 
 Updates apply at rollout ends (``apply_at=Boundary.ROLLOUT``), before the next ``train()``,
 or only after evaluations (``Boundary.EVAL``): after any ``EvalCallback`` passed to the same
@@ -32,6 +35,7 @@ import numbers
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +67,12 @@ from integrations.protocol import (
     Boundary,
     Command,
     KnobSpec,
+    Objective,
     ParamsVersion,
     RunSpec,
     Scale,
 )
-from integrations.torch_hooks import resolve_mlflow_run
+from integrations.torch_hooks import BestState, resolve_mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +153,9 @@ class ManagerSB3Callback(BaseCallback):
         bounds: BoundsOverrides | None = None,
         checkpoint_dir: str | Path = "atm-checkpoints",
         log_to_mlflow: bool = False,
+        live: Mapping[str, float] | None = None,
+        on_live: Callable[[dict[str, float]], None] | None = None,
+        keep_best: bool | None = None,
     ) -> None:
         super().__init__()
         apply_at = Boundary(apply_at)
@@ -164,6 +172,11 @@ class ManagerSB3Callback(BaseCallback):
         self.bounds = bounds
         self.checkpoint_dir = Path(checkpoint_dir)
         self.log_to_mlflow = log_to_mlflow
+        self.live = dict(live or {})
+        self.on_live = on_live
+        self.keep_best = keep_best
+        self._objective = Objective.parse(objective)  # a bad objective fails here, not mid-run
+        self.best: BestState | None = None
         self.client: ManagerClient | None = None
         self.writer: MlflowWriter | None = None
         self.stop_requested = False
@@ -224,13 +237,22 @@ class ManagerSB3Callback(BaseCallback):
         if self.writer is not None:
             self.writer.close()
 
-    def on_evaluation(self) -> ParamsVersion | None:
+    def on_evaluation(self, metrics: Mapping[str, float] | None = None) -> ParamsVersion | None:
         """Apply a staged update as at an evaluation boundary; returns it when applied.
 
         Called automatically after an ``EvalCallback`` of the same ``learn()`` evaluates; call
-        it from a script's own evaluation code otherwise.
+        it from a script's own evaluation code otherwise, with the evaluation's ``metrics``
+        (the objective's value among them) so that the best state can be kept.
         """
+        value = (metrics or {}).get(self._objective.metric)
+        if value is None and self._objective.metric == "eval/mean_reward" and self._evaluators:
+            value = self._evaluators[0].last_mean_reward
+        if self.best is not None and value is not None:
+            self.best.offer(float(value), self.model.num_timesteps, self.model.policy, self._opt())
         return self._apply_pending(Boundary.EVAL)
+
+    def _opt(self) -> torch.optim.Optimizer | None:
+        return getattr(self.model.policy, "optimizer", None)
 
     # ---- knobs --------------------------------------------------------------------------
 
@@ -250,10 +272,19 @@ class ManagerSB3Callback(BaseCallback):
             )
             for name, value in values.items()
         ]
+        knobs += [
+            derive_knob(name, value, apply_at=self.apply_at, overrides=user)
+            for name, value in self.live.items()
+        ]
+        commands = [Command.STOP, Command.CHECKPOINT]
+        self.best = None
+        if BestState.worth_keeping(self.model.policy, self.keep_best):
+            self.best = BestState(self._objective.better)
+            commands.append(Command.ROLLBACK_TO_BEST)
         return RunSpec(
             framework="stable-baselines3",
             knobs=knobs,
-            commands=[Command.STOP, Command.CHECKPOINT],
+            commands=commands,
             apply_at=self.apply_at,
         )
 
@@ -273,6 +304,18 @@ class ManagerSB3Callback(BaseCallback):
             path = self.checkpoint_dir / f"checkpoint-{model.num_timesteps}.zip"
             model.save(path)
             log.info("atm: saved checkpoint %s", path)
+        # Before the knobs: the restored optimizer keeps its current hyperparameters, which the
+        # new values below then change.
+        if Command.ROLLBACK_TO_BEST in commands:
+            if self.best is None:
+                raise RuntimeError("rollback_to_best is not enabled for this run")
+            step = self.best.restore(model.policy, self._opt())
+            log.info("atm: rolled back to the best evaluation, at env step %d", step)
+        live = {k: v for k, v in changed.items() if k in self.live}
+        if live:
+            if self.on_live is not None:
+                self.on_live(live)
+            self.live.update(live)
         for name, value in changed.items():
             if name == "learning_rate":
                 assert self._lr_schedule is not None

@@ -391,3 +391,63 @@ def test_mlflow_writer_filters_values_and_never_raises(
         assert unreachable.flush(timeout=60)
     unreachable.close()
     assert caplog.text.count("cannot log SB3 metrics") == 1
+
+
+def test_rollback_restores_the_best_evaluated_policy_and_live_values_reach_the_script(
+    tracking_uri: str, tracker
+) -> None:
+    model = tiny_ppo()
+    live_changes: list[dict[str, float]] = []
+    manager = ManagerSB3Callback(
+        poll_interval=0.3,
+        apply_at=Boundary.EVAL,
+        objective="maximize:eval/score",
+        live={"collision_penalty": 5.0},
+        on_live=live_changes.append,
+    )
+    scores = [0.2, 0.9, 0.5, 0.4]
+
+    class Evaluate(BaseCallback):
+        """A script's own evaluation at each rollout end, with scripted scores."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.policies: list[dict[str, torch.Tensor]] = []
+            self.after_rollback: dict[str, torch.Tensor] = {}
+
+        def _on_rollout_end(self) -> None:
+            score = scores[min(len(self.policies), len(scores) - 1)]
+            self.policies.append(self.policy_state())
+            if manager.on_evaluation({"eval/score": score}) is not None:
+                self.after_rollback = self.policy_state()
+
+        def policy_state(self) -> dict[str, torch.Tensor]:
+            return {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+
+        def _on_step(self) -> bool:
+            return True
+
+    evaluate = Evaluate()
+    pace = Pace(lambda m: {}, delay=0.002)
+
+    def intervene(run_id: str) -> None:
+        wait_for(lambda: len(evaluate.policies) >= 3, 30)
+        spec = tracker.read_json(run_id, SPEC_PATH)
+        assert "rollback_to_best" in spec["commands"]
+        issue(
+            tracker,
+            run_id,
+            1,
+            {"collision_penalty": 10.0},
+            commands=["rollback_to_best", "stop"],
+        )
+
+    run_id = learn_managed(model, [manager, evaluate, pace], tracking_uri, intervene)
+
+    assert tracker.get_run(run_id).tags[TAG_CLIENT_APPLIED_VERSION] == "1" and not pace.timed_out
+    assert manager.best is not None and manager.best.value == 0.9
+    best = evaluate.policies[1]
+    assert evaluate.after_rollback, "the version was not applied at an evaluation"
+    for key, value in evaluate.after_rollback.items():
+        assert torch.equal(value, best[key]), f"{key} is not the best evaluation's"
+    assert live_changes == [{"collision_penalty": 10.0}]
