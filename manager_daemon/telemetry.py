@@ -16,6 +16,11 @@ from integrations.trackers import MetricPoint
 TRAIN_LOSS_KEYS = ("loss", "train_loss", "train/loss")
 LR_KEYS = ("learning_rate", "lr", "train/learning_rate")
 GRAD_NORM_KEYS = ("grad_norm", "train/grad_norm")
+# Latest values of these, where a run logs them, reach policies as ``signals``: how large the
+# policy updates are (PPO's KL and clip fraction) and how unsafe the evaluated policy is.
+APPROX_KL_KEYS = ("train/approx_kl", "approx_kl")
+SAFETY_KEYS = ("eval/collision", "eval/cost", "eval/collision_rate")
+SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *SAFETY_KEYS)
 RECENT_EVALS = 8
 EVALS_FOR_OUTCOME = 2
 
@@ -84,6 +89,7 @@ class Snapshot(BaseModel):
     gap: GapView
     non_finite: bool
     learning_rate_logged: float | None = None
+    signals: dict[str, float] = Field(default_factory=dict, description="latest, by metric key")
     knobs: dict[str, dict[str, float | str]]
     interventions: list[InterventionView]
 
@@ -100,12 +106,13 @@ class RunTelemetry:
         self.step = 0
         self.applied_steps: dict[int, int] = {}
         self.non_finite_steps: list[int] = []
+        self.signals: dict[str, float] = {}
 
     def keys_to_read(self, available: Iterable[str]) -> list[str]:
         """The metric keys worth reading from what the run has logged."""
         available = set(available)
         wanted = {self.objective.metric, METRIC_PARAMS_VERSION}
-        wanted |= {k for k in (*TRAIN_LOSS_KEYS, *LR_KEYS) if k in available}
+        wanted |= {k for k in (*TRAIN_LOSS_KEYS, *LR_KEYS, *SIGNAL_KEYS) if k in available}
         return sorted(k for k in wanted if k in available)
 
     def add(self, points: Iterable[MetricPoint]) -> None:
@@ -116,6 +123,8 @@ class RunTelemetry:
                 continue
             if not math.isfinite(p.value):
                 self.non_finite_steps.append(p.step)
+            if p.key in SIGNAL_KEYS:
+                self.signals[p.key] = p.value
             if p.key == self.objective.metric:
                 self.evals.append((p.step, p.value))
             elif p.key in TRAIN_LOSS_KEYS and self.train_key in (None, p.key):
@@ -244,6 +253,7 @@ class RunTelemetry:
             gap=self.gap_view(),
             non_finite=any(s > since for s in self.non_finite_steps),
             learning_rate_logged=self.lr,
+            signals=dict(sorted(self.signals.items())),
             knobs=knobs,
             interventions=views,
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from integrations.protocol import Command, KnobSpec, RunSpec, Source
+from integrations.protocol import Command, KnobSpec, Objective, RunSpec, Source
+from integrations.trackers import MetricPoint
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.telemetry import Intervention, RunTelemetry
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
@@ -121,3 +122,57 @@ def test_no_rollback_while_the_objective_is_only_slightly_worse() -> None:
     assert t.regressed_evals(0.05) == 0
     p = decide(t)
     assert p.action == "adjust" and p.commands == []
+
+
+RL_SPEC = RunSpec(
+    framework="stable-baselines3",
+    knobs=[
+        KnobSpec(
+            name="learning_rate", value=3e-5, min=1e-6, max=3e-3, max_rel_step=1.0, scale="log"
+        ),
+        KnobSpec(name="ent_coef", value=0.08, min=0.0, max=0.16, max_rel_step=0.5),
+        KnobSpec(name="clip_range", value=0.2, min=0.02, max=1.0, max_rel_step=1.0, scale="log"),
+        KnobSpec(
+            name="n_epochs", type="int", value=3, min=1, max=30, max_rel_step=1.0, scale="log"
+        ),
+        KnobSpec(name="target_kl", value=0.01, min=1e-3, max=0.1, max_rel_step=1.0, scale="log"),
+        KnobSpec(
+            name="collision_penalty", value=1.0, min=0.1, max=10, max_rel_step=1.0, scale="log"
+        ),
+    ],
+    commands=[Command.STOP],
+)
+
+
+def rl_decide(evals: list[float], signals: dict[str, float]) -> object:
+    t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
+    points = [MetricPoint("eval/safe_success", 100 * (i + 1), v, i) for i, v in enumerate(evals)]
+    points += [MetricPoint(k, 100 * len(evals), v, len(evals)) for k, v in signals.items()]
+    t.add(points)
+    st = RunState(
+        spec=RL_SPEC,
+        values=RL_SPEC.knob_values,
+        step=t.step,
+        evals_since_best=t.objective_view().evals_since_best,
+    )
+    menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
+    return RulesPolicy().decide(t.snapshot(RL_SPEC, RL_SPEC.knob_values, []), menu)
+
+
+def test_unsafe_exploration_calms_the_policy_and_raises_the_penalty() -> None:
+    p = rl_decide([0.1, 0.2, 0.3], {"eval/collision": 0.4, "train/approx_kl": 0.05})
+    assert p.reason.startswith("unsafe exploration")
+    assert p.changes["ent_coef"] < 0.08 and p.changes["learning_rate"] < 3e-5
+    assert p.changes["clip_range"] < 0.2 and p.changes["collision_penalty"] == 2.0
+
+
+def test_timid_updates_that_stall_the_objective_get_bolder() -> None:
+    p = rl_decide([0.0, 0.0, 0.0], {"eval/collision": 0.0, "train/approx_kl": 0.0005})
+    assert p.reason.startswith("timid updates")
+    assert p.changes["learning_rate"] == 6e-5 and p.changes["n_epochs"] == 6
+    assert p.changes["clip_range"] > 0.2 and p.changes["target_kl"] == 0.02
+
+
+def test_healthy_kl_and_safe_evaluations_are_left_alone() -> None:
+    p = rl_decide([0.1, 0.3, 0.5], {"eval/collision": 0.05, "train/approx_kl": 0.008})
+    assert p.action == "no_action"

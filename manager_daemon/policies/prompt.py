@@ -59,6 +59,9 @@ def build_prompt(
         "- spikes / non_finite: instability (lower the learning rate, clip harder).\n"
         "- a long flat stretch is a plateau (lower the learning rate); stop only when nothing "
         "on the menu can plausibly help.\n"
+        "- signals: train/approx_kl far below target_kl means timid updates (raise the learning "
+        "rate, n_epochs or clip_range); a high eval/collision (or cost) rate means unsafe "
+        "exploration (lower ent_coef and the learning rate, raise a collision penalty).\n"
         "- rollback_to_best, offered only after a sustained regression, restores the best "
         "evaluation's weights; pair it with a fix, or the run regresses again.",
         "## Current state\nDATA\n```\n" + _state(snapshot, run_name) + "\n```",
@@ -96,6 +99,7 @@ def _state(s: Snapshot, run_name: str) -> str:
         f"train loss: recent {_g(train.recent_mean)}, best {_g(train.best_mean)}, "
         f"spikes {train.spikes}, non_finite {str(s.non_finite).lower()}",
         f"gap: {_g(gap.last)} (relative {_g(gap.relative)}), trend/eval {_g(gap.trend)}",
+        "signals (latest): " + (", ".join(f"{k}: {_g(v)}" for k, v in s.signals.items()) or "none"),
         "knobs (name: value [min, max]): "
         + "; ".join(
             f"{json.dumps(name)}: {_g(k['value'])} [{_g(k['min'])}, {_g(k['max'])}]"  # type: ignore[arg-type]

@@ -5,6 +5,10 @@
 - overfitting (objective not improving while the train/eval gap widens) → lower the learning
   rate and raise weight decay and dropout, and roll back to the best state when the menu offers
   it (after a sustained regression);
+- unsafe exploration (the evaluated collision or cost rate above a limit) → lower the entropy
+  coefficient, learning rate and clip range, raise the collision penalty;
+- timid updates (PPO's approximate KL far below its target while the objective stalls) → raise
+  the learning rate, epochs, clip range and target KL;
 - plateau (no improvement for a while) → lower the learning rate;
 - nothing more plausible (no improvement long after several interventions, or the knobs a
   diagnosis needs are at their bounds) → stop.
@@ -16,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from integrations.protocol import Command, Proposal, Source
 from manager_daemon.policies.base import PolicyAnswer
-from manager_daemon.telemetry import Snapshot
+from manager_daemon.telemetry import APPROX_KL_KEYS, SAFETY_KEYS, Snapshot
 from manager_daemon.validation import Menu
 
 
@@ -33,6 +37,11 @@ class RulesConfig(BaseModel):
     clip_cut: float = Field(0.5, gt=0, lt=1, description="max_grad_norm factor on divergence")
     weight_decay_step: float = Field(0.05, gt=0, description="added to weight decay")
     dropout_step: float = Field(0.05, gt=0, description="added to dropout")
+    unsafe_rate: float = Field(0.15, ge=0, description="collision/cost rate that is unsafe")
+    penalty_knob: str = Field("collision_penalty", description="raised on unsafe exploration")
+    timid_kl_share: float = Field(0.2, gt=0, description="approx_kl below this share of target")
+    timid_kl: float = Field(0.002, gt=0, description="approx_kl limit when target_kl is unset")
+    timid_patience: int = Field(2, ge=1, description="evaluations without improvement")
     stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
     stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
 
@@ -81,6 +90,32 @@ class RulesPolicy:
             return _proposal(
                 changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
             )
+        if (unsafe := self._unsafe(snap)) is not None:
+            changes = (
+                _scaled(menu, "ent_coef", 0.5)
+                | _scaled(menu, "learning_rate", 0.5)
+                | _scaled(menu, "clip_range", 0.7)
+                | _scaled(menu, cfg.penalty_knob, 2.0)
+            )
+            return _proposal(
+                changes,
+                f"unsafe exploration: {unsafe[0]} {unsafe[1]:.2f} above {cfg.unsafe_rate:g}",
+                f"{unsafe[0]} falls",
+                _rollback(menu),
+            )
+        if (kl := self._timid(snap)) is not None:
+            changes = (
+                _scaled(menu, "learning_rate", 2.0)
+                | _scaled(menu, "n_epochs", 2.0)
+                | _scaled(menu, "clip_range", 1.5)
+                | _scaled(menu, "target_kl", 2.0)
+            )
+            return _proposal(
+                changes,
+                f"timid updates: approx_kl {kl[0]:.2g} below {kl[1]:.2g} while {obj.metric} has "
+                f"not improved for {stale} evaluations (best {_g(obj.best)})",
+                f"{obj.metric} starts improving",
+            )
         overfitting = (
             stale >= cfg.overfit_patience
             and gap.relative is not None
@@ -108,6 +143,24 @@ class RulesPolicy:
                 f"{obj.metric} improves again",
             )
         return Proposal(action="no_action", reason="no rule fired")
+
+    def _unsafe(self, snap: Snapshot) -> tuple[str, float] | None:
+        """The safety signal and its value when the evaluated policy is unsafe."""
+        for key in SAFETY_KEYS:
+            value = snap.signals.get(key)
+            if value is not None and value > self.config.unsafe_rate:
+                return key, value
+        return None
+
+    def _timid(self, snap: Snapshot) -> tuple[float, float] | None:
+        """PPO's approx_kl and the limit it is under, when updates are too small to learn."""
+        cfg = self.config
+        if snap.objective.evals_since_best < cfg.timid_patience:
+            return None
+        kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
+        target = snap.knobs.get("target_kl", {}).get("value")
+        limit = cfg.timid_kl_share * float(target) if target else cfg.timid_kl
+        return (kl, limit) if kl is not None and kl < limit else None
 
     def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
         cfg = self.config
