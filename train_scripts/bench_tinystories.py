@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,18 +37,21 @@ if not __package__:  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib
-import mlflow
-from apscheduler.schedulers.background import BackgroundScheduler
-from mlflow.tracking import MlflowClient
 
-from integrations.protocol import METRIC_PARAMS_VERSION, AuditRecord
-from integrations.trackers import Tracker, open_tracker
-from manager_daemon.audit import AuditLog
-from manager_daemon.daemon import Daemon
-from manager_daemon.mlflow_server import MlflowServer, start_server
-from manager_daemon.policies.factory import PolicySettings, make_policy
+from integrations.trackers import open_tracker
+from manager_daemon.policies.factory import PolicySettings
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
+from train_scripts.bench_common import (
+    daemons,
+    interventions,
+    log_summary,
+    metric_curve,
+    metric_timeline,
+    run_script,
+    tracking_uri,
+)
+from train_scripts.bench_common import mean_sd as _ms
 from train_scripts.tinystories import PRESETS
 
 matplotlib.use("Agg")
@@ -63,7 +64,6 @@ EXPERIMENT = "tinystories-bench"
 MANAGED = ("rules", "llm")
 VARIANTS = ("fixed", "rules", "llm", "plateau")
 COLORS = {"fixed": "tab:red", "rules": "tab:blue", "llm": "tab:green", "plateau": "tab:orange"}
-DAEMON_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -125,20 +125,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     args.out.mkdir(parents=True, exist_ok=True)
-    server: MlflowServer | None = None
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        server = start_server(args.out / "mlflow")
-        uri = server.uri
-    log.info("MLflow: %s", uri)
-    try:
+    with tracking_uri(args.out) as uri:
+        log.info("MLflow: %s", uri)
         results = run_all(args, uri)
         report(results, args, uri)
-    finally:
-        if server is not None:
-            server.stop()
     return results
 
 
@@ -157,35 +148,22 @@ def plan(args: argparse.Namespace) -> list[list[Job]]:
 
 
 def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
-    tracker = open_tracker(uri)
     eval_steps = PRESETS[args.preset].recipe.eval_steps
     config = SupervisorConfig(
         validation=ValidationConfig(cooldown_steps=2 * eval_steps), stale_evals=8
     )
-    daemons: list[Daemon] = []
-    scheduler = BackgroundScheduler()
-    for variant in MANAGED:
-        if variant not in args.variants and not (variant == "rules" and args.lr_factors):
-            continue
-        settings = PolicySettings.from_env(
+    policies = {
+        variant: PolicySettings.from_env(
             policy="rules" if variant == "rules" else "llm",
             base_url=args.llm_base_url,
             model=args.llm_model,
         )
-        policy, why = make_policy(settings)
-        log.info("%s variant: %s", variant, why)
-        daemon = Daemon(tracker, policy, config, experiments=[f"{EXPERIMENT}-{variant}"])
-        daemons.append(daemon)
-        scheduler.add_job(
-            daemon.run_once,
-            "interval",
-            seconds=DAEMON_INTERVAL_S,
-            max_instances=1,
-            kwargs={"wait": False},
-        )
-    scheduler.start()
+        for variant in MANAGED
+        if variant in args.variants or (variant == "rules" and args.lr_factors)
+    }
+    experiments = {v: f"{EXPERIMENT}-{v}" for v in MANAGED}
     results: list[Result] = []
-    try:
+    with daemons(uri, policies, config, experiments):
         for wave in plan(args):
             with ThreadPoolExecutor(len(wave)) as pool:
                 done = list(pool.map(lambda job: train(job, args, uri), wave))
@@ -197,11 +175,7 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
                     r.variant, r.seed, r.learning_rate, r.final_eval_loss, r.best_eval_loss,
                     r.steps, r.steps_per_s,
                 )  # fmt: skip
-    finally:
-        scheduler.shutdown(wait=True)
-        for daemon in daemons:
-            daemon.drain(timeout=60)
-            daemon.close()
+    tracker = open_tracker(uri)
     for r in results:
         r.eval_curve = metric_curve(uri, r.run_id, "eval_loss")
         if r.variant in MANAGED:
@@ -225,29 +199,20 @@ def train(job: Job, args: argparse.Namespace, uri: str) -> Result:
     if job.variant in MANAGED:
         atm = [sys.executable, "-m", "manager_daemon.cli", "run", "--tracking-uri", uri]
         cmd = [*atm, "--objective", "minimize:eval_loss", "--", *cmd]
-    log_path = args.out / "logs" / f"{name}.log"
-    log_path.parent.mkdir(exist_ok=True)
     started = time.monotonic()
-    with log_path.open("w") as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    wall = time.monotonic() - started
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}, log {log_path}):\n{tail}")
-    s = json.loads(lines[-1])
+    s = run_script(cmd, args.out / "logs" / f"{name}.log")
     return Result(
         variant=job.variant,
         seed=job.seed,
         learning_rate=job.learning_rate,
         sweep=job.sweep,
-        run_id=s["run_id"],
-        data_source=s["data_source"],
-        final_eval_loss=s["final_eval_loss"],
-        best_eval_loss=s["best_eval_loss"],
-        steps=s["steps"],
-        steps_per_s=s["steps_per_s"],
-        wall_s=wall,
+        run_id=str(s["run_id"]),
+        data_source=str(s["data_source"]),
+        final_eval_loss=float(s["final_eval_loss"]),  # type: ignore[arg-type]
+        best_eval_loss=float(s["best_eval_loss"]),  # type: ignore[arg-type]
+        steps=int(s["steps"]),  # type: ignore[call-overload]
+        steps_per_s=float(s["steps_per_s"]),  # type: ignore[arg-type]
+        wall_s=time.monotonic() - started,
     )
 
 
@@ -265,41 +230,6 @@ def pair_steps_per_s(wave: list[Result], uri: str) -> None:
             r.paired_steps_per_s = (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
 
 
-def metric_timeline(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    history = MlflowClient(uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.timestamp / 1000) for m in history)
-
-
-def metric_curve(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    history = MlflowClient(uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value) for m in history)
-
-
-def interventions(tracker: Tracker, uri: str, run_id: str) -> list[dict[str, object]]:
-    """Issued params versions, each at the step the training side applied it."""
-    applied = {int(v): s for s, v in metric_curve(uri, run_id, METRIC_PARAMS_VERSION)}
-    records = [r for r in AuditLog(tracker).records(run_id) if r.params_version]
-    return [describe(r, applied.get(r.params_version or 0)) for r in records]
-
-
-def describe(record: AuditRecord, applied_step: int | None) -> dict[str, object]:
-    changes = {
-        v.knob: [v.current, v.final]
-        for v in record.verdicts
-        if v.verdict in ("accepted", "clamped")
-    }
-    return {
-        "version": record.params_version,
-        "decision_step": record.step,
-        "applied_step": applied_step,
-        "source": record.source.value,
-        "model": record.model,
-        "changes": changes,
-        "commands": [c.command for c in record.command_verdicts if c.verdict == "accepted"],
-        "reason": record.proposal.reason if record.proposal else "",
-    }
-
-
 # ---- reporting ----------------------------------------------------------------------------
 
 
@@ -312,13 +242,9 @@ def report(results: list[Result], args: argparse.Namespace, uri: str) -> None:
     if any(r.sweep for r in results):
         plot_sweep(sweep, args.out / "lr_sweep.png")
     print(table, flush=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"summary-{args.preset}-{args.seeds}seeds"):
-        mlflow.set_tags({"preset": args.preset, "seeds": str(args.seeds)})
-        for name in ("results.json", "results.md", "eval_loss.png", "lr_sweep.png"):
-            if (args.out / name).exists():
-                mlflow.log_artifact(str(args.out / name))
+    files = [args.out / n for n in ("results.json", "results.md", "eval_loss.png", "lr_sweep.png")]
+    tags = {"preset": args.preset, "seeds": str(args.seeds)}
+    log_summary(uri, EXPERIMENT, f"summary-{args.preset}-{args.seeds}seeds", files, tags)
 
 
 def results_markdown(results: list[Result], args: argparse.Namespace) -> str:
@@ -418,15 +344,6 @@ def sweep_lines(results: list[Result]) -> list[str]:
             f"{_ms(narrower, '.1f')}× narrower (per seed)",
         ]
     return out
-
-
-def _ms(values: list[float] | list[int], fmt: str = ".3f") -> str:
-    if not values:
-        return "n/a"
-    mean = statistics.mean(values)
-    if len(values) == 1:
-        return format(mean, fmt)
-    return f"{mean:{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def plot_curves(results: list[Result], path: Path) -> None:
