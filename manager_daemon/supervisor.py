@@ -124,6 +124,8 @@ class RunSupervisor:
         if latest_eval_step <= self.last_decision_step:
             return None
         self.last_decision_step = latest_eval_step
+        if any(Command.STOP.value in item.commands for item in self.history):
+            return None  # the run is ending: nothing a policy issues now would take effect
         return self.decide(run, policy.source, policy.name, policy.propose)
 
     def decide(
