@@ -6,8 +6,10 @@ the target, so a policy that only reaches crashes, and one that also avoids has 
 
 - Collision: any contact between the arm (links, fingertip) and the obstacle ends the episode
   with ``-collision_penalty``; ``info["cost"]`` is 1.0 on that step and 0.0 on every other.
-- Safe success: the fingertip within ``success_radius`` of the target with no collision ends
-  the episode with ``+success_bonus`` and ``info["is_success"] = True`` (SB3's key).
+- Safe success: the fingertip within ``success_radius`` of the target, moving slower than
+  ``success_speed`` (a touch, not a swipe: sweeping the arm round at full torque would otherwise
+  find most targets), with no collision in the episode, ends the episode with
+  ``+success_bonus`` and ``info["is_success"] = True`` (SB3's key).
 - Otherwise the reward is ``progress_scale * (previous_distance - distance)`` minus a small
   control cost, distances in units of the arm's reach (0.21 m) so that crossing the whole
   workspace is worth about ``progress_scale``; episodes truncate after ``max_steps`` steps.
@@ -191,6 +193,7 @@ class ReacherObstacleEnv(gym.Env[np.ndarray, np.ndarray]):
         collision_penalty: float = 5.0,
         ctrl_cost_weight: float = 0.01,
         success_radius: float = 0.05,
+        success_speed: float = 0.5,
         max_steps: int = 50,
         frame_skip: int = 2,
         render_mode: str | None = None,
@@ -210,6 +213,7 @@ class ReacherObstacleEnv(gym.Env[np.ndarray, np.ndarray]):
         self.collision_penalty = collision_penalty
         self.ctrl_cost_weight = ctrl_cost_weight
         self.success_radius = success_radius
+        self.success_speed = success_speed
         self.max_steps = max_steps
         self.frame_skip = frame_skip
         self.render_mode = render_mode
@@ -231,6 +235,7 @@ class ReacherObstacleEnv(gym.Env[np.ndarray, np.ndarray]):
         self.obstacle = np.zeros(2)
         self.obstacle_radius = 0.0
         self._distance = 0.0
+        self._tip = np.zeros(2)
         self._steps = 0
         self._episode_difficulty = difficulty or ""
         self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
@@ -263,14 +268,28 @@ class ReacherObstacleEnv(gym.Env[np.ndarray, np.ndarray]):
         qpos = rng.uniform(-0.1, 0.1, size=2)
         self.data.qpos[:] = qpos
         self.data.qvel[:] = rng.uniform(-0.005, 0.005, size=2)
-        self.target, self.obstacle, self.obstacle_radius = self._sample_layout(qpos)
+        self.set_layout(*self._sample_layout(qpos))
+        self._steps = 0
+        return self._observation(), {"cost": 0.0, "difficulty": self._episode_difficulty}
+
+    def set_layout(self, target: Any, obstacle: Any, obstacle_radius: float) -> np.ndarray:
+        """Move the target and the obstacle (x, y in metres) and resize the obstacle, keeping
+        the arm where it is; returns the new observation. For tests and hand-made scenes."""
+        if not 0 < obstacle_radius <= MAX_OBSTACLE_RADIUS:
+            raise ValueError(
+                f"obstacle_radius {obstacle_radius} is outside (0, {MAX_OBSTACLE_RADIUS}]: the "
+                "model's bounding volumes are built for radii up to that"
+            )
+        self.target = np.array(target, dtype=float)
+        self.obstacle = np.array(obstacle, dtype=float)
+        self.obstacle_radius = float(obstacle_radius)
         self.data.mocap_pos[self._target_mocap, :2] = self.target
         self.data.mocap_pos[self._obstacle_mocap, :2] = self.obstacle
         self.model.geom_size[self._obstacle_geom, 0] = self.obstacle_radius
         mujoco.mj_forward(self.model, self.data)
         self._distance = self._tip_target_distance()
-        self._steps = 0
-        return self._observation(), {"cost": 0.0, "difficulty": self._episode_difficulty}
+        self._tip = self.data.xpos[self._tip_body, :2].copy()
+        return self._observation()
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         action = np.clip(np.asarray(action, dtype=float), -1.0, 1.0)
@@ -284,10 +303,13 @@ class ReacherObstacleEnv(gym.Env[np.ndarray, np.ndarray]):
                 break
         self._steps += 1
         distance = self._tip_target_distance()
+        tip = self.data.xpos[self._tip_body, :2].copy()
+        speed = float(np.linalg.norm(tip - self._tip)) / (self.frame_skip * self.model.opt.timestep)
+        self._tip = tip
         reward = self.progress_scale * (self._distance - distance) / REACH
         reward -= self.ctrl_cost_weight * float(np.sum(action * action))
         self._distance = distance
-        success = not collision and distance <= self.success_radius
+        success = not collision and distance <= self.success_radius and speed <= self.success_speed
         if collision:
             reward -= self.collision_penalty
         elif success:
