@@ -98,7 +98,7 @@ PRESETS: dict[str, Preset] = {
     # CI: the whole run well under a minute on one core.
     "tiny": Preset(n_envs=2, n_steps=64, updates=4, eval_every=2, batch_size=64, eval_episodes=4),
     # About five minutes on one core.
-    "cpu": Preset(n_envs=8, n_steps=128, updates=250, eval_every=25),
+    "cpu": Preset(n_envs=8, n_steps=128, updates=400, eval_every=40, batch_size=128),
     # The paper's scale.
     "paper": Preset(n_envs=16, n_steps=128, updates=500, eval_every=25, subprocess_envs=True),
 }

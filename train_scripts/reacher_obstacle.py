@@ -37,7 +37,7 @@ LINK0, LINK1 = 0.1, 0.11  # upper arm; forearm to the fingertip's centre
 REACH = LINK0 + LINK1
 ARM_RADIUS = 0.01  # the links' capsules and the fingertip sphere
 JOINT1_LIMIT = 3.0
-MAX_OBSTACLE_RADIUS = 0.05
+MAX_OBSTACLE_RADIUS = 0.06
 REWARD_WEIGHTS = ("progress_scale", "success_bonus", "collision_penalty")  # live knobs
 
 XML = f"""
@@ -94,9 +94,9 @@ class Difficulty:
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
-    "easy": Difficulty(radius=(0.02, 0.03), offset=(0.02, 0.04)),
-    "medium": Difficulty(radius=(0.03, 0.04), offset=(0.01, 0.02)),
-    "hard": Difficulty(radius=(0.04, 0.05), offset=(0.0, 0.01)),
+    "easy": Difficulty(radius=(0.025, 0.035), offset=(0.02, 0.04)),
+    "medium": Difficulty(radius=(0.035, 0.045), offset=(0.01, 0.02)),
+    "hard": Difficulty(radius=(0.045, 0.06), offset=(0.0, 0.01)),
 }
 
 # Evaluation split -> (difficulty, first seed, episodes); episode i resets with seed + i.
