@@ -97,7 +97,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # CI: the whole run well under a minute on one core.
     "tiny": Preset(n_envs=2, n_steps=64, updates=4, eval_every=2, batch_size=64, eval_episodes=4),
-    # About five minutes on one core.
+    # 409,600 env steps, four to five and a half minutes on one core. Measured with seed 0:
+    # baseline reaches 0.9 safe success by 200k steps, cautious never leaves 0, reckless peaks
+    # near 0.97 and then collapses as its entropy bonus inflates the action noise.
     "cpu": Preset(n_envs=8, n_steps=128, updates=400, eval_every=40, batch_size=128),
     # The paper's scale.
     "paper": Preset(n_envs=16, n_steps=128, updates=500, eval_every=25, subprocess_envs=True),
@@ -159,7 +161,9 @@ class BestPolicy:
 def restore_best(model: BaseAlgorithm, best: BestPolicy) -> int:
     """Load the best policy and optimizer state into ``model``; returns the env step it was
     kept at. The learning rate the optimizer state carries is replaced at the next update by
-    the model's schedule, so a live learning-rate change survives the rollback."""
+    the model's schedule, so a live learning-rate change survives the rollback. Called at a
+    rollout end, the next update trains on a rollout of the replaced policy; PPO's clipping
+    keeps that one update small."""
     if best.num_timesteps < 0:
         raise ValueError("no best policy yet: restore_best needs at least one evaluation")
     model.policy.load_state_dict(copy.deepcopy(best.policy_state))
@@ -173,34 +177,32 @@ class SplitEvaluation(BaseCallback):
 
     Evaluation runs at rollout ends, before the next update; the metrics are logged to the
     active MLflow run at ``model.num_timesteps`` and then passed to every ``on_evaluated``
-    listener (the manager integration hooks in there).
+    listener (the manager integration hooks in there). List this callback before one that acts
+    at rollout ends, so that what a listener decides applies at the same boundary.
     """
 
     def __init__(self, eval_every: int, episodes: int | None = None) -> None:
         super().__init__()
         self.eval_every = eval_every
         self.episodes = episodes
-        self.rollouts = 0
+        self.rollouts = 0  # complete rollouts; learn() updates the policy after each one
+        self.updates = 0
         self.evaluated_at_update = -1
         self.best = BestPolicy()
         self.last: dict[str, float] = {}
         self.on_evaluated: list[Callable[[dict[str, float]], None]] = []
 
-    @property
-    def updates(self) -> int:
-        """PPO updates done so far: one after every rollout but the one just collected."""
-        return max(self.rollouts - 1, 0)
-
     def _on_step(self) -> bool:
         return True
 
     def _on_rollout_end(self) -> None:
+        self.updates = self.rollouts  # the rollout just collected is not trained on yet
         self.rollouts += 1
         if self.updates > 0 and self.updates % self.eval_every == 0:
             self.evaluate()
 
     def _on_training_end(self) -> None:
-        self.rollouts += 1  # learn() ends with an update after the last rollout
+        self.updates = self.rollouts
         if self.evaluated_at_update != self.updates:
             self.evaluate()
 
@@ -301,11 +303,23 @@ def filmstrip(model: PPO, out_dir: Path, frames: int = 6) -> Path | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     policy_path, png_path = out_dir / "final_policy.zip", out_dir / "filmstrip.png"
     model.save(policy_path)
+    root = str(Path(__file__).resolve().parents[1])
+    python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "train_scripts.filmstrip", str(policy_path), str(png_path)]
     for backend in ("egl", "osmesa"):
         env = {**os.environ, "MUJOCO_GL": backend, "PYOPENGL_PLATFORM": backend}
-        command = [sys.executable, "-m", "train_scripts.filmstrip", str(policy_path)]
-        command += [str(png_path), "--frames", str(frames)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        env["PYTHONPATH"] = python_path
+        try:
+            done = subprocess.run(
+                [*command, "--frames", str(frames)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except subprocess.TimeoutExpired:
+            log.info("rendering with MUJOCO_GL=%s took over 300 s; giving up on it", backend)
+            continue
         if done.returncode == 0:
             return png_path
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -348,6 +362,7 @@ def main() -> None:
     final = evaluation.last
     summary = {
         "run_id": run.info.run_id,
+        "tracking_uri": tracking_uri,
         "recipe": args.recipe,
         "preset": args.preset,
         "seed": args.seed,
