@@ -19,7 +19,7 @@ GRAD_NORM_KEYS = ("grad_norm", "train/grad_norm")
 # Latest values of these, where a run logs them, reach policies as ``signals``: how large the
 # policy updates are (PPO's KL and clip fraction) and how unsafe the evaluated policy is.
 APPROX_KL_KEYS = ("train/approx_kl", "approx_kl")
-SAFETY_KEYS = ("eval/collision", "eval/cost", "eval/collision_rate")
+SAFETY_KEYS = ("eval/collision", "eval/cost", "eval/collision_rate", "rollout/collision_rate")
 SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *SAFETY_KEYS)
 RECENT_EVALS = 8
 EVALS_FOR_OUTCOME = 2

@@ -6,7 +6,11 @@ the presets size the run. Every ``eval_every`` PPO updates the deterministic pol
 listeners, and the best policy so far is kept in memory so that ``restore_best`` can roll back.
 
     python train_scripts/mujoco_reacher.py --recipe baseline --preset cpu --seed 0 \\
-        [--tracking-uri URI] [--experiment NAME] [--out DIR --filmstrip]
+        [--tracking-uri URI] [--experiment NAME] [--out DIR --filmstrip] [--managed]
+
+With ``--managed`` the run is supervised (the three-line integration): objective
+``eval/safe_success``, updates applied right after evaluations (the episodic mode), the reward
+weights as live knobs, and ``rollback_to_best`` on offer. A daemon (``atm daemon``) decides.
 
 The last line printed is a JSON summary of the run.
 """
@@ -23,9 +27,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow
 import numpy as np
@@ -36,7 +43,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-from integrations.sb3 import MlflowWriter, ensure_mlflow_logging
+from integrations.protocol import Boundary
+from integrations.sb3 import ManagerSB3Callback, MlflowWriter, ensure_mlflow_logging
 from train_scripts.reacher_obstacle import EVAL_SPLITS, ReacherObstacleEnv
 
 log = logging.getLogger("mujoco_reacher")
@@ -328,6 +336,35 @@ def filmstrip(model: PPO, out_dir: Path, frames: int = 6) -> Path | None:
     return None
 
 
+# The paper's menu ranges, and a cap on epochs that keeps an update's cost bounded.
+MANAGED_BOUNDS: dict[str, dict[str, float | str]] = {
+    "learning_rate": {"min": 1e-5, "max": 3e-3},
+    "ent_coef": {"min": 0.0, "max": 0.1, "max_rel_step": 0.5},
+    "clip_range": {"min": 0.03, "max": 0.3},
+    "n_epochs": {"min": 1, "max": 10},
+    "target_kl": {"min": 0.003, "max": 0.1},
+    "collision_penalty": {"min": 1.0, "max": 50.0, "scale": "log", "max_rel_step": 1.0},
+    "success_bonus": {"min": 1.0, "max": 20.0, "scale": "log", "max_rel_step": 1.0},
+    "progress_scale": {"min": 0.5, "max": 10.0, "scale": "log", "max_rel_step": 1.0},
+}
+
+
+def manager_callback(model: PPO, recipe: Recipe) -> ManagerSB3Callback:
+    """The manager's callback: reward weights reach every training env through ``env_method``."""
+
+    def set_weights(changed: dict[str, float]) -> None:
+        model.get_env().env_method("set_reward_weights", **changed)
+
+    return ManagerSB3Callback(
+        objective="maximize:eval/safe_success",
+        apply_at=Boundary.EVAL,
+        live=recipe.reward_weights(),
+        on_live=set_weights,
+        bounds=MANAGED_BOUNDS,
+        keep_best=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="baseline")
@@ -338,11 +375,16 @@ def main() -> None:
     parser.add_argument("--variant", default="unmanaged", help="the run's variant tag")
     parser.add_argument("--out", type=Path, default=None, help="directory for the filmstrip")
     parser.add_argument("--filmstrip", action="store_true", help="render the final policy")
+    parser.add_argument("--managed", action="store_true", help="add the manager's callback")
+    parser.add_argument("--updates", type=int, help="override the preset's PPO updates")
+    parser.add_argument("--eval-every", type=int, help="override the preset's evaluation period")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
 
     recipe, preset = RECIPES[args.recipe], PRESETS[args.preset]
+    overrides = {"updates": args.updates, "eval_every": args.eval_every}
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     tracking_uri = args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='mlruns-')}/mlflow.db"
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(args.experiment)
@@ -353,7 +395,12 @@ def main() -> None:
         model = build_model(recipe, preset, args.seed)
         evaluation = SplitEvaluation(preset.eval_every, preset.eval_episodes)
         metrics = TrainingMetrics(run.info.run_id, tracking_uri)
-        model.learn(preset.env_steps, callback=[metrics, evaluation])
+        callbacks: list[BaseCallback] = [metrics, evaluation]
+        if args.managed:
+            manager = manager_callback(model, recipe)
+            evaluation.on_evaluated.append(manager.on_evaluation)
+            callbacks.append(manager)
+        model.learn(preset.env_steps, callback=callbacks)
         if args.filmstrip:
             strip = filmstrip(model, args.out or Path(tempfile.mkdtemp(prefix="reacher-")))
             if strip is not None:

@@ -5,10 +5,11 @@
 - overfitting (objective not improving while the train/eval gap widens) → lower the learning
   rate and raise weight decay and dropout, and roll back to the best state when the menu offers
   it (after a sustained regression);
-- unsafe exploration (the evaluated collision or cost rate above a limit) → lower the entropy
-  coefficient, learning rate and clip range, raise the collision penalty;
 - timid updates (PPO's approximate KL far below its target while the objective stalls) → raise
   the learning rate, epochs, clip range and target KL;
+- unsafe exploration (the collision or cost rate of evaluations or of training episodes above a
+  limit) → lower the entropy coefficient, learning rate and clip range, raise the collision
+  penalty;
 - plateau (no improvement for a while) → lower the learning rate;
 - nothing more plausible (no improvement long after several interventions, or the knobs a
   diagnosis needs are at their bounds) → stop.
@@ -37,7 +38,10 @@ class RulesConfig(BaseModel):
     clip_cut: float = Field(0.5, gt=0, lt=1, description="max_grad_norm factor on divergence")
     weight_decay_step: float = Field(0.05, gt=0, description="added to weight decay")
     dropout_step: float = Field(0.05, gt=0, description="added to dropout")
-    unsafe_rate: float = Field(0.15, ge=0, description="collision/cost rate that is unsafe")
+    unsafe_rate: float = Field(0.15, ge=0, description="evaluated collision/cost rate, unsafe")
+    unsafe_training_rate: float = Field(
+        0.3, ge=0, description="collision rate of training episodes that is unsafe"
+    )
     penalty_knob: str = Field("collision_penalty", description="raised on unsafe exploration")
     timid_kl_share: float = Field(0.2, gt=0, description="approx_kl below this share of target")
     timid_kl: float = Field(0.002, gt=0, description="approx_kl limit when target_kl is unset")
@@ -90,19 +94,6 @@ class RulesPolicy:
             return _proposal(
                 changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
             )
-        if (unsafe := self._unsafe(snap)) is not None:
-            changes = (
-                _scaled(menu, "ent_coef", 0.5)
-                | _scaled(menu, "learning_rate", 0.5)
-                | _scaled(menu, "clip_range", 0.7)
-                | _scaled(menu, cfg.penalty_knob, 2.0)
-            )
-            return _proposal(
-                changes,
-                f"unsafe exploration: {unsafe[0]} {unsafe[1]:.2f} above {cfg.unsafe_rate:g}",
-                f"{unsafe[0]} falls",
-                _rollback(menu),
-            )
         if (kl := self._timid(snap)) is not None:
             changes = (
                 _scaled(menu, "learning_rate", 2.0)
@@ -115,6 +106,19 @@ class RulesPolicy:
                 f"timid updates: approx_kl {kl[0]:.2g} below {kl[1]:.2g} while {obj.metric} has "
                 f"not improved for {stale} evaluations (best {_g(obj.best)})",
                 f"{obj.metric} starts improving",
+            )
+        if (unsafe := self._unsafe(snap)) is not None:
+            changes = (
+                _scaled(menu, "ent_coef", 0.5)
+                | _scaled(menu, "learning_rate", 0.5)
+                | _scaled(menu, "clip_range", 0.7)
+                | _scaled(menu, cfg.penalty_knob, 2.0)
+            )
+            return _proposal(
+                changes,
+                f"unsafe exploration: {unsafe[0]} {unsafe[1]:.2f} above its limit",
+                f"{unsafe[0]} falls",
+                _rollback(menu),
             )
         overfitting = (
             stale >= cfg.overfit_patience
@@ -148,7 +152,12 @@ class RulesPolicy:
         """The safety signal and its value when the evaluated policy is unsafe."""
         for key in SAFETY_KEYS:
             value = snap.signals.get(key)
-            if value is not None and value > self.config.unsafe_rate:
+            limit = (
+                self.config.unsafe_rate
+                if key.startswith("eval/")
+                else (self.config.unsafe_training_rate)
+            )
+            if value is not None and value > limit:
                 return key, value
         return None
 
