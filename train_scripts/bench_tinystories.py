@@ -90,6 +90,8 @@ class Result:
     interventions: list[dict[str, object]] = field(default_factory=list)
     eval_curve: list[tuple[int, float]] = field(default_factory=list)
     paired_steps_per_s: float | None = None
+    steps_per_s_before_interventions: float | None = None
+    wave: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,10 +166,11 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
     experiments = {v: f"{EXPERIMENT}-{v}" for v in MANAGED}
     results: list[Result] = []
     with daemons(uri, policies, config, experiments):
-        for wave in plan(args):
+        for index, wave in enumerate(plan(args)):
             with ThreadPoolExecutor(len(wave)) as pool:
                 done = list(pool.map(lambda job: train(job, args, uri), wave))
-            pair_steps_per_s(done, uri)
+            for r in done:
+                r.wave = index
             results += done
             for r in done:
                 log.info(
@@ -180,6 +183,8 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
         r.eval_curve = metric_curve(uri, r.run_id, "eval_loss")
         if r.variant in MANAGED:
             r.interventions = interventions(tracker, uri, r.run_id)
+    for index in sorted({r.wave for r in results}):
+        pair_steps_per_s([r for r in results if r.wave == index], uri)
     return results
 
 
@@ -217,17 +222,30 @@ def train(job: Job, args: argparse.Namespace, uri: str) -> Result:
 
 
 def pair_steps_per_s(wave: list[Result], uri: str) -> None:
-    """Steps/s of each run over the steps that every run of the wave trained side by side.
+    """Steps/s of each run over the steps that every run of the wave trained side by side, and
+    over those before any run of the wave was changed by the manager.
 
-    A managed run that stops early leaves its neighbour the machine to itself; comparing whole
-    runs would credit that neighbour with the freed CPU.
+    A managed run that stops early leaves its neighbour the machine to itself, and a remedy may
+    make steps dearer (dropout): comparing whole runs would count either as the manager's cost.
     """
     curves = {r.run_id: metric_timeline(uri, r.run_id, "loss") for r in wave}
     common = min((c[-1][0] for c in curves.values() if c), default=0)
+    changed = [
+        int(i["applied_step"] or i["decision_step"])  # type: ignore[call-overload]
+        for r in wave
+        for i in r.interventions
+    ]
+    clean = min([common, *changed])
     for r in wave:
-        points = [(s, t) for s, t in curves[r.run_id] if s <= common]
-        if len(points) >= 2 and points[-1][1] > points[0][1]:
-            r.paired_steps_per_s = (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
+        r.paired_steps_per_s = _rate(curves[r.run_id], common)
+        r.steps_per_s_before_interventions = _rate(curves[r.run_id], clean)
+
+
+def _rate(timeline: list[tuple[int, float]], until: int) -> float | None:
+    points = [(s, t) for s, t in timeline if s <= until]
+    if len(points) < 2 or points[-1][1] <= points[0][1]:
+        return None
+    return (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
 
 
 # ---- reporting ----------------------------------------------------------------------------
@@ -293,19 +311,23 @@ def comparisons(runs: list[Result]) -> list[str]:
             ]
             if ratios:
                 out.append(f"- final eval loss {managed} / {other}: {_ms(ratios)} (per seed)")
-    on_off = [
-        by[("rules", s)].paired_steps_per_s / by[("fixed", s)].paired_steps_per_s  # type: ignore[operator]
-        for (v, s) in by
-        if v == "rules"
-        and ("fixed", s) in by
-        and by[("rules", s)].paired_steps_per_s
-        and by[("fixed", s)].paired_steps_per_s
+    pairs = [
+        (by[("rules", s)], by[("fixed", s)]) for (v, s) in by if v == "rules" and ("fixed", s) in by
     ]
-    if on_off:
-        out.append(
-            f"- steps/s with the manager on / off (rules beside fixed, over the steps both "
-            f"trained): {_ms(on_off, '.3f')}"
-        )
+    for attr, what in (
+        ("steps_per_s_before_interventions", "before the first intervention"),
+        ("paired_steps_per_s", "over all the steps both trained, remedies included"),
+    ):
+        ratios = [
+            getattr(m, attr) / getattr(f, attr)
+            for m, f in pairs
+            if getattr(m, attr) and getattr(f, attr)
+        ]
+        if ratios:
+            out.append(
+                f"- steps/s with the manager on / off (rules beside fixed), {what}: "
+                f"{_ms(ratios, '.3f')}"
+            )
     return out
 
 
