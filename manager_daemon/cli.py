@@ -415,7 +415,10 @@ def _parse_assignments(items: list[str]) -> tuple[dict[str, float], list[str]]:
 def set_(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     assignments: Annotated[
-        list[str], typer.Argument(help="KNOB=VALUE pairs and/or commands (stop, checkpoint, rollback_to_best).")
+        list[str],
+        typer.Argument(
+            help="KNOB=VALUE pairs and/or commands (stop, checkpoint, rollback_to_best)."
+        ),
     ],
     reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
     tracking_uri: TrackingUri = None,

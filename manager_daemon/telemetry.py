@@ -90,6 +90,9 @@ class Snapshot(BaseModel):
     non_finite: bool
     learning_rate_logged: float | None = None
     signals: dict[str, float] = Field(default_factory=dict, description="latest, by metric key")
+    signal_rise: dict[str, float] = Field(
+        default_factory=dict, description="recent mean minus the lowest earlier mean, by key"
+    )
     knobs: dict[str, dict[str, float | str]]
     interventions: list[InterventionView]
 
@@ -98,6 +101,7 @@ class RunTelemetry:
     """Windows of a run's metrics, fed with points as they are read."""
 
     def __init__(self, objective: Objective, window: int = 400) -> None:
+        self.window = window
         self.objective = objective
         self.evals: list[tuple[int, float]] = []
         self.train: deque[tuple[int, float]] = deque(maxlen=window)
@@ -107,6 +111,7 @@ class RunTelemetry:
         self.applied_steps: dict[int, int] = {}
         self.non_finite_steps: list[int] = []
         self.signals: dict[str, float] = {}
+        self.signal_history: dict[str, deque[float]] = {}
 
     def keys_to_read(self, available: Iterable[str]) -> list[str]:
         """The metric keys worth reading from what the run has logged."""
@@ -125,6 +130,7 @@ class RunTelemetry:
                 self.non_finite_steps.append(p.step)
             if p.key in SIGNAL_KEYS:
                 self.signals[p.key] = p.value
+                self.signal_history.setdefault(p.key, deque(maxlen=self.window)).append(p.value)
             if p.key == self.objective.metric:
                 self.evals.append((p.step, p.value))
             elif p.key in TRAIN_LOSS_KEYS and self.train_key in (None, p.key):
@@ -132,6 +138,18 @@ class RunTelemetry:
                 self.train.append((p.step, p.value))
             elif p.key in LR_KEYS:
                 self.lr = p.value
+
+    def signal_rise(self, key: str, width: int = 5) -> float | None:
+        """How far the mean of a signal's last ``width`` points is above the lowest mean of
+        ``width`` consecutive points before them: a rate that climbed back up, not one that is
+        merely high (as a collision rate is while a policy is still random)."""
+        values = [v for v in self.signal_history.get(key, ()) if math.isfinite(v)]
+        if len(values) < 2 * width:
+            return None
+        earlier = [
+            statistics.fmean(values[i : i + width]) for i in range(len(values) - 2 * width + 1)
+        ]
+        return statistics.fmean(values[-width:]) - min(earlier)
 
     @property
     def evaluations(self) -> int:
@@ -254,6 +272,11 @@ class RunTelemetry:
             non_finite=any(s > since for s in self.non_finite_steps),
             learning_rate_logged=self.lr,
             signals=dict(sorted(self.signals.items())),
+            signal_rise={
+                k: round(r, 6)
+                for k in sorted(self.signals)
+                if (r := self.signal_rise(k)) is not None
+            },
             knobs=knobs,
             interventions=views,
         )

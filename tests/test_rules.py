@@ -144,11 +144,17 @@ RL_SPEC = RunSpec(
 )
 
 
-def rl_decide(evals: list[float], signals: dict[str, float]) -> object:
+def rl_decide(
+    evals: list[float], signals: dict[str, float], training_collisions: list[float] = ()
+) -> object:
     t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
     points = [MetricPoint("eval/safe_success", 100 * (i + 1), v, i) for i, v in enumerate(evals)]
     points += [MetricPoint(k, 100 * len(evals), v, len(evals)) for k, v in signals.items()]
-    t.add(points)
+    points += [
+        MetricPoint("rollout/collision_rate", 10 * i, v, i)
+        for i, v in enumerate(training_collisions)
+    ]
+    t.add(sorted(points, key=lambda p: p.timestamp))
     st = RunState(
         spec=RL_SPEC,
         values=RL_SPEC.knob_values,
@@ -169,10 +175,23 @@ def test_unsafe_exploration_calms_the_policy_and_raises_the_penalty() -> None:
 def test_timid_updates_that_stall_the_objective_get_bolder() -> None:
     p = rl_decide([0.0, 0.0, 0.0], {"eval/collision": 0.0, "train/approx_kl": 0.0005})
     assert p.reason.startswith("timid updates")
-    assert p.changes["learning_rate"] == 6e-5 and p.changes["n_epochs"] == 6
+    assert p.changes["learning_rate"] == 6e-5, "×4 wanted, clamped to the knob's max step (×2)"
+    assert p.changes["n_epochs"] == 6
     assert p.changes["clip_range"] > 0.2 and p.changes["target_kl"] == 0.02
 
 
 def test_healthy_kl_and_safe_evaluations_are_left_alone() -> None:
     p = rl_decide([0.1, 0.3, 0.5], {"eval/collision": 0.05, "train/approx_kl": 0.008})
     assert p.action == "no_action"
+
+
+def test_training_collisions_that_climb_back_up_are_unsafe() -> None:
+    climbing = [0.4] * 5 + [0.05] * 10 + [0.7] * 5
+    p = rl_decide([0.5, 0.9, 0.6], {"train/approx_kl": 0.05}, climbing)
+    assert p.reason.startswith("unsafe exploration: rollout/collision_rate 0.70")
+
+
+def test_a_still_random_policy_colliding_in_training_is_not_unsafe() -> None:
+    flat = [0.35, 0.45, 0.3, 0.4, 0.38] * 4
+    p = rl_decide([0.0, 0.05, 0.1], {"train/approx_kl": 0.01}, flat)
+    assert p.action == "no_action", p.reason

@@ -99,7 +99,11 @@ def _state(s: Snapshot, run_name: str) -> str:
         f"train loss: recent {_g(train.recent_mean)}, best {_g(train.best_mean)}, "
         f"spikes {train.spikes}, non_finite {str(s.non_finite).lower()}",
         f"gap: {_g(gap.last)} (relative {_g(gap.relative)}), trend/eval {_g(gap.trend)}",
-        "signals (latest): " + (", ".join(f"{k}: {_g(v)}" for k, v in s.signals.items()) or "none"),
+        "signals (latest, rise): "
+        + (
+            ", ".join(f"{k}: {_g(v)}, {_g(s.signal_rise.get(k))}" for k, v in s.signals.items())
+            or "none"
+        ),
         "knobs (name: value [min, max]): "
         + "; ".join(
             f"{json.dumps(name)}: {_g(k['value'])} [{_g(k['min'])}, {_g(k['max'])}]"  # type: ignore[arg-type]

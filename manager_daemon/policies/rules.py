@@ -7,9 +7,9 @@
   it (after a sustained regression);
 - timid updates (PPO's approximate KL far below its target while the objective stalls) → raise
   the learning rate, epochs, clip range and target KL;
-- unsafe exploration (the collision or cost rate of evaluations or of training episodes above a
-  limit) → lower the entropy coefficient, learning rate and clip range, raise the collision
-  penalty;
+- unsafe exploration (the collision or cost rate of evaluations above a limit, or that of
+  training episodes above a limit after climbing back up: a random policy collides too) → lower
+  the entropy coefficient, learning rate and clip range, raise the collision penalty;
 - plateau (no improvement for a while) → lower the learning rate;
 - nothing more plausible (no improvement long after several interventions, or the knobs a
   diagnosis needs are at their bounds) → stop.
@@ -40,12 +40,18 @@ class RulesConfig(BaseModel):
     dropout_step: float = Field(0.05, gt=0, description="added to dropout")
     unsafe_rate: float = Field(0.15, ge=0, description="evaluated collision/cost rate, unsafe")
     unsafe_training_rate: float = Field(
-        0.3, ge=0, description="collision rate of training episodes that is unsafe"
+        0.3, ge=0, description="collision rate of training episodes that is unsafe…"
+    )
+    unsafe_training_rise: float = Field(
+        0.2, ge=0, description="…once it has climbed this far above its lowest"
     )
     penalty_knob: str = Field("collision_penalty", description="raised on unsafe exploration")
     timid_kl_share: float = Field(0.2, gt=0, description="approx_kl below this share of target")
     timid_kl: float = Field(0.002, gt=0, description="approx_kl limit when target_kl is unset")
     timid_patience: int = Field(2, ge=1, description="evaluations without improvement")
+    timid_lr_factor: float = Field(
+        4.0, gt=1, description="lr factor for timid updates (PPO's target_kl still caps a step)"
+    )
     stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
     stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
 
@@ -96,7 +102,7 @@ class RulesPolicy:
             )
         if (kl := self._timid(snap)) is not None:
             changes = (
-                _scaled(menu, "learning_rate", 2.0)
+                _scaled(menu, "learning_rate", cfg.timid_lr_factor)
                 | _scaled(menu, "n_epochs", 2.0)
                 | _scaled(menu, "clip_range", 1.5)
                 | _scaled(menu, "target_kl", 2.0)
@@ -149,15 +155,18 @@ class RulesPolicy:
         return Proposal(action="no_action", reason="no rule fired")
 
     def _unsafe(self, snap: Snapshot) -> tuple[str, float] | None:
-        """The safety signal and its value when the evaluated policy is unsafe."""
+        """The safety signal and its value when the run explores unsafely."""
+        cfg = self.config
         for key in SAFETY_KEYS:
             value = snap.signals.get(key)
-            limit = (
-                self.config.unsafe_rate
-                if key.startswith("eval/")
-                else (self.config.unsafe_training_rate)
-            )
-            if value is not None and value > limit:
+            if value is None:
+                continue
+            if key.startswith("eval/"):
+                if value > cfg.unsafe_rate:
+                    return key, value
+            elif value > cfg.unsafe_training_rate and (
+                snap.signal_rise.get(key, 0.0) >= cfg.unsafe_training_rise
+            ):
                 return key, value
         return None
 
