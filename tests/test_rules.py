@@ -195,3 +195,17 @@ def test_a_still_random_policy_colliding_in_training_is_not_unsafe() -> None:
     flat = [0.35, 0.45, 0.3, 0.4, 0.38] * 4
     p = rl_decide([0.0, 0.05, 0.1], {"train/approx_kl": 0.01}, flat)
     assert p.action == "no_action", p.reason
+
+
+def test_an_rl_loss_jumping_is_not_divergence() -> None:
+    t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
+    loss = [0.3] * 40 + [1.5, 0.3, 2.0, 0.4, 2.5, 1.8, 2.2, 2.0, 1.9, 2.1]
+    points = [MetricPoint("train/loss", i, v, i) for i, v in enumerate(loss)]
+    points += [
+        MetricPoint("eval/safe_success", 10 * (i + 1), v, i) for i, v in enumerate([0.1, 0.3, 0.5])
+    ]
+    t.add(sorted(points, key=lambda p: p.timestamp))
+    st = RunState(spec=RL_SPEC, values=RL_SPEC.knob_values, step=t.step)
+    menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
+    p = RulesPolicy().decide(t.snapshot(RL_SPEC, RL_SPEC.knob_values, []), menu)
+    assert p.action == "no_action", p.reason

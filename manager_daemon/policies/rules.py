@@ -81,17 +81,21 @@ class RulesPolicy:
                 f"best {_g(obj.best)} at step {obj.best_step}",
                 expected_effect="training ends near the best objective",
             )
-        diverging = (
+        # The train loss says "diverging" only where the objective is a loss too: an RL loss
+        # (PPO's value loss, say) rises and jumps as returns grow.
+        supervised = obj.direction == "minimize" and "loss" in obj.metric
+        diverging = supervised and (
             train.recent_mean is not None
             and train.best_mean
             and train.recent_mean > cfg.diverge_ratio * train.best_mean
         )
-        if snap.non_finite or diverging or train.spikes >= cfg.spike_count:
+        spiking = supervised and train.spikes >= cfg.spike_count
+        if snap.non_finite or diverging or spiking:
             why = (
                 "non-finite metric values"
                 if snap.non_finite
                 else f"{train.spikes} loss spikes"
-                if train.spikes >= cfg.spike_count
+                if spiking
                 else f"train loss {_g(train.recent_mean)} vs best {_g(train.best_mean)}"
             )
             changes = _scaled(menu, "learning_rate", cfg.lr_cut_diverge) | _scaled(
