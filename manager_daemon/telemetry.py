@@ -48,6 +48,7 @@ class ObjectiveView(BaseModel):
     best_step: int | None = None
     evaluations: int = 0
     evals_since_best: int = 0
+    first: float | None = None
     recent: list[tuple[int, float]] = Field(default_factory=list)
     trend: float | None = Field(default=None, description="relative change per evaluation")
 
@@ -183,6 +184,7 @@ class RunTelemetry:
         view.best, view.best_step = best, best_step
         view.evaluations = len(self.evals)
         view.evals_since_best = sum(1 for s, _ in self.evals if s > best_step)
+        view.first = finite[0][1]
         view.recent = [(s, round(v, 6)) for s, v in self.evals[-RECENT_EVALS:]]
         view.trend = _relative_slope([v for _, v in finite[-4:]])
         return view

@@ -173,7 +173,7 @@ def test_unsafe_exploration_calms_the_policy_and_raises_the_penalty() -> None:
 
 
 def test_timid_updates_that_stall_the_objective_get_bolder() -> None:
-    p = rl_decide([0.0, 0.0, 0.0], {"eval/collision": 0.0, "train/approx_kl": 0.0005})
+    p = rl_decide([0.0, 0.3, 0.25, 0.2], {"eval/collision": 0.0, "train/approx_kl": 0.0005})
     assert p.reason.startswith("timid updates")
     assert p.changes["learning_rate"] == 6e-5, "×4 wanted, clamped to the knob's max step (×2)"
     assert p.changes["n_epochs"] == 6
@@ -209,3 +209,12 @@ def test_an_rl_loss_jumping_is_not_divergence() -> None:
     menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
     p = RulesPolicy().decide(t.snapshot(RL_SPEC, RL_SPEC.knob_values, []), menu)
     assert p.action == "no_action", p.reason
+
+
+def test_nothing_learned_explores_more_and_is_bolder_when_timid() -> None:
+    p = rl_decide([0.0, 0.0, 0.0], {"eval/collision": 0.0, "train/approx_kl": 0.0005})
+    assert p.reason.startswith("nothing learned") and "timid" in p.reason
+    assert p.changes["ent_coef"] > 0.08 and p.changes["learning_rate"] == 6e-5
+    assert p.changes["n_epochs"] == 6
+    q = rl_decide([0.0, 0.0, 0.01], {"eval/collision": 0.0, "train/approx_kl": 0.01})
+    assert q.reason.startswith("nothing learned") and "n_epochs" not in q.changes

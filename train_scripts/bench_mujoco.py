@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ if not __package__:  # run as a file: make the repository root importable
 
 import matplotlib
 
-from integrations.trackers import open_tracker
+from integrations.trackers import Tracker, open_tracker
 from manager_daemon.policies.factory import PolicySettings
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
@@ -75,6 +76,8 @@ class Result:
     wall_s: float
     interventions: list[dict[str, object]] = field(default_factory=list)
     rollbacks: int = 0
+    training_collision: float | None = None  # per training episode, over the whole run
+    training_collision_end: float | None = None  # over the last evaluation period
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
@@ -149,13 +152,21 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
         results = list(pool.map(lambda job: train(*job, args, uri), jobs))
     tracker = open_tracker(uri)
     for r in results:
-        r.curves = {
-            k: metric_curve(uri, r.run_id, f"eval/{k}") for k in ("safe_success", "collision")
-        }
-        if r.variant in MANAGED:
-            r.interventions = interventions(tracker, uri, r.run_id)
-            r.rollbacks = sum("rollback_to_best" in i["commands"] for i in r.interventions)  # type: ignore[operator]
+        read_back(r, tracker, uri, PRESETS[args.preset].eval_every)
     return results
+
+
+def read_back(r: Result, tracker: Tracker, uri: str, eval_every: int) -> None:
+    """Curves, interventions and training-episode collision rates of a finished run."""
+    r.curves = {k: metric_curve(uri, r.run_id, f"eval/{k}") for k in ("safe_success", "collision")}
+    r.curves["training_collision"] = metric_curve(uri, r.run_id, "rollout/collision_rate")
+    rates = [v for _, v in r.curves["training_collision"]]
+    if rates:
+        r.training_collision = statistics.fmean(rates)
+        r.training_collision_end = statistics.fmean(rates[-eval_every:])
+    if r.variant in MANAGED:
+        r.interventions = interventions(tracker, uri, r.run_id)
+        r.rollbacks = sum("rollback_to_best" in i["commands"] for i in r.interventions)  # type: ignore[operator]
 
 
 def train(recipe: str, variant: str, seed: int, args: argparse.Namespace, uri: str) -> Result:
@@ -218,8 +229,8 @@ def results_markdown(results: list[Result], args: argparse.Namespace) -> str:
         "",
         "| recipe | variant | safe success | collision | "
         + " | ".join(f"{s} success / collision" for s in EVAL_SPLITS)
-        + " | interventions | rollbacks |",
-        "|---|---|---|---|" + "---|" * len(EVAL_SPLITS) + "---|---|",
+        + " | collision in training (whole run, last period) | interventions | rollbacks |",
+        "|---|---|---|---|" + "---|" * len(EVAL_SPLITS) + "---|---|---|",
     ]
     for recipe in args.recipes:
         for variant in args.variants:
@@ -235,6 +246,8 @@ def results_markdown(results: list[Result], args: argparse.Namespace) -> str:
                 f"| {recipe} | {variant} | {mean_sd([r.safe_success for r in runs], '.2f')} | "
                 f"{mean_sd([r.collision for r in runs], '.2f')} | "
                 + " | ".join(splits)
+                + f" | {mean_sd([r.training_collision or 0.0 for r in runs], '.2f')}, "
+                f"{mean_sd([r.training_collision_end or 0.0 for r in runs], '.2f')}"
                 + f" | {mean_sd([len(r.interventions) for r in runs], '.1f')} | "
                 f"{mean_sd([r.rollbacks for r in runs], '.1f')} |"
             )
@@ -243,9 +256,10 @@ def results_markdown(results: list[Result], args: argparse.Namespace) -> str:
 
 def plot(results: list[Result], path: Path) -> None:
     recipes = sorted({r.recipe for r in results})
-    fig, axes = plt.subplots(2, len(recipes), figsize=(6 * len(recipes), 7), squeeze=False)
+    metrics = ("safe_success", "collision", "training_collision")
+    fig, axes = plt.subplots(3, len(recipes), figsize=(6 * len(recipes), 10), squeeze=False)
     for col, recipe in enumerate(recipes):
-        for row, metric in enumerate(("safe_success", "collision")):
+        for row, metric in enumerate(metrics):
             ax = axes[row][col]
             for r in (r for r in results if r.recipe == recipe):
                 curve = r.curves.get(metric) or []
@@ -259,7 +273,8 @@ def plot(results: list[Result], path: Path) -> None:
                     y = min(curve, key=lambda p: abs(p[0] - step))[1]  # type: ignore[operator]
                     marker = "x" if "rollback_to_best" in item["commands"] else "v"  # type: ignore[operator]
                     ax.plot([step], [y], marker=marker, color=COLORS[r.variant], markersize=7)
-            ax.set(title=f"{recipe}: {metric.replace('_', ' ')}", xlabel="env steps")
+            what = {"collision": "collision (evaluation)"}.get(metric, metric.replace("_", " "))
+            ax.set(title=f"{recipe}: {what}", xlabel="env steps")
             ax.set_ylim(-0.05, 1.05)
             if row == 0:
                 ax.legend(fontsize="x-small", ncol=3)

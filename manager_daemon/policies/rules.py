@@ -10,6 +10,9 @@
 - unsafe exploration (the collision or cost rate of evaluations above a limit, or that of
   training episodes above a limit after climbing back up: a random policy collides too) → lower
   the entropy coefficient, learning rate and clip range, raise the collision penalty;
+- nothing learned (a maximised objective still at its first value after a few evaluations) →
+  raise the learning rate, the entropy coefficient and the reward weights that pull towards the
+  goal;
 - plateau (no improvement for a while) → lower the learning rate;
 - nothing more plausible (no improvement long after several interventions, or the knobs a
   diagnosis needs are at their bounds) → stop.
@@ -47,10 +50,18 @@ class RulesConfig(BaseModel):
     )
     penalty_knob: str = Field("collision_penalty", description="raised on unsafe exploration")
     timid_kl_share: float = Field(0.2, gt=0, description="approx_kl below this share of target")
-    timid_kl: float = Field(0.002, gt=0, description="approx_kl limit when target_kl is unset")
+    timid_kl: float = Field(0.002, gt=0, description="approx_kl below this is timid in any case")
     timid_patience: int = Field(2, ge=1, description="evaluations without improvement")
     timid_lr_factor: float = Field(
         4.0, gt=1, description="lr factor for timid updates (PPO's target_kl still caps a step)"
+    )
+    floor_margin: float = Field(
+        0.05, ge=0, description="a maximised objective no further than this above its first value"
+    )
+    floor_patience: int = Field(3, ge=1, description="evaluations stuck at the floor")
+    explore_knobs: list[str] = Field(
+        default_factory=lambda: ["progress_scale", "success_bonus"],
+        description="reward weights raised when nothing is learned (as the script names them)",
     )
     stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
     stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
@@ -72,6 +83,15 @@ class RulesPolicy:
         cfg = self.config
         obj, train, gap = snap.objective, snap.train, snap.gap
         stale = obj.evals_since_best
+        # Before stopping: a run that has learned nothing yet may just need bolder settings.
+        timid = self._timid(snap)
+        if self._at_floor(snap) and (explore := self._explore(menu)):
+            why = f"nothing learned: {obj.metric} still at {_g(obj.best)} after {obj.evaluations} "
+            why += "evaluations"
+            if timid is not None:
+                explore |= self._bolder(menu)
+                why += f"; timid updates: approx_kl {timid[0]:.2g} below {timid[1]:.2g}"
+            return _proposal(explore, why, f"{obj.metric} leaves its floor")
         if self._should_stop(snap, menu):
             return Proposal(
                 action="command",
@@ -104,15 +124,9 @@ class RulesPolicy:
             return _proposal(
                 changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
             )
-        if (kl := self._timid(snap)) is not None:
-            changes = (
-                _scaled(menu, "learning_rate", cfg.timid_lr_factor)
-                | _scaled(menu, "n_epochs", 2.0)
-                | _scaled(menu, "clip_range", 1.5)
-                | _scaled(menu, "target_kl", 2.0)
-            )
+        if (kl := timid) is not None:
             return _proposal(
-                changes,
+                self._bolder(menu),
                 f"timid updates: approx_kl {kl[0]:.2g} below {kl[1]:.2g} while {obj.metric} has "
                 f"not improved for {stale} evaluations (best {_g(obj.best)})",
                 f"{obj.metric} starts improving",
@@ -174,6 +188,29 @@ class RulesPolicy:
                 return key, value
         return None
 
+    def _bolder(self, menu: Menu) -> dict[str, float]:
+        return (
+            _scaled(menu, "learning_rate", self.config.timid_lr_factor)
+            | _scaled(menu, "n_epochs", 2.0)
+            | _scaled(menu, "clip_range", 1.5)
+            | _scaled(menu, "target_kl", 2.0)
+        )
+
+    def _explore(self, menu: Menu) -> dict[str, float]:
+        changes = _scaled(menu, "learning_rate", 2.0) | _scaled(menu, "ent_coef", 2.0)
+        for name in self.config.explore_knobs:
+            changes |= _scaled(menu, name, 2.0)
+        return changes
+
+    def _at_floor(self, snap: Snapshot) -> bool:
+        """A maximised objective that has not moved off its first value for a while."""
+        obj = snap.objective
+        if obj.direction != "maximize" or obj.best is None or not obj.recent:
+            return False
+        if obj.first is None or obj.evaluations < self.config.floor_patience:
+            return False
+        return obj.best - obj.first <= self.config.floor_margin * max(abs(obj.first), 1.0)
+
     def _timid(self, snap: Snapshot) -> tuple[float, float] | None:
         """PPO's approx_kl and the limit it is under, when updates are too small to learn."""
         cfg = self.config
@@ -181,7 +218,7 @@ class RulesPolicy:
             return None
         kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
         target = snap.knobs.get("target_kl", {}).get("value")
-        limit = cfg.timid_kl_share * float(target) if target else cfg.timid_kl
+        limit = min(cfg.timid_kl_share * float(target), cfg.timid_kl) if target else cfg.timid_kl
         return (kl, limit) if kl is not None and kl < limit else None
 
     def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
