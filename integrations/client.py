@@ -222,14 +222,15 @@ class ManagerClient:
     def _publish(self) -> None:
         # The heartbeat first: a daemon that sees the spec must also see a live client, or it
         # would take the run for one without a client and make its decision advisory.
+        # The objective too: a daemon reads it once, when it first sees the run managed.
         now = time.time()
-        self.tracker.set_tags(self.run_id, {TAG_CLIENT_HEARTBEAT: f"{now:.3f}"})
+        first = {TAG_CLIENT_HEARTBEAT: f"{now:.3f}"}
+        if self.objective:
+            first[TAG_OBJECTIVE] = self.objective
+        self.tracker.set_tags(self.run_id, first)
         self._last_heartbeat = now
         self.tracker.write_json(self.run_id, SPEC_PATH, self.spec.model_dump(mode="json"))
-        tags = {TAG_MANAGED: "true"}
-        if self.objective:
-            tags[TAG_OBJECTIVE] = self.objective
-        self.tracker.set_tags(self.run_id, tags)
+        self.tracker.set_tags(self.run_id, {TAG_MANAGED: "true"})
         self._published = True
         log.info(
             "atm: published knob spec for run %s (%d knobs)", self.run_id, len(self.spec.knobs)

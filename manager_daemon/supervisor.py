@@ -98,8 +98,9 @@ class RunSupervisor:
     def refresh(self, run: RunInfo | None = None) -> RunInfo:
         """Read the run and its new metric points."""
         run = run or self.tracker.get_run(self.run_id)
-        if self.telemetry is None:
-            self.load(run)
+        objective = run.tags.get(TAG_OBJECTIVE)
+        if self.telemetry is None or (objective and str(self.telemetry.objective) != objective):
+            self.load(run)  # first sight, or the objective was set after the run was first read
         elif self.spec is None or self._ticks % self.config.spec_refresh_ticks == 0:
             self._load_spec()
         self._ticks += 1

@@ -7,6 +7,7 @@ import time
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from integrations.protocol import TAG_OBJECTIVE
 from manager_daemon.audit import AuditLog
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
@@ -31,3 +32,20 @@ def test_no_policy_decision_after_a_stop_was_issued(tracking_uri, tracker, new_r
     )
     assert supervisor.tick(policy) is None
     assert len(AuditLog(tracker).records(run_id)) == 1
+
+
+def test_an_objective_tag_set_after_the_run_was_first_read_is_picked_up(
+    tracking_uri, tracker, new_run
+) -> None:
+    run_id = overfitting_run(tracking_uri, new_run)
+    supervisor = RunSupervisor(run_id, tracker, AuditLog(tracker))
+    supervisor.refresh()
+    assert str(supervisor.telemetry.objective) == "minimize:eval_loss"  # the default
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(
+        run_id, metrics=[Metric("accuracy", 0.5, now, 10), Metric("accuracy", 0.6, now + 1, 20)]
+    )
+    tracker.set_tags(run_id, {TAG_OBJECTIVE: "maximize:accuracy"})
+    supervisor.refresh()
+    assert str(supervisor.telemetry.objective) == "maximize:accuracy"
+    assert [v for _, v in supervisor.telemetry.evals] == [0.5, 0.6]

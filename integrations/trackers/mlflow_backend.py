@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
@@ -100,9 +100,9 @@ class MlflowTracker:
         return points
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        # One request: a reader never sees some of the tags without the others.
         with _translated(run_id):
-            for key, value in tags.items():
-                self._client.set_tag(run_id, key, value)
+            self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def delete_tag(self, run_id: str, key: str) -> None:
         with _translated(run_id):
