@@ -20,7 +20,7 @@ from integrations.protocol import (
     SPEC_PATH,
     TAG_CLIENT_APPLIED_STEP,
     TAG_CLIENT_APPLIED_VERSION,
-    TAG_CLIENT_HEARTBEAT,
+    TAG_MANAGED,
 )
 from integrations.trackers import Tracker
 from manager_daemon.audit import AuditLog
@@ -50,7 +50,7 @@ def test_rollback_and_reward_weight_apply_at_an_evaluation_boundary(
         run_id = wait_for(
             lambda: next(iter(client.search_runs([experiment.experiment_id])), None), 60
         ).info.run_id
-        wait_for(lambda: TAG_CLIENT_HEARTBEAT in tracker.get_run(run_id).tags, 60)
+        wait_for(lambda: TAG_MANAGED in tracker.get_run(run_id).tags, 60)  # set after the spec
         spec = tracker.read_json(run_id, SPEC_PATH)
         assert "rollback_to_best" in spec["commands"]
         assert {"collision_penalty", "success_bonus", "progress_scale"} <= {
