@@ -34,6 +34,7 @@ if not __package__:  # run as a file: make the repository root importable
 
 import matplotlib
 
+from integrations.protocol import Command
 from integrations.trackers import Tracker, open_tracker
 from manager_daemon.policies.factory import PolicySettings
 from manager_daemon.supervisor import SupervisorConfig
@@ -59,6 +60,7 @@ SCRIPT = Path(__file__).with_name("mujoco_reacher.py")
 EXPERIMENT = "mujoco-bench"
 MANAGED = ("rules", "llm")
 VARIANTS = ("fixed", *MANAGED)
+ROLLBACK = Command.ROLLBACK_TO_BEST.value
 COLORS = {"fixed": "tab:red", "rules": "tab:blue", "llm": "tab:green"}
 
 
@@ -166,7 +168,7 @@ def read_back(r: Result, tracker: Tracker, uri: str, eval_every: int) -> None:
         r.training_collision_end = statistics.fmean(rates[-eval_every:])
     if r.variant in MANAGED:
         r.interventions = interventions(tracker, uri, r.run_id)
-        r.rollbacks = sum("rollback_to_best" in i["commands"] for i in r.interventions)  # type: ignore[operator]
+        r.rollbacks = sum(ROLLBACK in i["commands"] for i in r.interventions)  # type: ignore[operator]
 
 
 def train(recipe: str, variant: str, seed: int, args: argparse.Namespace, uri: str) -> Result:
@@ -271,7 +273,7 @@ def plot(results: list[Result], path: Path) -> None:
                 for item in r.interventions:
                     step = item["applied_step"] or item["decision_step"]
                     y = min(curve, key=lambda p: abs(p[0] - step))[1]  # type: ignore[operator]
-                    marker = "x" if "rollback_to_best" in item["commands"] else "v"  # type: ignore[operator]
+                    marker = "x" if ROLLBACK in item["commands"] else "v"  # type: ignore[operator]
                     ax.plot([step], [y], marker=marker, color=COLORS[r.variant], markersize=7)
             what = {"collision": "collision (evaluation)"}.get(metric, metric.replace("_", " "))
             ax.set(title=f"{recipe}: {what}", xlabel="env steps")

@@ -205,7 +205,7 @@ class RulesPolicy:
     def _at_floor(self, snap: Snapshot) -> bool:
         """A maximised objective that has not moved off its first value for a while."""
         obj = snap.objective
-        if obj.direction != "maximize" or obj.best is None or not obj.recent:
+        if obj.direction != "maximize" or obj.best is None:
             return False
         if obj.first is None or obj.evaluations < self.config.floor_patience:
             return False
