@@ -21,8 +21,11 @@ evaluation so far, kept in host memory; the evaluations' objective values come f
 Updates apply at rollout ends (``apply_at=Boundary.ROLLOUT``), before the next ``train()``,
 or only after evaluations (``Boundary.EVAL``): after any ``EvalCallback`` passed to the same
 ``learn()`` call has evaluated, or when a script that evaluates by itself calls
-``on_evaluation()``. Keep this callback in ``learn()``'s callback list rather than inside an
-``EvalCallback``, which does not forward rollout and training-end events to its children.
+``on_evaluation()``. With ``eval_window=N`` an evaluation's boundary stays open for the next
+``N`` rollout ends, so that an answer to the evaluation that arrives a few seconds later applies
+then instead of at the next evaluation; one that arrives later still waits for that. Keep this
+callback in ``learn()``'s callback list rather than inside an ``EvalCallback``, which does not
+forward rollout and training-end events to its children.
 
 ``MlflowWriter`` sends SB3's own training metrics (``train/…``, ``rollout/…``, ``time/…``) to
 the run, for scripts that do not log them themselves (``log_to_mlflow=True``).
@@ -156,9 +159,12 @@ class ManagerSB3Callback(BaseCallback):
         live: Mapping[str, float] | None = None,
         on_live: Callable[[dict[str, float]], None] | None = None,
         keep_best: bool | None = None,
+        eval_window: int = 0,
     ) -> None:
         super().__init__()
         apply_at = Boundary(apply_at)
+        if eval_window < 0:
+            raise ValueError(f"eval_window must be 0 or more rollouts, not {eval_window}")
         if apply_at is Boundary.STEP:
             raise ValueError(
                 "stable-baselines3 changes hyperparameters between rollouts, not at env steps: "
@@ -175,6 +181,7 @@ class ManagerSB3Callback(BaseCallback):
         self.live = dict(live or {})
         self.on_live = on_live
         self.keep_best = keep_best
+        self.eval_window = eval_window if apply_at is Boundary.EVAL else 0
         self._objective = Objective.parse(objective)  # a bad objective fails here, not mid-run
         self.best: BestState | None = None
         self.client: ManagerClient | None = None
@@ -184,6 +191,7 @@ class ManagerSB3Callback(BaseCallback):
         self._noise_sigmas: list[tuple[ActionNoise, np.ndarray]] = []
         self._evaluators: list[EvalCallback] = []
         self._evaluations_seen = 0
+        self._last_eval: tuple[int, int] | None = None  # (env step, rollout ends since)
 
     # ---- SB3 hooks ----------------------------------------------------------------------
 
@@ -191,6 +199,7 @@ class ManagerSB3Callback(BaseCallback):
         # Each learn() call connects afresh; the previous call closed its client and writer.
         self.client, self.writer, self._evaluators = None, None, []
         self.stop_requested = False
+        self._last_eval = None
         run_id, uri = resolve_mlflow_run(self.run_id, self.tracking_uri)
         if run_id is None:
             log.warning(
@@ -229,6 +238,14 @@ class ManagerSB3Callback(BaseCallback):
         return not self.stop_requested
 
     def _on_rollout_end(self) -> None:
+        if self.eval_window and self._last_eval is not None:
+            step, since = self._last_eval
+            if self.model.num_timesteps > step:
+                since += 1
+                self._last_eval = (step, since)
+            if since <= self.eval_window:
+                self._apply_pending(Boundary.EVAL)  # the last evaluation's boundary, still open
+                return
         self._apply_pending(Boundary.ROLLOUT)
 
     def _on_training_end(self) -> None:
@@ -249,6 +266,7 @@ class ManagerSB3Callback(BaseCallback):
             value = self._evaluators[0].last_mean_reward
         if self.best is not None and value is not None:
             self.best.offer(float(value), self.model.num_timesteps, self.model.policy, self._opt())
+        self._last_eval = (self.model.num_timesteps, 0)
         return self._apply_pending(Boundary.EVAL)
 
     def _opt(self) -> torch.optim.Optimizer | None:

@@ -1,6 +1,8 @@
 """The ReacherObstacle script under the manager, on a real MLflow server and real MuJoCo: a human
-`atm set` carrying `rollback_to_best` and a new collision penalty is applied right after an
-evaluation, and the run's own records show it."""
+`atm set` carrying `rollback_to_best` and a new collision penalty is applied at an evaluation's
+boundary (the evaluation itself or one of the two rollouts after it, the script's window at
+`--eval-every 4`),
+and the run's own records show it."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def test_rollback_and_reward_weight_apply_at_an_evaluation_boundary(
         [
             sys.executable,
             str(repo_root / "train_scripts" / "mujoco_reacher.py"),
-            *("--recipe", "baseline", "--preset", "tiny", "--updates", "40", "--eval-every", "2"),
+            *("--recipe", "baseline", "--preset", "tiny", "--updates", "40", "--eval-every", "4"),
             *("--tracking-uri", tracking_uri, "--experiment", "mujoco-managed", "--managed"),
         ],
         stdout=subprocess.PIPE,
@@ -75,7 +77,10 @@ def test_rollback_and_reward_weight_apply_at_an_evaluation_boundary(
     tags = tracker.get_run(run_id).tags
     applied_at = int(tags[TAG_CLIENT_APPLIED_STEP])
     eval_steps = {m.step for m in client.get_metric_history(run_id, "eval/safe_success")}
-    assert applied_at in eval_steps, "applied right after an evaluation"
+    window = 2 * (2 * 64)  # half of 4 updates, each of 2 envs × 64 steps
+    assert any(0 <= applied_at - step <= window for step in eval_steps), (
+        f"applied at {applied_at}, not within two rollouts of an evaluation {sorted(eval_steps)}"
+    )
     assert {m.step for m in client.get_metric_history(run_id, METRIC_PARAMS_VERSION)} == {
         applied_at
     }

@@ -16,6 +16,7 @@ from train_scripts.mujoco_reacher import (
     SplitEvaluation,
     build_model,
     evaluate_split,
+    manager_callback,
     restore_best,
 )
 
@@ -41,6 +42,13 @@ def test_evaluation_runs_every_k_updates_and_at_the_end_and_tells_listeners() ->
         sum(metrics[f"eval/{s}/collision"] for s in ("easy", "medium", "hard")) / 3
     )
     assert evaluation.best.num_timesteps == 384
+
+
+def test_the_managed_run_applies_within_half_an_evaluation_period_of_an_evaluation() -> None:
+    recipe = RECIPES["cautious"]
+    manager = manager_callback(build_model(recipe, PRESETS["tiny"], seed=0), recipe, eval_every=20)
+    assert (manager.apply_at, manager.eval_window) == ("eval", 10)
+    assert manager.live == recipe.reward_weights()
 
 
 def test_evaluating_a_split_twice_gives_the_same_numbers() -> None:

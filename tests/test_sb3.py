@@ -230,6 +230,49 @@ def test_eval_boundary_applies_only_after_an_evaluation(tracking_uri: str, track
     assert model.ent_coef == 0.02
 
 
+def test_eval_window_applies_an_answer_to_the_evaluation_that_arrives_soon_after(
+    tracking_uri: str, tracker
+) -> None:
+    """A version staged within ``eval_window`` rollouts of an evaluation applies at once; one
+    staged after the window waits for the next evaluation."""
+    model = tiny_ppo()  # 64 env steps per rollout
+    manager = ManagerSB3Callback(poll_interval=60, apply_at=Boundary.EVAL, eval_window=2)
+
+    class Evaluate(BaseCallback):
+        """Evaluates every 6 rollouts; stages v1 one rollout after the first evaluation and v2
+        three rollouts after it."""
+
+        rollouts = 0
+
+        def _on_rollout_end(self) -> None:
+            self.rollouts += 1
+            if self.rollouts % 6 == 0:
+                manager.on_evaluation({})
+            staged = {7: (1, {"ent_coef": 0.02}, []), 9: (2, {"ent_coef": 0.03}, ["stop"])}
+            if self.rollouts in staged:
+                version, values, commands = staged[self.rollouts]
+                run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+                issue(tracker, run_id, version, values, commands=commands)
+                assert manager.client is not None
+                manager.client.poll_once()  # staged now, as the client's thread would
+
+        def _on_step(self) -> bool:
+            return True
+
+    run_id = learn_managed(model, [Evaluate(), manager], tracking_uri, lambda run_id: None)
+
+    steps = applied_steps(tracking_uri, run_id)
+    assert steps[1] == 7 * 64, "staged inside the window: applied at that rollout's end"
+    assert steps[2] == 12 * 64, "staged after the window: applied at the next evaluation"
+    assert model.ent_coef == 0.03
+    assert model.num_timesteps == 12 * 64 + 1, "the stop in v2 ended learn() at the next env step"
+
+
+def test_eval_window_needs_a_count_of_rollouts() -> None:
+    with pytest.raises(ValueError, match="eval_window"):
+        ManagerSB3Callback(apply_at=Boundary.EVAL, eval_window=-1)
+
+
 def test_td3_exposes_and_scales_the_exploration_noise(tracking_uri: str, tracker) -> None:
     noise = NormalActionNoise(mean=np.zeros(1), sigma=np.full(1, 0.2))
     model = TD3(

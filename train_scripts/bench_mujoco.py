@@ -5,7 +5,7 @@ For each seed and each recipe (``cautious``, ``reckless``) it trains
 medium / hard splits) three ways on the same budget:
 
 - ``fixed``: the recipe untouched;
-- ``rules``: managed by the rules policy, updates applied at evaluation boundaries;
+- ``rules``: managed by the rules policy, one decision per evaluation, applied at its boundary;
 - ``llm``: managed by the LLM policy (the embedded model, or an OpenAI-compatible endpoint with
   ``--llm-base-url``/``--llm-model``).
 
@@ -119,12 +119,18 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
 
 def supervisor_config(preset: str) -> SupervisorConfig:
-    """One decision per evaluation at most; answers later than one evaluation are stale."""
+    """One decision per evaluation at most; answers later than one evaluation are stale.
+
+    The daemon decides once per new evaluation anyway. The cooldown, counted from the step the
+    daemon had seen when it decided (a few updates past the evaluation, more or fewer each
+    time), keeps a knob from changing twice within half an evaluation period: a full period
+    would block the next evaluation's decision whenever the previous one was seen late.
+    """
     p = PRESETS[preset]
     between_evals = p.eval_every * p.n_envs * p.n_steps
     return SupervisorConfig(
         validation=ValidationConfig(
-            cooldown_steps=between_evals - 1,
+            cooldown_steps=between_evals // 2,
             stop_after_evals=4,
             rollback_min_regression=0.1,
         ),

@@ -9,8 +9,10 @@ listeners, and the best policy so far is kept in memory so that ``restore_best``
         [--tracking-uri URI] [--experiment NAME] [--out DIR --filmstrip] [--managed]
 
 With ``--managed`` the run is supervised (the three-line integration): objective
-``eval/safe_success``, updates applied right after evaluations (the episodic mode), the reward
-weights as live knobs, and ``rollback_to_best`` on offer. A daemon (``atm daemon``) decides.
+``eval/safe_success``, updates applied at evaluation boundaries (the episodic mode: an answer to
+an evaluation that arrives within half an evaluation period applies on arrival, a later one at
+the next evaluation), the reward weights as live knobs, and ``rollback_to_best`` on offer. A
+daemon (``atm daemon``) decides.
 
 The last line printed is a JSON summary of the run.
 """
@@ -350,8 +352,14 @@ MANAGED_BOUNDS: dict[str, dict[str, float | str]] = {
 }
 
 
-def manager_callback(model: PPO, recipe: Recipe) -> ManagerSB3Callback:
-    """The manager's callback: reward weights reach every training env through ``env_method``."""
+def manager_callback(model: PPO, recipe: Recipe, eval_every: int) -> ManagerSB3Callback:
+    """The manager's callback: reward weights reach every training env through ``env_method``.
+
+    The daemon answers an evaluation within seconds, a few updates after it; waiting for the
+    next evaluation to apply that answer would cost a whole evaluation period per decision. So
+    the evaluation's boundary stays open for half a period, as the paper's manager applies an
+    answer when it arrives.
+    """
 
     def set_weights(changed: dict[str, float]) -> None:
         model.get_env().env_method("set_reward_weights", **changed)
@@ -363,6 +371,7 @@ def manager_callback(model: PPO, recipe: Recipe) -> ManagerSB3Callback:
         on_live=set_weights,
         bounds=MANAGED_BOUNDS,
         keep_best=True,
+        eval_window=eval_every // 2,
     )
 
 
@@ -398,7 +407,7 @@ def main() -> None:
         metrics = TrainingMetrics(run.info.run_id, tracking_uri)
         callbacks: list[BaseCallback] = [metrics, evaluation]
         if args.managed:
-            manager = manager_callback(model, recipe)
+            manager = manager_callback(model, recipe, preset.eval_every)
             evaluation.on_evaluated.append(manager.on_evaluation)
             callbacks.append(manager)
         model.learn(preset.env_steps, callback=callbacks)
