@@ -8,9 +8,12 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from integrations.protocol import AuditRecord
@@ -142,9 +145,9 @@ class Daemon:
             f"completion tokens; {t['fallbacks']} fallbacks"
         )
 
-    def serve(self, interval_s: float) -> None:
-        """Run ``run_once`` every ``interval_s`` seconds until interrupted."""
-        scheduler = BlockingScheduler()
+    def schedule(self, scheduler: BaseScheduler, interval_s: float) -> None:
+        """Add this daemon's tick to ``scheduler``: every ``interval_s`` seconds, one at a time,
+        missed ticks coalesced into one."""
         scheduler.add_job(
             self.run_once,
             "interval",
@@ -153,8 +156,13 @@ class Daemon:
             max_instances=1,
             coalesce=True,
             misfire_grace_time=None,
-            id="atm-tick",
+            id=f"atm-tick-{id(self)}",
         )
+
+    def serve(self, interval_s: float) -> None:
+        """Run ``run_once`` every ``interval_s`` seconds until interrupted."""
+        scheduler = BlockingScheduler()
+        self.schedule(scheduler, interval_s)
         log.info(
             "atm daemon: policy %s, tracker %s, every %.1f s",
             self.policy.name,
@@ -186,3 +194,20 @@ class Daemon:
         if self.totals:
             log.info(self.totals_line())
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def in_background(daemons: Sequence[Daemon], interval_s: float) -> Iterator[None]:
+    """Run the daemons' ticks on a background thread of this process until the block exits;
+    then wait up to a minute for decisions in flight and close the daemons."""
+    scheduler = BackgroundScheduler()
+    for daemon in daemons:
+        daemon.schedule(scheduler, interval_s)
+    scheduler.start()
+    try:
+        yield
+    finally:
+        scheduler.shutdown(wait=True)
+        for daemon in daemons:
+            daemon.drain(timeout=60)
+            daemon.close()

@@ -9,10 +9,11 @@ from mlflow.tracking import MlflowClient
 
 from integrations.protocol import TAG_OBJECTIVE
 from manager_daemon.audit import AuditLog
+from manager_daemon.daemon import Daemon, TickReport, in_background
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.validation import ValidationConfig
-from tests.helpers import overfitting_run
+from tests.helpers import overfitting_run, wait_for
 
 
 def test_no_policy_decision_after_a_stop_was_issued(tracking_uri, tracker, new_run) -> None:
@@ -49,3 +50,25 @@ def test_an_objective_tag_set_after_the_run_was_first_read_is_picked_up(
     supervisor.refresh()
     assert str(supervisor.telemetry.objective) == "maximize:accuracy"
     assert [v for _, v in supervisor.telemetry.evals] == [0.5, 0.6]
+
+
+def test_daemons_in_background_decide_while_the_block_runs_and_stop_after(
+    tracking_uri, tracker, new_run
+) -> None:
+    run_id = overfitting_run(tracking_uri, new_run)
+
+    class Counting(Daemon):
+        ticks = 0
+
+        def run_once(self, wait: bool = True) -> TickReport:
+            self.ticks += 1
+            return super().run_once(wait)
+
+    daemon = Counting(tracker, RulesPolicy())
+    with in_background([daemon], interval_s=0.2):
+        wait_for(lambda: AuditLog(tracker).records(run_id), 30)
+    decided = AuditLog(tracker).records(run_id)
+    assert decided[0].status == "issued" and decided[0].source == "rules"
+    ticks = daemon.ticks
+    time.sleep(1.0)
+    assert daemon.ticks == ticks, "no tick after the block ended"

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-from apscheduler.schedulers.background import BackgroundScheduler
 from mlflow.tracking import MlflowClient
 
 from integrations.protocol import METRIC_PARAMS_VERSION, AuditRecord
 from integrations.trackers import Tracker, open_tracker
 from manager_daemon.audit import AuditLog
-from manager_daemon.daemon import Daemon
+from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.mlflow_server import start_server
 from manager_daemon.policies.factory import PolicySettings, make_policy
 from manager_daemon.supervisor import SupervisorConfig
@@ -52,28 +51,13 @@ def daemons(
 ) -> Iterator[None]:
     """One daemon per policy, each managing the runs of its own experiment, until exit."""
     tracker = open_tracker(uri)
-    scheduler = BackgroundScheduler()
     running: list[Daemon] = []
     for name, settings in policies.items():
         policy, why = make_policy(settings)
         log.info("%s: %s", name, why)
-        daemon = Daemon(tracker, policy, config, experiments=[experiment_of[name]])
-        running.append(daemon)
-        scheduler.add_job(
-            daemon.run_once,
-            "interval",
-            seconds=DAEMON_INTERVAL_S,
-            max_instances=1,
-            kwargs={"wait": False},
-        )
-    scheduler.start()
-    try:
+        running.append(Daemon(tracker, policy, config, experiments=[experiment_of[name]]))
+    with in_background(running, DAEMON_INTERVAL_S):
         yield
-    finally:
-        scheduler.shutdown(wait=True)
-        for daemon in running:
-            daemon.drain(timeout=60)
-            daemon.close()
 
 
 def run_script(cmd: list[str], log_path: Path) -> dict[str, object]:

@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apscheduler.schedulers.background import BackgroundScheduler
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -23,7 +22,7 @@ from rich.table import Table
 from integrations.protocol import AuditRecord
 from integrations.trackers import MetricCursor, Tracker, open_tracker
 from manager_daemon.audit import AuditLog
-from manager_daemon.daemon import Daemon
+from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.demo.lm import DEMO_RECIPE
 from manager_daemon.mlflow_server import MlflowServer, start_server
 from manager_daemon.policies.factory import PolicySettings, make_policy
@@ -64,7 +63,6 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
     with console.status("loading the policy…"):
         policy, why = make_policy(PolicySettings.from_env(policy=policy_name))
     console.print(f"Manager {why}")
-    scheduler = BackgroundScheduler()
     # The demo's evaluations come every few seconds while a CPU model call takes longer, so
     # answers may arrive several evaluations late and are still worth applying.
     daemon = Daemon(
@@ -75,20 +73,8 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
             stale_evals=8,
         ),
     )
-    scheduler.add_job(
-        daemon.run_once,
-        "interval",
-        seconds=DAEMON_INTERVAL_S,
-        max_instances=1,
-        kwargs={"wait": False},
-    )
-    scheduler.start()
-    try:
+    with in_background([daemon], DAEMON_INTERVAL_S):
         variants = _train_side_by_side(workdir, uri, tracker, console)
-    finally:
-        scheduler.shutdown(wait=True)
-        daemon.drain(timeout=60)
-        daemon.close()
     try:
         return _summarise(variants, tracker, uri, console)
     finally:
