@@ -15,7 +15,11 @@ from mlflow.tracking import MlflowClient
 from integrations.protocol import (
     PARAMS_DIR,
     TAG_PARAMS_VERSION,
+    Command,
+    KnobSpec,
+    Objective,
     ParamsVersion,
+    RunSpec,
     Source,
     params_path,
 )
@@ -24,6 +28,8 @@ from manager_daemon.audit import AuditLog
 from manager_daemon.policies.llm import LLMConfig, LLMPolicy
 from manager_daemon.policies.openai_chat import OpenAIChat
 from manager_daemon.policies.prompt import (
+    MAX_CHANGES,
+    InvalidAnswer,
     answer_options,
     build_prompt,
     decision_schema,
@@ -33,6 +39,7 @@ from manager_daemon.policies.prompt import (
 )
 from manager_daemon.policies.rules import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
+from manager_daemon.telemetry import MetricPoint, RunTelemetry
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
 from tests.helpers import OVERFIT_SPEC, overfitting_run, telemetry
 from tests.openai_replay import ReplayServer, Reply
@@ -249,6 +256,69 @@ def test_options_for_a_choosing_model_are_all_valid_answers_from_the_menu() -> N
     prompt = build_prompt(snapshot, menu, diagnosis=diagnosis, options=options)
     assert "## Options" in prompt and "## Menu" not in prompt
     assert json.dumps(option_core(options[1])) in prompt
+
+
+# The SB3 knobs of a PPO run with reward weights, with the integration's default steps: the
+# learning rate may move ×4 in one change, its menu offers ×0.25 … ×2.
+PPO_SPEC = RunSpec(
+    framework="stable-baselines3",
+    knobs=[
+        KnobSpec(name="learning_rate", value=3e-5, min=1e-5, max=3e-3, max_rel_step=3.0),
+        KnobSpec(name="ent_coef", value=0.001, min=0.0, max=0.1, max_rel_step=0.5, scale="lin"),
+        KnobSpec(name="clip_range", value=0.1, min=0.03, max=0.3, max_rel_step=1.0),
+        KnobSpec(name="n_epochs", type="int", value=3, min=1, max=10, max_rel_step=1.0),
+        KnobSpec(name="target_kl", value=0.01, min=0.003, max=0.1, max_rel_step=1.0),
+        KnobSpec(name="progress_scale", value=1.5, min=0.5, max=10.0, max_rel_step=1.0),
+        KnobSpec(name="success_bonus", value=2.5, min=1.0, max=20.0, max_rel_step=1.0),
+    ],
+    commands=[Command.STOP],
+)
+
+
+def _nothing_learned_menu():
+    """A PPO run still at zero safe success after three evaluations, with timid updates."""
+    t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
+    points = [MetricPoint("eval/safe_success", 100 * (i + 1), 0.0, i) for i in range(3)]
+    t.add([*points, MetricPoint("train/approx_kl", 300, 1e-5, 3)])
+    state = RunState(
+        spec=PPO_SPEC,
+        values=PPO_SPEC.knob_values,
+        step=t.step,
+        evals_since_best=t.objective_view().evals_since_best,
+    )
+    menu = build_menu(state, ValidationConfig(cooldown_steps=0), Source.LLM)
+    return t.snapshot(PPO_SPEC, state.values, []), menu
+
+
+def test_the_rules_remedy_is_a_valid_option_though_it_changes_many_knobs_off_the_choices() -> None:
+    snapshot, menu = _nothing_learned_menu()
+    remedy = RulesPolicy().decide(snapshot, menu)
+    assert remedy.reason.startswith("nothing learned") and len(remedy.changes) > MAX_CHANGES
+    lr = menu.knobs["learning_rate"]
+    assert remedy.changes["learning_rate"] == pytest.approx(1.2e-4) and lr.high >= 1.2e-4
+    assert remedy.changes["learning_rate"] not in lr.choices
+    options = answer_options(menu, remedy)
+    for option in options:
+        chosen = parse_answer(json.dumps(option), menu, offered=options)
+        assert chosen.changes == option["changes"]
+    # The same changes composed freely are still held to the menu's choices and size.
+    with pytest.raises(InvalidAnswer, match=r"not one of|at most"):
+        parse_answer(json.dumps(options[1]), menu)
+
+
+def test_a_choosing_model_that_picks_the_rules_remedy_decides_as_the_model(replay) -> None:
+    snapshot, menu = _nothing_learned_menu()
+    remedy = RulesPolicy().decide(snapshot, menu)
+    core = {"action": "adjust", "changes": remedy.changes}
+    replay.replies = [Reply(json.dumps(core))]
+    policy = LLMPolicy(
+        OpenAIChat("m", base_url=replay.base_url), LLMConfig(mode="choose", consult="on_symptom")
+    )
+    answer = policy.propose(snapshot, menu)
+    assert answer.error is None and answer.source is None and answer.model == "m"
+    assert answer.proposal.changes == remedy.changes
+    assert answer.proposal.reason == remedy.reason[: len(answer.proposal.reason)]
+    assert len(replay.requests) == 1, "valid on the first try"
 
 
 def test_a_choosing_model_answers_an_option_and_the_decision_carries_its_reason(

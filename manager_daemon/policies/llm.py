@@ -114,7 +114,7 @@ class LLMPolicy:
             answer.raw_response = raws[0] if len(raws) == 1 else "\n---retry---\n".join(raws)
             text = result.text if options is None else chosen_option(result.text, options)
             try:
-                answer.proposal = parse_answer(text, menu)
+                answer.proposal = parse_answer(text, menu, offered=options)
                 return answer
             except InvalidAnswer as exc:
                 problem = f"invalid answer: {exc}"

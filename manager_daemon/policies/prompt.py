@@ -302,8 +302,15 @@ class InvalidAnswer(ValueError):
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.MULTILINE)
 
 
-def parse_answer(text: str, menu: Menu) -> Proposal:
-    """Parse and check an answer against the menu; raises InvalidAnswer with the reason."""
+def parse_answer(text: str, menu: Menu, offered: list[dict[str, Any]] | None = None) -> Proposal:
+    """Parse and check an answer against the menu; raises InvalidAnswer with the reason.
+
+    A composed answer must take each value from the menu's choices and change at most
+    ``MAX_CHANGES`` knobs. One of the ``offered`` options (``answer_options``) is valid as
+    offered: the rules' remedy among them may change more knobs, by steps between the menu's
+    choices, as long as every knob is on the menu and every value within its step limits.
+    Validation then checks either kind like any proposal.
+    """
     body = _FENCE.sub("", text.strip())
     try:
         answer = _Answer.model_validate(json.loads(body))
@@ -317,17 +324,26 @@ def parse_answer(text: str, menu: Menu) -> Proposal:
     if answer.action not in actions:
         raise InvalidAnswer(f"action {answer.action!r} is not one of {actions}")
     changes = answer.changes
+    as_offered = offered is not None and any(
+        option_core(o) == {"action": answer.action, "changes": changes} for o in offered
+    )
     for knob, value in changes.items():
         item = menu.knobs.get(knob)
         if item is None:
             raise InvalidAnswer(f"knob {knob!r} is not on the menu ({list(menu.knobs)})")
-        if not any(math.isclose(value, c, rel_tol=1e-6) for c in item.choices):
+        if as_offered:
+            slack = 1e-9 * max(abs(item.low), abs(item.high))
+            if not item.low - slack <= value <= item.high + slack:
+                raise InvalidAnswer(
+                    f"value {value:g} for {knob!r} is outside {item.low:g}…{item.high:g}"
+                )
+        elif not any(math.isclose(value, c, rel_tol=1e-6) for c in item.choices):
             raise InvalidAnswer(f"value {value:g} for {knob!r} is not one of {item.choices}")
     if answer.action == "adjust" and not changes:
         raise InvalidAnswer("action adjust needs at least one change")
     if answer.action != "adjust" and changes:
         raise InvalidAnswer(f"action {answer.action} takes no changes; use adjust to change knobs")
-    if len(changes) > MAX_CHANGES:
+    if len(changes) > MAX_CHANGES and not as_offered:
         raise InvalidAnswer(f"at most {MAX_CHANGES} changes")
     commands = [answer.action] if answer.action in {c.value for c in Command} else []
     action = "adjust" if answer.action == "adjust" else "command" if commands else "no_action"
