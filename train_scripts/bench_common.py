@@ -46,16 +46,17 @@ def tracking_uri(out: Path) -> Iterator[str]:
 def daemons(
     uri: str,
     policies: dict[str, PolicySettings],
-    config: SupervisorConfig,
+    config_of: dict[str, SupervisorConfig],
     experiment_of: dict[str, str],
 ) -> Iterator[None]:
-    """One daemon per policy, each managing the runs of its own experiment, until exit."""
+    """One daemon per policy, each with its own settings managing the runs of its own
+    experiment, until exit."""
     tracker = open_tracker(uri)
     running: list[Daemon] = []
     for name, settings in policies.items():
         policy, why = make_policy(settings)
         log.info("%s: %s", name, why)
-        running.append(Daemon(tracker, policy, config, experiments=[experiment_of[name]]))
+        running.append(Daemon(tracker, policy, config_of[name], experiments=[experiment_of[name]]))
     with in_background(running, DAEMON_INTERVAL_S):
         yield
 

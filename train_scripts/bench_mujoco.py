@@ -118,8 +118,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
     return results
 
 
-def supervisor_config(preset: str) -> SupervisorConfig:
-    """One decision per evaluation at most; answers later than one evaluation are stale.
+def supervisor_config(preset: str, variant: str = "rules") -> SupervisorConfig:
+    """One decision per evaluation at most; the rules' answers are stale a whole evaluation
+    later, the LLM's after four.
+
+    The embedded model answers in 30 s or so on one core here, two to three evaluation periods
+    of the cpu preset: every one of its answers would be stale at one. What it answers to a run
+    that has learned nothing, or explores unsafely, is still worth applying three evaluations
+    later.
 
     The daemon decides once per new evaluation anyway. The cooldown, counted from the step the
     daemon had seen when it decided (a few updates past the evaluation, more or fewer each
@@ -134,7 +140,7 @@ def supervisor_config(preset: str) -> SupervisorConfig:
             stop_after_evals=4,
             rollback_min_regression=0.1,
         ),
-        stale_evals=1,
+        stale_evals=1 if variant == "rules" else 4,
     )
 
 
@@ -155,8 +161,8 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
         for recipe in args.recipes
         for variant in args.variants
     ]
-    config = supervisor_config(args.preset)
-    with daemons(uri, policies, config, experiments), ThreadPoolExecutor(args.parallel) as pool:
+    configs = {v: supervisor_config(args.preset, v) for v in policies}
+    with daemons(uri, policies, configs, experiments), ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: train(*job, args, uri), jobs))
     tracker = open_tracker(uri)
     for r in results:

@@ -165,7 +165,7 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
     }
     experiments = {v: f"{EXPERIMENT}-{v}" for v in MANAGED}
     results: list[Result] = []
-    with daemons(uri, policies, config, experiments):
+    with daemons(uri, policies, dict.fromkeys(policies, config), experiments):
         for index, wave in enumerate(plan(args)):
             with ThreadPoolExecutor(len(wave)) as pool:
                 done = list(pool.map(lambda job: train(job, args, uri), wave))
