@@ -1,5 +1,6 @@
 """The ReacherObstacle training script: evaluation hooks fire after every evaluation, the best
-policy is kept by safe success then collisions, and restore_best rolls policy and optimizer back."""
+evaluation is ranked by safe success then collisions, and the managed run's callback is wired to
+apply within half an evaluation period."""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import pytest
 
 pytest.importorskip("mujoco")
 
-import torch
 
 from train_scripts.mujoco_reacher import (
     PRESETS,
     RECIPES,
-    BestPolicy,
+    BestScore,
     SplitEvaluation,
     build_model,
     evaluate_split,
     manager_callback,
-    restore_best,
 )
 
 
@@ -57,40 +56,10 @@ def test_evaluating_a_split_twice_gives_the_same_numbers() -> None:
     assert evaluate_split(model.policy, "hard", 123, 3) == first
 
 
-def test_the_best_policy_is_ranked_by_safe_success_then_fewer_collisions() -> None:
-    model = build_model(RECIPES["baseline"], PRESETS["tiny"], seed=0)
-    best = BestPolicy()
-    assert best.offer(model, scores(0.5, 0.2))
-    assert not best.offer(model, scores(0.4, 0.0))
-    assert not best.offer(model, scores(0.5, 0.3))
-    assert best.offer(model, scores(0.5, 0.1))
-    assert best.score == (0.5, -0.1)
-
-
-def test_restore_best_rolls_back_policy_and_optimizer_state() -> None:
-    model = build_model(RECIPES["baseline"], PRESETS["tiny"], seed=0)
-    best = BestPolicy()
-    with pytest.raises(ValueError, match="no best policy yet"):
-        restore_best(model, best)
-    model.num_timesteps = 1000
-    best.offer(model, scores(0.9, 0.0))
-    kept = {k: v.clone() for k, v in model.policy.state_dict().items()}
-
-    # One real optimizer step moves the weights and fills Adam's moments.
-    loss = sum(p.sum() for p in model.policy.parameters())
-    model.policy.optimizer.zero_grad()
-    loss.backward()
-    model.policy.optimizer.step()
-    assert model.policy.optimizer.state_dict()["state"]
-
-    assert restore_best(model, best) == 1000
-    for name, value in model.policy.state_dict().items():
-        torch.testing.assert_close(value, kept[name])
-    assert not model.policy.optimizer.state_dict()["state"]
-    # The kept copy is untouched by training after a restore, so a second rollback works too.
-    model.policy.optimizer.zero_grad()
-    sum(p.sum() for p in model.policy.parameters()).backward()
-    model.policy.optimizer.step()
-    restore_best(model, best)
-    for name, value in model.policy.state_dict().items():
-        torch.testing.assert_close(value, kept[name])
+def test_the_best_evaluation_is_ranked_by_safe_success_then_fewer_collisions() -> None:
+    best = BestScore()
+    assert best.offer(100, scores(0.5, 0.2))
+    assert not best.offer(200, scores(0.4, 0.0))
+    assert not best.offer(300, scores(0.5, 0.3))
+    assert best.offer(400, scores(0.5, 0.1))
+    assert (best.score, best.num_timesteps) == ((0.5, -0.1), 400)

@@ -3,7 +3,7 @@
 The recipes (baseline / cautious / reckless) differ in PPO hyperparameters and reward weights;
 the presets size the run. Every ``eval_every`` PPO updates the deterministic policy plays the
 ``easy``, ``medium`` and ``hard`` splits; the metrics go to MLflow and to ``on_evaluated``
-listeners, and the best policy so far is kept in memory so that ``restore_best`` can roll back.
+listeners, and the best score so far is kept for the summary.
 
     python train_scripts/mujoco_reacher.py --recipe baseline --preset cpu --seed 0 \\
         [--tracking-uri URI] [--experiment NAME] [--out DIR --filmstrip] [--managed]
@@ -20,7 +20,6 @@ The last line printed is a JSON summary of the run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ import mlflow
 import numpy as np
 import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
@@ -149,38 +147,20 @@ def evaluate_split(policy: Any, difficulty: str, seed: int, episodes: int) -> di
 
 
 @dataclass
-class BestPolicy:
-    """The best policy seen by evaluation (safe success first, then fewer collisions), as
-    in-memory copies of the policy's and its optimizer's state."""
+class BestScore:
+    """The best evaluation so far: safe success first, then fewer collisions. (Rolling back to
+    it is the manager's ``rollback_to_best``, which keeps the policy's state itself.)"""
 
     score: tuple[float, float] = (-1.0, 0.0)
     num_timesteps: int = -1
-    policy_state: dict[str, Any] = field(default_factory=dict)
-    optimizer_state: dict[str, Any] = field(default_factory=dict)
 
-    def offer(self, model: BaseAlgorithm, metrics: dict[str, float]) -> bool:
-        """Keep ``model``'s current state if ``metrics`` beat the best so far; True if kept."""
+    def offer(self, num_timesteps: int, metrics: dict[str, float]) -> bool:
+        """Record ``metrics`` if they beat the best so far; True if they do."""
         score = (metrics["eval/safe_success"], -metrics["eval/collision"])
         if score <= self.score:
             return False
-        self.score, self.num_timesteps = score, model.num_timesteps
-        self.policy_state = copy.deepcopy(model.policy.state_dict())
-        self.optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
+        self.score, self.num_timesteps = score, num_timesteps
         return True
-
-
-def restore_best(model: BaseAlgorithm, best: BestPolicy) -> int:
-    """Load the best policy and optimizer state into ``model``; returns the env step it was
-    kept at. The learning rate the optimizer state carries is replaced at the next update by
-    the model's schedule, so a live learning-rate change survives the rollback. Called at a
-    rollout end, the next update trains on a rollout of the replaced policy; PPO's clipping
-    keeps that one update small."""
-    if best.num_timesteps < 0:
-        raise ValueError("no best policy yet: restore_best needs at least one evaluation")
-    model.policy.load_state_dict(copy.deepcopy(best.policy_state))
-    model.policy.optimizer.load_state_dict(copy.deepcopy(best.optimizer_state))
-    log.info("restored the best policy from step %d", best.num_timesteps)
-    return best.num_timesteps
 
 
 class SplitEvaluation(BaseCallback):
@@ -199,7 +179,7 @@ class SplitEvaluation(BaseCallback):
         self.rollouts = 0  # complete rollouts; learn() updates the policy after each one
         self.updates = 0
         self.evaluated_at_update = -1
-        self.best = BestPolicy()
+        self.best = BestScore()
         self.last: dict[str, float] = {}
         self.on_evaluated: list[Callable[[dict[str, float]], None]] = []
 
@@ -231,7 +211,7 @@ class SplitEvaluation(BaseCallback):
         self.evaluated_at_update, self.last = self.updates, metrics
         if mlflow.active_run() is not None:
             mlflow.log_metrics(metrics, step=self.model.num_timesteps)
-        self.best.offer(self.model, metrics)
+        self.best.offer(self.model.num_timesteps, metrics)
         log.info(
             "update %d, step %d: safe success %.2f, collision %.2f",
             self.updates,
