@@ -25,7 +25,8 @@ from integrations.protocol import (
 )
 from integrations.torch_hooks import TorchKnobs
 from integrations.trackers import MetricPoint, Tracker, open_tracker
-from manager_daemon.telemetry import RunTelemetry
+from manager_daemon.telemetry import Intervention, RunTelemetry, Snapshot
+from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.2) -> object:
@@ -144,3 +145,19 @@ def telemetry(train: list[float], evals: list[float], eval_every: int = 10) -> R
     ]
     t.add(sorted(points, key=lambda p: p.timestamp))
     return t
+
+
+def snapshot_and_menu(
+    t: RunTelemetry,
+    spec: RunSpec,
+    source: Source,
+    values: dict[str, float] | None = None,
+    history: list[Intervention] | None = None,
+) -> tuple[Snapshot, Menu]:
+    """What a policy is given for telemetry ``t``: its snapshot, and the menu without cooldowns."""
+    values = values or spec.knob_values
+    state = RunState(
+        spec=spec, values=values, step=t.step, evals_since_best=t.objective_view().evals_since_best
+    )
+    menu = build_menu(state, ValidationConfig(cooldown_steps=0), source)
+    return t.snapshot(spec, values, history or []), menu

@@ -41,7 +41,7 @@ from manager_daemon.policies.rules import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.telemetry import MetricPoint, RunTelemetry
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
-from tests.helpers import OVERFIT_SPEC, overfitting_run, telemetry
+from tests.helpers import OVERFIT_SPEC, overfitting_run, snapshot_and_menu, telemetry
 from tests.openai_replay import ReplayServer, Reply
 
 
@@ -280,14 +280,7 @@ def _nothing_learned_menu():
     t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
     points = [MetricPoint("eval/safe_success", 100 * (i + 1), 0.0, i) for i in range(3)]
     t.add([*points, MetricPoint("train/approx_kl", 300, 1e-5, 3)])
-    state = RunState(
-        spec=PPO_SPEC,
-        values=PPO_SPEC.knob_values,
-        step=t.step,
-        evals_since_best=t.objective_view().evals_since_best,
-    )
-    menu = build_menu(state, ValidationConfig(cooldown_steps=0), Source.LLM)
-    return t.snapshot(PPO_SPEC, state.values, []), menu
+    return snapshot_and_menu(t, PPO_SPEC, Source.LLM)
 
 
 def test_the_rules_remedy_is_a_valid_option_though_it_changes_many_knobs_off_the_choices() -> None:

@@ -9,7 +9,7 @@ from integrations.trackers import MetricPoint
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.telemetry import Intervention, RunTelemetry
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
-from tests.helpers import telemetry
+from tests.helpers import snapshot_and_menu, telemetry
 
 SPEC = RunSpec(
     framework="transformers",
@@ -26,12 +26,7 @@ SPEC = RunSpec(
 
 
 def decide(t: RunTelemetry, history: list[Intervention] | None = None, values: dict | None = None):
-    values = values or SPEC.knob_values
-    st = RunState(
-        spec=SPEC, values=values, step=t.step, evals_since_best=t.objective_view().evals_since_best
-    )
-    menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
-    return RulesPolicy().decide(t.snapshot(SPEC, values, history or []), menu)
+    return RulesPolicy().decide(*snapshot_and_menu(t, SPEC, Source.RULES, values, history))
 
 
 def falling(n: int, start: float = 3.0, end: float = 1.0) -> list[float]:
@@ -155,14 +150,7 @@ def rl_decide(
         for i, v in enumerate(training_collisions)
     ]
     t.add(sorted(points, key=lambda p: p.timestamp))
-    st = RunState(
-        spec=RL_SPEC,
-        values=RL_SPEC.knob_values,
-        step=t.step,
-        evals_since_best=t.objective_view().evals_since_best,
-    )
-    menu = build_menu(st, ValidationConfig(cooldown_steps=0), Source.RULES)
-    return RulesPolicy().decide(t.snapshot(RL_SPEC, RL_SPEC.knob_values, []), menu)
+    return RulesPolicy().decide(*snapshot_and_menu(t, RL_SPEC, Source.RULES))
 
 
 def test_unsafe_exploration_calms_the_policy_and_raises_the_penalty() -> None:
