@@ -242,16 +242,16 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
         if state.regressed_evals < config.rollback_after_evals:
             gated.add(Command.ROLLBACK_TO_BEST)
             if Command.ROLLBACK_TO_BEST in state.spec.commands:
-                menu.blocked["rollback_to_best"] = (
+                menu.blocked[Command.ROLLBACK_TO_BEST.value] = (
                     f"offered after {config.rollback_after_evals} evaluations in a row at least "
                     f"{config.rollback_min_regression:.0%} worse than the best"
                 )
     if state.stop_issued:
         gated.add(Command.STOP)
-        menu.blocked["stop"] = "a stop was already issued"
+        menu.blocked[Command.STOP.value] = "a stop was already issued"
     elif source is not Source.HUMAN and state.evals_since_best < config.stop_after_evals:
         gated.add(Command.STOP)
-        menu.blocked["stop"] = (
+        menu.blocked[Command.STOP.value] = (
             f"offered after {config.stop_after_evals} evaluations without improvement"
         )
     menu.commands = [c for c in state.spec.commands if c not in gated]

@@ -32,8 +32,7 @@ import mlflow
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from manager_daemon.demo.lm import LMRecipe, build_datasets, build_model, training_arguments
-from manager_daemon.demo.lm import train_tokenizer as train_local_tokenizer
+from manager_daemon.demo.lm import LMRecipe, prepare_texts, training_arguments
 from manager_daemon.demo.stories import generate_stories
 
 log = logging.getLogger("tinystories")
@@ -215,17 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         **{k: v for k, v in overrides.items() if v is not None},
     )
     train_texts, eval_texts, source = load_stories(args, recipe)
-    tokenizer = train_local_tokenizer(train_texts, vocab_size=recipe.vocab_size)
-    train_data, eval_data = build_datasets(tokenizer, train_texts, eval_texts, recipe.block_size)
-    model = build_model(
-        tokenizer,
-        n_layer=recipe.n_layer,
-        n_embd=recipe.n_embd,
-        n_head=recipe.n_head,
-        n_positions=recipe.block_size,
-        dropout=recipe.dropout,
-        seed=recipe.seed,
-    )
+    # A tokenizer trained locally on the train stories, the datasets, a fresh GPT-2 model.
+    data = prepare_texts(recipe, train_texts, eval_texts, recipe.seed)
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -241,12 +231,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 **dict(t.split("=", 1) for t in args.tag),
             }
         )
-        mlflow.log_params({"n_params": model.num_parameters(), "train_blocks": len(train_data)})
+        mlflow.log_params(
+            {"n_params": data.model.num_parameters(), "train_blocks": len(data.train_dataset)}
+        )
         trainer = Trainer(
-            model=model,
+            model=data.model,
             args=_arguments(recipe, args, str(args.output_dir or tmp)),
-            train_dataset=train_data,
-            eval_dataset=eval_data,
+            train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
             callbacks=[EarlyStoppingCallback(early_stopping_patience=5)] if args.plateau else [],
         )
         metrics = trainer.train().metrics

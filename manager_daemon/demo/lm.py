@@ -189,6 +189,13 @@ def prepare(recipe: LMRecipe, seed: int | None = None) -> Prepared:
     seed = recipe.seed if seed is None else seed
     train_texts = generate_stories(recipe.n_train_stories, seed=2 * seed)
     eval_texts = generate_stories(recipe.n_eval_stories, seed=2 * seed + 1)
+    return prepare_texts(recipe, train_texts, eval_texts, seed)
+
+
+def prepare_texts(
+    recipe: LMRecipe, train_texts: list[str], eval_texts: list[str], seed: int
+) -> Prepared:
+    """Train the tokenizer on ``train_texts`` and build the model and both datasets."""
     tokenizer = train_tokenizer(train_texts, vocab_size=recipe.vocab_size)
     train_dataset, eval_dataset = build_datasets(
         tokenizer, train_texts, eval_texts, recipe.block_size

@@ -205,11 +205,11 @@ def answer_options(menu: Menu, diagnosis: Proposal | None) -> list[dict[str, Any
     for command in menu.commands:
         if not any(o["action"] == command.value for o in options):
             what = {
-                "stop": "end training now",
-                "checkpoint": "save the current weights",
-                "rollback_to_best": "restore the weights of the best evaluation so far",
+                Command.STOP: "end training now",
+                Command.CHECKPOINT: "save the current weights",
+                Command.ROLLBACK_TO_BEST: "restore the weights of the best evaluation so far",
             }
-            reason = what.get(command.value, command.value)
+            reason = what.get(command, command.value)
             options.append(_option(command.value, {}, reason, "", objective_watch))
     return options
 
