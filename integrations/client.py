@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,6 @@ from pydantic import ValidationError
 
 from integrations.protocol import (
     METRIC_PARAMS_VERSION,
-    SIGNING_KEY_ENV,
     SPEC_PATH,
     TAG_CLIENT_APPLIED_STEP,
     TAG_CLIENT_APPLIED_VERSION,
@@ -34,7 +32,8 @@ from integrations.protocol import (
     RunSpec,
     params_path,
 )
-from integrations.trackers import Tracker, TrackerError, open_tracker
+from integrations.settings import DEFAULT_POLL_INTERVAL_S
+from integrations.trackers import CorruptArtifact, Tracker, TrackerError, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +67,8 @@ class ManagerClient:
         objective: written to ``atm.objective`` when given.
         poll_interval: seconds between polls of ``atm.params.version``.
         resume: re-apply the version this run had applied before (a restart from a checkpoint).
+        signing_key: the key params versions must be signed with (``ClientSettings.key()``);
+            without one, versions signed with a key are refused.
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class ManagerClient:
         tracker: Tracker | None = None,
         tracking_uri: str | None = None,
         objective: str | None = None,
-        poll_interval: float = 2.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         resume: bool = True,
         signing_key: str | None = None,
     ) -> None:
@@ -92,7 +93,7 @@ class ManagerClient:
         self.objective = objective
         self.poll_interval = poll_interval
         self.resume = resume
-        self.signing_key = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+        self.signing_key = signing_key or None
 
         self.values: dict[str, float] = spec.knob_values
         self.applied_version = 0
@@ -131,6 +132,12 @@ class ManagerClient:
     def value(self, name: str) -> float:
         """The current value of a knob, as last applied."""
         return self.values[name]
+
+    @property
+    def staged_version(self) -> int | None:
+        """The version waiting for its boundary, if any."""
+        staged = self._staged
+        return staged.version if staged is not None else None
 
     def apply_pending(self, boundary: Boundary, step: int, apply: ApplyFn) -> ParamsVersion | None:
         """Apply the staged version if this is its boundary; returns it when applied.
@@ -297,10 +304,8 @@ class ManagerClient:
     def _load(self, version: int, *, check_parent: bool) -> ParamsVersion:
         try:
             raw = self.tracker.read_json(self.run_id, params_path(version))
-        except TrackerError as exc:
-            if "not valid JSON" in str(exc):
-                raise ParamsRejected(f"malformed params file: {exc}") from exc
-            raise
+        except CorruptArtifact as exc:
+            raise ParamsRejected(f"malformed params file: {exc}") from exc
         if raw is None:
             raise ParamsRejected(
                 f"tag names version {version} but {params_path(version)} is missing"

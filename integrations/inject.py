@@ -8,101 +8,49 @@ and only if, the script imports it:
 
 - ``transformers.trainer``: every ``Trainer`` gets the manager's callback;
 - ``stable_baselines3.common.base_class``: every ``learn()`` gets the manager's callback, and
-  SB3's own training metrics go to the MLflow run;
+  SB3's own training metrics go to the tracker run;
 - ``torch.optim``: for hand-written loops, a global optimizer step hook manages the first
   optimizer that steps (its lr, weight decay, and the lr schedulers built on it), unless a
   Trainer or an SB3 algorithm is already managing the process.
 
-Each integration finds the run the script logs to (MLflow's active run, or ``MLFLOW_RUN_ID``)
-when training starts, marks it managed and publishes its knobs. Without ``ATM_RUN`` none of
-this runs: importing this package changes nothing, starts no thread and hooks nothing.
+Each integration finds the run the script logs to (the tracker backend says how: MLflow's
+active run, or ``MLFLOW_RUN_ID``) when training starts, marks it managed and publishes its
+knobs. Without ``ATM_RUN`` none of this runs: importing this package changes nothing, starts
+no thread and hooks nothing.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import json
 import logging
 import os
 import sys
-import threading
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from integrations import session
+from integrations.session import ENV, InjectConfig
 
 if TYPE_CHECKING:
     from integrations.protocol import Boundary
 
 log = logging.getLogger("integrations.inject")
 
-ENV = "ATM_RUN"
-
-
-@dataclass
-class InjectConfig:
-    """``atm run``'s options (validated there), as the launched process receives them.
-
-    A plain dataclass, so that start-up imports nothing heavy: the integrations and their
-    dependencies load only when the script imports the framework they hook.
-    """
-
-    objective: str = "minimize:eval_loss"
-    poll_interval: float = 2.0
-    apply_at: str | None = None  # step, eval or rollout; None: each framework's default
-    bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def to_env(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_env(cls, text: str) -> InjectConfig:
-        return cls(**json.loads(text))
-
-
-class _Session:
-    """What the hooks share within one process."""
-
-    def __init__(self, config: InjectConfig) -> None:
-        self.config = config
-        self.owner: str | None = None  # a framework integration managing this process
-        self.lock = threading.Lock()
-        self.schedulers: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
-        self.loop: _LoopKnobs | None = None
-
-    def claim(self, owner: str) -> None:
-        with self.lock:
-            if self.owner is None:
-                self.owner = owner
-
-
-_session: _Session | None = None
-
-
-def active() -> bool:
-    """Whether this process was launched by ``atm run`` (and the hooks are installed)."""
-    return _session is not None
-
-
-def claim(owner: str) -> None:
-    """An integration the script set up itself manages this process: the hooks stand back."""
-    if _session is not None:
-        _session.claim(owner)
+__all__ = ["ENV", "InjectConfig", "install"]
 
 
 def install(config: InjectConfig | None = None) -> None:
     """Install the post-import hooks; called by ``sitecustomize`` under ``atm run`` only."""
-    global _session
-    if _session is not None:
+    if session.current() is not None:
         return
     if config is None:
         raw = os.environ.get(ENV)
         if not raw:
             return
         config = InjectConfig.from_env(raw)
-    _session = _Session(config)
+    session.start(config)
     hooks: dict[str, Callable[[ModuleType], None]] = {
         "transformers.trainer": _patch_trainer,
         "stable_baselines3.common.base_class": _patch_sb3,
@@ -165,8 +113,9 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
 
 
 def _config() -> InjectConfig:
-    assert _session is not None
-    return _session.config
+    current = session.current()
+    assert current is not None
+    return current.config
 
 
 def _boundary(default: Boundary, allowed: tuple[Boundary, ...]) -> Boundary:
@@ -190,7 +139,8 @@ def _patch_trainer(module: ModuleType) -> None:
         from integrations.hf import ManagerCallback
         from integrations.protocol import Boundary
 
-        if _session is None:
+        current = session.current()
+        if current is None:
             return
         callbacks = self.callback_handler.callbacks
         if not any(isinstance(c, ManagerCallback) for c in callbacks):
@@ -201,9 +151,10 @@ def _patch_trainer(module: ModuleType) -> None:
                     poll_interval=config.poll_interval,
                     apply_at=_boundary(Boundary.STEP, (Boundary.STEP, Boundary.EVAL)),
                     bounds=config.bounds,
+                    trainer=self,
                 )
             )
-        _session.claim("transformers")
+        current.claim(ManagerCallback.framework)
 
     trainer_cls.__init__ = __init__
 
@@ -214,7 +165,8 @@ def _patch_sb3(module: ModuleType) -> None:
     original_init_callback = algorithm_cls._init_callback
 
     def _init_callback(self: Any, callback: Any, *args: Any, **kwargs: Any) -> Any:
-        if _session is not None:
+        current = session.current()
+        if current is not None:
             from stable_baselines3.common.callbacks import (
                 BaseCallback,
                 CallbackList,
@@ -224,7 +176,7 @@ def _patch_sb3(module: ModuleType) -> None:
             from integrations.protocol import Boundary
             from integrations.sb3 import ManagerSB3Callback
 
-            _session.claim("stable-baselines3")
+            current.claim(ManagerSB3Callback.framework)
             if _contains(callback, ManagerSB3Callback):
                 return original_init_callback(self, callback, *args, **kwargs)
             config = _config()
@@ -233,7 +185,7 @@ def _patch_sb3(module: ModuleType) -> None:
                 poll_interval=config.poll_interval,
                 apply_at=_boundary(Boundary.ROLLOUT, (Boundary.ROLLOUT, Boundary.EVAL)),
                 bounds=config.bounds,
-                log_to_mlflow=True,
+                log_to_tracker=True,
             )
             if callback is None:
                 callback = ours
@@ -262,8 +214,8 @@ def _patch_torch_schedulers(module: ModuleType) -> None:
 
     def __init__(self: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, optimizer, *args, **kwargs)
-        if _session is not None:
-            _session.schedulers.setdefault(optimizer, []).append(self)
+        if (current := session.current()) is not None:
+            current.schedulers.setdefault(optimizer, []).append(self)
 
     scheduler_cls.__init__ = __init__
 
@@ -273,29 +225,33 @@ def _patch_torch_optimizer(module: ModuleType) -> None:
 
 
 def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    session = _session
-    if session is None or session.owner not in (None, "torch"):
+    current = session.current()
+    if current is None or current.owner not in (None, _LOOP):
         return
     try:
-        if session.loop is None:
+        if current.loop is None:
             if os.environ.get("RANK", "0") != "0":
-                session.claim("another rank")
+                current.claim("another rank")
                 return
-            session.loop = _LoopKnobs(optimizer, session)
-            session.claim("torch")
-        session.loop.after_step(optimizer)
+            current.loop = _LoopKnobs(optimizer, current)
+            current.claim(_LOOP)
+        current.loop.after_step(optimizer)
     except Exception:
         # Whatever goes wrong here, the training step already happened and must not fail.
         log.warning("atm: the optimizer hook failed; training continues unmanaged", exc_info=True)
-        session.claim("failed")
+        current.claim("failed")
+
+
+# The owner name of a loop managed through its optimizer, distinct from a script's own TorchKnobs.
+_LOOP = "optimizer hook"
 
 
 class _LoopKnobs:
     """A hand-written loop's first optimizer, managed from a global step hook."""
 
-    def __init__(self, optimizer: Any, session: _Session) -> None:
+    def __init__(self, optimizer: Any, current: session.Session) -> None:
         self.optimizer = optimizer
-        self.session = session
+        self.session = current
         self.steps = 0
         self.knobs: Any = None
         self._next_look = 0
@@ -312,16 +268,14 @@ class _LoopKnobs:
         self.knobs.step(self.steps + 1)
 
     def _connect(self) -> None:
-        # Look for the run at step 1, then every 10 steps: a script may start its MLflow
-        # run (or log its first metric, which starts one) only after some steps.
+        # Look for the run at step 1, then every 10 steps: a script may start its run (or log
+        # its first metric, which starts one) only after some steps.
         if self.steps < self._next_look:
             return
         self._next_look = self.steps + 10
-        run_id = os.environ.get("MLFLOW_RUN_ID")
-        mlflow = sys.modules.get("mlflow")
-        if mlflow is not None and (run := mlflow.active_run()) is not None:
-            run_id = run.info.run_id
-        if run_id is None:
+        from integrations.trackers import bind_run
+
+        if bind_run() is None:
             return
         from integrations.protocol import Boundary
         from integrations.torch_hooks import TorchKnobs
@@ -336,6 +290,4 @@ class _LoopKnobs:
             commands=[],
         )
         # No commands: an unmodified loop has no way to be told to stop or checkpoint.
-        self.knobs = knobs.start(
-            run_id, objective=config.objective, poll_interval=config.poll_interval
-        )
+        self.knobs = knobs.start(objective=config.objective, poll_interval=config.poll_interval)

@@ -1,24 +1,120 @@
-"""Default bounds for knobs, derived from their starting values, and user overrides."""
+"""The knob catalog: the knobs the manager knows by name, with their scale and default bounds.
+
+Part of the contract, used by both sides: a framework integration publishes a knob under its
+catalog name with bounds derived here from the starting value, the daemon's policies refer to
+knobs by these names, and ``atm attach`` recognises a knob among a run's logged parameters by
+the names in ``param_names``. Names follow the frameworks' own arguments so users recognise
+them. A script's own values (loss or reward weights) are knobs too, under the name it gives
+them, with generic bounds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from integrations.protocol import Boundary, KnobSpec, Scale
 
-_LOG_DEFAULTS: dict[str, tuple[float, float, float]] = {
-    # min factor, max factor, max_rel_step (3.0: one change moves at most ×4 or ÷4)
-    "learning_rate": (1e-3, 10.0, 3.0),
-    "max_grad_norm": (1e-2, 10.0, 3.0),
+
+class Knob(StrEnum):
+    LEARNING_RATE = "learning_rate"
+    WEIGHT_DECAY = "weight_decay"
+    DROPOUT = "dropout"
+    MAX_GRAD_NORM = "max_grad_norm"
+    LABEL_SMOOTHING = "label_smoothing"
+    ENT_COEF = "ent_coef"
+    CLIP_RANGE = "clip_range"
+    TARGET_KL = "target_kl"
+    N_EPOCHS = "n_epochs"
+    VF_COEF = "vf_coef"
+    ACTION_NOISE_SIGMA = "action_noise_sigma"
+
+
+# (min, max, max_rel_step) for a knob starting at a value. On a log scale max_rel_step 3.0
+# lets one change move ×4 or ÷4; on a linear one it is a share of the range.
+Bounds = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class KnobInfo:
+    """What the catalog knows about one knob."""
+
+    scale: Scale
+    bounds: Callable[[float], Bounds]
+    description: str
+    type: Literal["float", "int"] = "float"
+    # Logged parameter names that carry this knob's value (TrainingArguments, SB3, scripts).
+    param_names: tuple[str, ...] = ()
+
+
+def _factors(low: float, high: float, step: float) -> Callable[[float], Bounds]:
+    return lambda v: (v * low, v * high, step)
+
+
+def _absolute(low: float, high: float, step: float) -> Callable[[float], Bounds]:
+    # Wide enough to hold the start, so a run that starts outside the usual range can go on.
+    return lambda v: (min(low, v), max(high, 2 * v), step)
+
+
+def _clip_range(v: float) -> Bounds:
+    # A ratio clipped beyond [0, 2] is not clipped at all.
+    return v / 10, max(v, min(10 * v, 1.0)), 1.0
+
+
+# Keyed by Knob, which is a str: a plain name finds its entry.
+CATALOG: dict[str, KnobInfo] = {
+    Knob.LEARNING_RATE: KnobInfo(
+        Scale.LOG, _factors(1e-3, 10.0, 3.0), "the optimizer's learning rate", param_names=("lr",)
+    ),
+    Knob.WEIGHT_DECAY: KnobInfo(
+        Scale.LIN, _absolute(0.0, 0.5, 0.2), "weight decay of the decaying parameter groups"
+    ),
+    Knob.DROPOUT: KnobInfo(
+        Scale.LIN,
+        _absolute(0.0, 0.5, 0.2),
+        "the probability of every dropout module",
+        param_names=("hidden_dropout_prob",),
+    ),
+    Knob.MAX_GRAD_NORM: KnobInfo(
+        Scale.LOG, _factors(1e-2, 10.0, 3.0), "the norm gradients are clipped to"
+    ),
+    Knob.LABEL_SMOOTHING: KnobInfo(
+        Scale.LIN,
+        _absolute(0.0, 0.5, 0.2),
+        "the share of probability spread over the other labels in the loss",
+        param_names=("label_smoothing_factor",),
+    ),
+    Knob.ENT_COEF: KnobInfo(Scale.LIN, _absolute(0.0, 0.1, 0.2), "the entropy bonus coefficient"),
+    Knob.CLIP_RANGE: KnobInfo(Scale.LOG, _clip_range, "PPO's clipping of the policy ratio"),
+    Knob.TARGET_KL: KnobInfo(
+        Scale.LOG, _factors(0.1, 10.0, 1.0), "the KL at which PPO stops an update early"
+    ),
+    Knob.N_EPOCHS: KnobInfo(
+        Scale.LOG,
+        lambda v: (1.0, max(10.0, 10 * v), 1.0),
+        "passes over each rollout per update",
+        type="int",
+    ),
+    Knob.VF_COEF: KnobInfo(
+        Scale.LIN, _absolute(0.0, 1.0, 0.2), "the value loss's weight in the total loss"
+    ),
+    Knob.ACTION_NOISE_SIGMA: KnobInfo(
+        Scale.LOG, _factors(0.1, 10.0, 1.0), "off-policy exploration noise (mean sigma)"
+    ),
 }
-_LIN_DEFAULTS: dict[str, tuple[float, float, float]] = {
-    # absolute min, absolute max, max_rel_step as a share of the range
-    "weight_decay": (0.0, 0.5, 0.2),
-    "dropout": (0.0, 0.5, 0.2),
-}
+
+
+def _generic(value: float) -> tuple[Scale, Bounds]:
+    """Bounds for a knob the catalog does not know (a script's loss or reward weight)."""
+    if value > 0:
+        return Scale.LOG, (value / 10, value * 10, 1.0)
+    return Scale.LIN, (min(0.0, value), max(1.0, abs(value)), 0.2)
+
 
 BoundsOverrides = Mapping[str, Mapping[str, Any]]
 
@@ -29,35 +125,21 @@ def derive_knob(
     *,
     apply_at: Boundary = Boundary.STEP,
     overrides: BoundsOverrides | None = None,
-    type_: str = "float",
 ) -> KnobSpec:
-    """A knob spec with bounds derived from the starting value, then user overrides applied.
-
-    Log-scale knobs (learning rate, clipping norm, positive custom values) get bounds as
-    factors of the start; weight decay and dropout get fixed absolute ranges wide enough to
-    include the start. ``overrides[name]`` may set ``min``, ``max``, ``max_rel_step``,
-    ``scale`` and ``cooldown_steps``.
-    """
+    """A knob spec with the catalog's bounds for ``value`` (generic ones for a name it does
+    not know), then the user's ``overrides[name]`` (``min``, ``max``, ``max_rel_step``,
+    ``scale``, ``cooldown_steps``)."""
     value = float(value)
-    if name in _LOG_DEFAULTS and value > 0:
-        lo, hi, step = _LOG_DEFAULTS[name]
-        fields: dict[str, Any] = dict(
-            min=value * lo, max=value * hi, max_rel_step=step, scale=Scale.LOG
-        )
-    elif name in _LIN_DEFAULTS:
-        lo, hi, step = _LIN_DEFAULTS[name]
-        fields = dict(
-            min=min(lo, value), max=max(hi, 2 * value), max_rel_step=step, scale=Scale.LIN
-        )
-    elif value > 0:
-        fields = dict(min=value / 10, max=value * 10, max_rel_step=1.0, scale=Scale.LOG)
+    info = CATALOG.get(name)
+    if info is not None and not (info.scale is Scale.LOG and value <= 0):
+        scale, (low, high, step) = info.scale, info.bounds(value)
     else:
-        fields = dict(
-            min=min(0.0, value), max=max(1.0, abs(value)), max_rel_step=0.2, scale=Scale.LIN
-        )
+        scale, (low, high, step) = _generic(value)
+    fields: dict[str, Any] = dict(min=low, max=high, max_rel_step=step, scale=scale)
     fields.update((overrides or {}).get(name, {}))
+    kind = info.type if info is not None else "float"
     try:
-        return KnobSpec(name=name, value=value, type=type_, apply_at=apply_at, **fields)
+        return KnobSpec(name=name, value=value, type=kind, apply_at=apply_at, **fields)
     except ValidationError as exc:
         raise ValueError(f"bounds for knob {name!r} are invalid: {exc.errors()[0]['msg']}") from exc
 
@@ -95,32 +177,19 @@ def parse_bounds(data: object) -> dict[str, dict[str, Any]]:
     return bounds
 
 
-# Logged parameter names (transformers' TrainingArguments, stable-baselines3, common scripts)
-# that name a knob, for runs attached without a client.
-PARAM_KNOBS: dict[str, str] = {
-    "learning_rate": "learning_rate",
-    "lr": "learning_rate",
-    "weight_decay": "weight_decay",
-    "dropout": "dropout",
-    "hidden_dropout_prob": "dropout",
-    "max_grad_norm": "max_grad_norm",
-    "ent_coef": "ent_coef",
-    "clip_range": "clip_range",
-    "target_kl": "target_kl",
-    "vf_coef": "vf_coef",
-}
-
-
 def knobs_from_params(params: Mapping[str, str]) -> dict[str, float]:
-    """Knob values read from a run's logged parameters (the numeric ones we recognise)."""
+    """Knob values read from a run's logged parameters (the numeric ones the catalog names),
+    for runs attached without a client."""
     found: dict[str, float] = {}
-    for key, name in PARAM_KNOBS.items():
-        if name in found or key not in params:
-            continue
-        try:
-            value = float(params[key])
-        except ValueError:
-            continue
-        if value == value and abs(value) != float("inf"):
-            found[name] = value
+    for knob, info in CATALOG.items():
+        for key in (knob, *info.param_names):
+            if key not in params:
+                continue
+            try:
+                value = float(params[key])
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                found[knob.value] = value
+                break
     return found

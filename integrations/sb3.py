@@ -1,6 +1,6 @@
 """The stable-baselines3 integration: a callback that applies manager updates between rollouts.
 
-Pass it to ``learn()`` while the script logs to an MLflow run::
+Pass it to ``learn()`` while the script logs to a tracker run (MLflow's, here)::
 
     with mlflow.start_run():
         model.learn(100_000, callback=ManagerSB3Callback(objective="maximize:eval/mean_reward"))
@@ -27,8 +27,8 @@ then instead of at the next evaluation; one that arrives later still waits for t
 callback in ``learn()``'s callback list rather than inside an ``EvalCallback``, which does not
 forward rollout and training-end events to its children.
 
-``MlflowWriter`` sends SB3's own training metrics (``train/…``, ``rollout/…``, ``time/…``) to
-the run, for scripts that do not log them themselves (``log_to_mlflow=True``).
+``TrackerWriter`` sends SB3's own training metrics (``train/…``, ``rollout/…``, ``time/…``) to
+the run, for scripts that do not log them themselves (``log_to_tracker=True``).
 """
 
 from __future__ import annotations
@@ -37,15 +37,12 @@ import logging
 import numbers
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import (
     BaseCallback,
@@ -63,19 +60,11 @@ from stable_baselines3.common.noise import (
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule
 
-from integrations.client import ManagerClient
-from integrations.knobs import BoundsOverrides, derive_knob
-from integrations.protocol import (
-    DEFAULT_OBJECTIVE,
-    Boundary,
-    Command,
-    KnobSpec,
-    Objective,
-    ParamsVersion,
-    RunSpec,
-    Scale,
-)
-from integrations.torch_hooks import BestState, resolve_mlflow_run
+from integrations import session
+from integrations.adapter import KnobRow, ManagedTraining
+from integrations.knobs import BoundsOverrides, Knob
+from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command, ParamsVersion
+from integrations.trackers import Tracker, bind_run
 
 log = logging.getLogger(__name__)
 
@@ -99,51 +88,97 @@ def exploration_noises(noise: ActionNoise | None) -> list[ActionNoise]:
     return [n for n in noises if isinstance(n, NormalActionNoise | OrnsteinUhlenbeckActionNoise)]
 
 
-def discover_values(model: BaseAlgorithm) -> dict[str, float]:
-    """The knobs ``model``'s algorithm has, with their starting values."""
-    found: dict[str, float] = {}
-    lr = float(model.lr_schedule(1.0))
-    if lr > 0:
-        found["learning_rate"] = lr
-    for name in ("ent_coef", "vf_coef", "target_kl"):
-        value = getattr(model, name, None)
-        # SAC's learned coefficient is a string ("auto"); an unset target_kl is None.
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            found[name] = float(value)
-    clip_range = getattr(model, "clip_range", None)
-    if callable(clip_range):
-        found["clip_range"] = float(clip_range(1.0))
-    n_epochs = getattr(model, "n_epochs", None)
-    if isinstance(n_epochs, int) and n_epochs > 0:
-        found["n_epochs"] = float(n_epochs)
-    noises = exploration_noises(getattr(model, "action_noise", None))
-    sigmas = [np.asarray(n._sigma, dtype=float) for n in noises]
-    if sigmas and (mean := float(np.mean(np.concatenate([s.ravel() for s in sigmas])))) > 0:
-        found["action_noise_sigma"] = mean
-    return found
+def _number(value: object) -> float | None:
+    """A plain coefficient's value; SAC's learned one is a string ("auto"), an unset
+    target_kl None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
-def default_bounds(name: str, value: float) -> dict[str, Any]:
-    """SB3-specific bounds; knobs not listed here get ``derive_knob``'s defaults."""
-    if name == "ent_coef":
-        return dict(min=min(0.0, value), max=max(0.1, 2 * value), max_rel_step=0.2, scale=Scale.LIN)
-    if name == "vf_coef":
-        return dict(min=min(0.0, value), max=max(1.0, 2 * value), max_rel_step=0.2, scale=Scale.LIN)
-    if name == "clip_range" and value > 0:
-        # A ratio clipped beyond [0, 2] is not clipped at all.
-        upper = max(value, min(10 * value, 1.0))
-        return dict(min=value / 10, max=upper, max_rel_step=1.0, scale=Scale.LOG)
-    if name == "n_epochs":
-        return dict(min=1.0, max=max(10.0, 10 * value), max_rel_step=1.0, scale=Scale.LOG)
-    return {}
+def _lr(cb: ManagerSB3Callback) -> float | None:
+    lr = float(cb.model.lr_schedule(1.0))
+    return lr if lr > 0 else None
 
 
-class ManagerSB3Callback(BaseCallback):
-    """Connects an SB3 algorithm's ``learn()`` to the manager; inert if no MLflow run is found.
+def _set_lr(cb: ManagerSB3Callback, new: float) -> None:
+    assert cb.lr_schedule is not None
+    # learn() reads lr_schedule; load() rebuilds lr_schedule from learning_rate.
+    cb.model.learning_rate = scaled_schedule(
+        cb.lr_schedule, new / cb.start_value(Knob.LEARNING_RATE)
+    )
+    cb.model.lr_schedule = FloatSchedule(cb.model.learning_rate)
+
+
+def _set_ent_coef(cb: ManagerSB3Callback, new: float) -> None:
+    cb.model.ent_coef = new
+    if hasattr(cb.model, "ent_coef_tensor"):  # SAC with a fixed coefficient
+        cb.model.ent_coef_tensor = torch.tensor(new, device=cb.model.device)
+
+
+def _clip_range(cb: ManagerSB3Callback) -> float | None:
+    clip_range = getattr(cb.model, "clip_range", None)
+    return float(clip_range(1.0)) if callable(clip_range) else None
+
+
+def _set_clip_range(cb: ManagerSB3Callback, new: float) -> None:
+    # A constant replaces the schedule.
+    cb.model.clip_range = FloatSchedule(ConstantSchedule(new))
+
+
+def _n_epochs(cb: ManagerSB3Callback) -> float | None:
+    n_epochs = getattr(cb.model, "n_epochs", None)
+    return float(n_epochs) if isinstance(n_epochs, int) and n_epochs > 0 else None
+
+
+def _noise_sigma(cb: ManagerSB3Callback) -> float | None:
+    sigmas = [sigma for _, sigma in cb.noise_sigmas]
+    if not sigmas:
+        return None
+    mean = float(np.mean(np.concatenate([s.ravel() for s in sigmas])))
+    return mean if mean > 0 else None
+
+
+def _set_noise_sigma(cb: ManagerSB3Callback, new: float) -> None:
+    # Every dimension scaled alike, keeping their ratios.
+    scale = new / cb.start_value(Knob.ACTION_NOISE_SIGMA)
+    for noise, sigma in cb.noise_sigmas:
+        noise._sigma = sigma * scale  # type: ignore[attr-defined]
+
+
+def _attribute(name: str) -> KnobRow:
+    """A knob that is a plain attribute of the algorithm, where it has one."""
+    return KnobRow(
+        name,
+        lambda cb: _number(getattr(cb.model, name, None)),
+        lambda cb, new: setattr(cb.model, name, new),
+    )
+
+
+class ManagerSB3Callback(BaseCallback, ManagedTraining):
+    """Connects an SB3 algorithm's ``learn()`` to the manager; inert if no tracker run is found.
 
     Nothing the manager does raises into training: a failed connection leaves training
     unmanaged, a failed update is reported as rejected and the previous values stay in force.
     """
+
+    framework = "stable-baselines3"
+    boundaries = (Boundary.ROLLOUT, Boundary.EVAL)
+    knob_table = (
+        KnobRow(Knob.LEARNING_RATE, _lr, _set_lr),
+        KnobRow(
+            Knob.ENT_COEF,
+            lambda cb: _number(getattr(cb.model, "ent_coef", None)),
+            _set_ent_coef,
+        ),
+        _attribute(Knob.VF_COEF),
+        _attribute(Knob.TARGET_KL),
+        KnobRow(Knob.CLIP_RANGE, _clip_range, _set_clip_range),
+        KnobRow(
+            Knob.N_EPOCHS, _n_epochs, lambda cb, new: setattr(cb.model, "n_epochs", round(new))
+        ),
+        KnobRow(Knob.ACTION_NOISE_SIGMA, _noise_sigma, _set_noise_sigma),
+    )
 
     def __init__(
         self,
@@ -151,75 +186,80 @@ class ManagerSB3Callback(BaseCallback):
         run_id: str | None = None,
         tracking_uri: str | None = None,
         objective: str = DEFAULT_OBJECTIVE,
-        poll_interval: float = 2.0,
+        poll_interval: float | None = None,
         apply_at: Boundary = Boundary.ROLLOUT,
         bounds: BoundsOverrides | None = None,
         checkpoint_dir: str | Path = "atm-checkpoints",
-        log_to_mlflow: bool = False,
+        log_to_tracker: bool = False,
         live: Mapping[str, float] | None = None,
         on_live: Callable[[dict[str, float]], None] | None = None,
         keep_best: bool | None = None,
         eval_window: int = 0,
     ) -> None:
         super().__init__()
-        apply_at = Boundary(apply_at)
         if eval_window < 0:
             raise ValueError(f"eval_window must be 0 or more rollouts, not {eval_window}")
-        if apply_at is Boundary.STEP:
+        if Boundary(apply_at) is Boundary.STEP:
             raise ValueError(
                 "stable-baselines3 changes hyperparameters between rollouts, not at env steps: "
                 "use apply_at=Boundary.ROLLOUT (the default) or Boundary.EVAL"
             )
-        self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.objective = objective
-        self.poll_interval = poll_interval
-        self.apply_at = apply_at
-        self.bounds = bounds
+        self._init_manager(
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            objective=objective,
+            poll_interval=poll_interval,
+            apply_at=apply_at,
+            bounds=bounds,
+            keep_best=keep_best,
+            live=live,
+            on_live=on_live,
+        )
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.log_to_mlflow = log_to_mlflow
-        self.live = dict(live or {})
-        self.on_live = on_live
-        self.keep_best = keep_best
-        self.eval_window = eval_window if apply_at is Boundary.EVAL else 0
-        self._objective = Objective.parse(objective)  # a bad objective fails here, not mid-run
-        self.best: BestState | None = None
-        self.client: ManagerClient | None = None
-        self.writer: MlflowWriter | None = None
-        self.stop_requested = False
-        self._lr_schedule: Schedule | None = None
-        self._noise_sigmas: list[tuple[ActionNoise, np.ndarray]] = []
+        self.log_to_tracker = log_to_tracker
+        self.eval_window = eval_window if self.apply_at is Boundary.EVAL else 0
+        self.writer: TrackerWriter | None = None
+        self.lr_schedule: Schedule | None = None
+        self.noise_sigmas: list[tuple[ActionNoise, np.ndarray]] = []
         self._evaluators: list[EvalCallback] = []
         self._evaluations_seen = 0
         self._last_eval: tuple[int, int] | None = None  # (env step, rollout ends since)
+
+    # ---- the framework's side of the template --------------------------------------------
+
+    def _model(self) -> Any:
+        return self.model.policy
+
+    def _optimizer(self) -> Any:
+        return getattr(self.model.policy, "optimizer", None)
+
+    def _commands(self) -> list[Command]:
+        return [Command.STOP, Command.CHECKPOINT]
+
+    def _save_checkpoint(self) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"checkpoint-{self.model.num_timesteps}.zip"
+        self.model.save(path)
+        log.info("atm: saved checkpoint %s", path)
 
     # ---- SB3 hooks ----------------------------------------------------------------------
 
     def _on_training_start(self) -> None:
         # Each learn() call connects afresh; the previous call closed its client and writer.
-        self.client, self.writer, self._evaluators = None, None, []
-        self.stop_requested = False
-        self._last_eval = None
-        run_id, uri = resolve_mlflow_run(self.run_id, self.tracking_uri)
-        if run_id is None:
-            log.warning(
-                "atm: no MLflow run found (start one with mlflow.start_run() or set "
-                "MLFLOW_RUN_ID); training continues unmanaged"
-            )
+        session.claim(self.framework)
+        self.writer, self._evaluators, self._last_eval = None, [], None
+        self.lr_schedule = self.model.lr_schedule
+        noises = exploration_noises(getattr(self.model, "action_noise", None))
+        self.noise_sigmas = [(n, np.array(n._sigma, dtype=float)) for n in noises]
+        if not self.start_managing():
             return
-        try:
-            if self.log_to_mlflow:
-                self.writer = ensure_mlflow_logging(self.model, run_id=run_id, tracking_uri=uri)
-            self.client = ManagerClient(
-                run_id,
-                self._spec(),
-                tracking_uri=uri,
-                objective=self.objective,
-                poll_interval=self.poll_interval,
-            ).start()
-        except Exception as exc:  # the manager must never stop training from starting
-            log.warning("atm: cannot manage this run (%s); training continues unmanaged", exc)
-            return
+        if self.log_to_tracker:
+            try:
+                self.writer = ensure_tracker_logging(
+                    self.model, run_id=self.run_id, tracking_uri=self.tracking_uri
+                )
+            except Exception as exc:  # metrics forwarding must not stop training either
+                log.warning("atm: cannot forward SB3's metrics to the tracker: %s", exc)
         if self.apply_at is not Boundary.EVAL:
             return
         # learn() hands its (wrapped) callback to on_training_start among its locals.
@@ -244,13 +284,12 @@ class ManagerSB3Callback(BaseCallback):
                 since += 1
                 self._last_eval = (step, since)
             if since <= self.eval_window:
-                self._apply_pending(Boundary.EVAL)  # the last evaluation's boundary, still open
+                self._apply_at(Boundary.EVAL)  # the last evaluation's boundary, still open
                 return
-        self._apply_pending(Boundary.ROLLOUT)
+        self._apply_at(Boundary.ROLLOUT)
 
     def _on_training_end(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        self.stop_managing()
         if self.writer is not None:
             self.writer.close()
 
@@ -261,100 +300,20 @@ class ManagerSB3Callback(BaseCallback):
         it from a script's own evaluation code otherwise, with the evaluation's ``metrics``
         (the objective's value among them) so that the best state can be kept.
         """
-        value = (metrics or {}).get(self._objective.metric)
-        if value is None and self._objective.metric == "eval/mean_reward" and self._evaluators:
-            value = self._evaluators[0].last_mean_reward
-        if self.best is not None and value is not None:
-            self.best.offer(float(value), self.model.num_timesteps, self.model.policy, self._opt())
+        metrics = dict(metrics or {})
+        if (
+            self._objective.metric not in metrics
+            and self._objective.metric == "eval/mean_reward"
+            and self._evaluators
+        ):
+            metrics[self._objective.metric] = self._evaluators[0].last_mean_reward
+        self.offer_evaluation(metrics, self.model.num_timesteps)
         self._last_eval = (self.model.num_timesteps, 0)
-        return self._apply_pending(Boundary.EVAL)
+        return self._apply_at(Boundary.EVAL)
 
-    def _opt(self) -> torch.optim.Optimizer | None:
-        return getattr(self.model.policy, "optimizer", None)
-
-    # ---- knobs --------------------------------------------------------------------------
-
-    def _spec(self) -> RunSpec:
-        values = discover_values(self.model)
-        self._lr_schedule = self.model.lr_schedule
-        noises = exploration_noises(getattr(self.model, "action_noise", None))
-        self._noise_sigmas = [(n, np.array(n._sigma, dtype=float)) for n in noises]
-        user = self.bounds or {}
-        knobs: list[KnobSpec] = [
-            derive_knob(
-                name,
-                value,
-                apply_at=self.apply_at,
-                overrides={name: {**default_bounds(name, value), **user.get(name, {})}},
-                type_="int" if name == "n_epochs" else "float",
-            )
-            for name, value in values.items()
-        ]
-        knobs += [
-            derive_knob(name, value, apply_at=self.apply_at, overrides=user)
-            for name, value in self.live.items()
-        ]
-        commands = [Command.STOP, Command.CHECKPOINT]
-        self.best = None
-        if BestState.worth_keeping(self.model.policy, self.keep_best):
-            self.best = BestState(self._objective.better)
-            commands.append(Command.ROLLBACK_TO_BEST)
-        return RunSpec(
-            framework="stable-baselines3",
-            knobs=knobs,
-            commands=commands,
-            apply_at=self.apply_at,
-        )
-
-    def _apply_pending(self, boundary: Boundary) -> ParamsVersion | None:
-        if self.client is None:
-            return None
+    def _apply_at(self, boundary: Boundary) -> ParamsVersion | None:
         # The values take effect from the next train(), after this many env steps.
-        return self.client.apply_pending(boundary, self.model.num_timesteps, self._apply)
-
-    def _apply(self, changed: dict[str, float], commands: list[Command]) -> None:
-        assert self.client is not None
-        model: Any = self.model
-        start = self.client.spec.knob_values
-        # First, so that a failed save rejects the version before anything has changed.
-        if Command.CHECKPOINT in commands:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            path = self.checkpoint_dir / f"checkpoint-{model.num_timesteps}.zip"
-            model.save(path)
-            log.info("atm: saved checkpoint %s", path)
-        # Before the knobs: the restored optimizer keeps its current hyperparameters, which the
-        # new values below then change.
-        if Command.ROLLBACK_TO_BEST in commands:
-            if self.best is None:
-                raise RuntimeError("rollback_to_best is not enabled for this run")
-            step = self.best.restore(model.policy, self._opt())
-            log.info("atm: rolled back to the best evaluation, at env step %d", step)
-        live = {k: v for k, v in changed.items() if k in self.live}
-        if live:
-            if self.on_live is not None:
-                self.on_live(live)
-            self.live.update(live)
-        for name, value in changed.items():
-            if name == "learning_rate":
-                assert self._lr_schedule is not None
-                # learn() reads lr_schedule; load() rebuilds lr_schedule from learning_rate.
-                model.learning_rate = scaled_schedule(self._lr_schedule, value / start[name])
-                model.lr_schedule = FloatSchedule(model.learning_rate)
-            elif name == "ent_coef":
-                model.ent_coef = value
-                if hasattr(model, "ent_coef_tensor"):  # SAC with a fixed coefficient
-                    model.ent_coef_tensor = torch.tensor(value, device=model.device)
-            elif name == "clip_range":
-                model.clip_range = FloatSchedule(ConstantSchedule(value))
-            elif name == "n_epochs":
-                model.n_epochs = round(value)
-            elif name == "action_noise_sigma":
-                for noise, sigma in self._noise_sigmas:
-                    noise._sigma = sigma * (value / start[name])  # type: ignore[attr-defined]
-            elif name in ("vf_coef", "target_kl"):
-                setattr(model, name, value)
-        if Command.STOP in commands:
-            self.stop_requested = True
+        return self.apply_pending(boundary, self.model.num_timesteps)
 
     def _evaluations(self) -> int:
         return sum(e.n_calls // e.eval_freq for e in self._evaluators if e.eval_freq > 0)
@@ -376,15 +335,16 @@ def evaluation_callbacks(root: BaseCallback | None) -> list[EvalCallback]:
     return found
 
 
-# ---- SB3's metrics to MLflow --------------------------------------------------------------
+# ---- SB3's metrics to the tracker --------------------------------------------------------------
 
-_Dump = tuple[int, int, dict[str, float]]  # step, timestamp in ms, values
+_Dump = tuple[int, dict[str, float]]  # step, values
 
 
 def scalar_metrics(
     key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]]
 ) -> dict[str, float]:
-    """The numeric values of one SB3 dump, without keys excluded for ``"mlflow"``."""
+    """The numeric values of one SB3 dump, without keys excluded for ``"mlflow"`` (the name
+    SB3's own outputs use for an experiment tracker)."""
     return {
         key: float(value)
         for key, value in key_values.items()
@@ -394,19 +354,17 @@ def scalar_metrics(
     }
 
 
-class MlflowWriter(KVWriter):
-    """An SB3 logger output that sends each dump to an MLflow run, step = ``num_timesteps``.
+class TrackerWriter(KVWriter):
+    """An SB3 logger output that sends each dump to a tracker run, step = ``num_timesteps``.
 
     ``write`` runs on the training thread and only queues; one daemon thread sends the batches
     in order, so a slow or unreachable tracker delays the metrics, never training. Failures are
     logged once; when ``max_pending`` dumps are waiting, newer ones are dropped.
     """
 
-    def __init__(
-        self, run_id: str, tracking_uri: str | None = None, *, max_pending: int = 1000
-    ) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, *, max_pending: int = 1000) -> None:
+        self.tracker = tracker
         self.run_id = run_id
-        self._client = MlflowClient(tracking_uri)
         self._queue: queue.Queue[_Dump | threading.Event | None] = queue.Queue(max_pending)
         self._thread: threading.Thread | None = None
         self._warned = False
@@ -419,10 +377,10 @@ class MlflowWriter(KVWriter):
             if not values:
                 return
             if self._thread is None:
-                self._thread = threading.Thread(target=self._send, name="atm-sb3-mlflow")
+                self._thread = threading.Thread(target=self._send, name="atm-sb3-metrics")
                 self._thread.daemon = True
                 self._thread.start()
-            self._queue.put_nowait((step, int(time.time() * 1000), values))
+            self._queue.put_nowait((step, values))
         except queue.Full:
             self._warn_once(f"{self._queue.maxsize} dumps are waiting for the tracker; dropping")
         except Exception as exc:  # logging must never stop training
@@ -453,12 +411,11 @@ class MlflowWriter(KVWriter):
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            step, timestamp, values = item
-            metrics = [Metric(k, v, timestamp, step) for k, v in values.items()]
+            step, values = item
             try:
-                self._client.log_batch(self.run_id, metrics=metrics)
+                self.tracker.log_metrics(self.run_id, values, step)
             except Exception as exc:
-                self._warn_once(f"cannot log SB3 metrics to MLflow run {self.run_id}: {exc}")
+                self._warn_once(f"cannot log SB3 metrics to run {self.run_id}: {exc}")
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:
@@ -466,27 +423,28 @@ class MlflowWriter(KVWriter):
             log.warning("atm: %s (further failures are not reported)", message)
 
 
-def ensure_mlflow_logging(
+def ensure_tracker_logging(
     model: BaseAlgorithm, *, run_id: str | None = None, tracking_uri: str | None = None
-) -> MlflowWriter:
-    """Add an ``MlflowWriter`` to ``model``'s logger unless it has one; returns the writer.
+) -> TrackerWriter:
+    """Add a ``TrackerWriter`` to ``model``'s logger unless it has one; returns the writer.
 
+    The run is the one the script logs to, unless ``run_id``/``tracking_uri`` name one.
     ``learn()`` replaces a logger not set with ``model.set_logger``, so call this once training
-    has started (the callback does, with ``log_to_mlflow=True``) or after ``set_logger``.
+    has started (the callback does, with ``log_to_tracker=True``) or after ``set_logger``.
     """
     try:
         formats = model.logger.output_formats
     except AttributeError:
         raise ValueError(
-            "the model has no logger yet: call ensure_mlflow_logging from a callback once "
+            "the model has no logger yet: call ensure_tracker_logging from a callback once "
             "learn() has started, or after model.set_logger(...)"
         ) from None
-    existing = next((f for f in formats if isinstance(f, MlflowWriter)), None)
+    existing = next((f for f in formats if isinstance(f, TrackerWriter)), None)
     if existing is not None:
         return existing
-    run_id, tracking_uri = resolve_mlflow_run(run_id, tracking_uri)
-    if run_id is None:
-        raise ValueError("no MLflow run to log to: start one with mlflow.start_run() first")
-    writer = MlflowWriter(run_id, tracking_uri)
+    binding = bind_run(run_id, tracking_uri)
+    if binding is None:
+        raise ValueError("no tracker run to log to: start one (mlflow.start_run()) first")
+    writer = TrackerWriter(binding.tracker, binding.run_id)
     formats.append(writer)
     return writer

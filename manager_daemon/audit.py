@@ -8,14 +8,12 @@ read file N; a writer killed in between leaves a file the next writer finds and 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from pydantic import ValidationError
 
 from integrations.protocol import (
     AUDIT_DIR,
-    SIGNING_KEY_ENV,
     TAG_LAST_INTERVENTION,
     TAG_PARAMS_VERSION,
     AuditRecord,
@@ -46,7 +44,7 @@ class AuditLog:
 
     def __init__(self, tracker: Tracker, signing_key: str | None = None) -> None:
         self.tracker = tracker
-        self.signing_key = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+        self.signing_key = signing_key or None
 
     def decision_ids(self, run_id: str) -> list[int]:
         ids = (parse_audit_path(p) for p in self.tracker.list_artifacts(run_id, AUDIT_DIR))

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from enum import Enum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -36,20 +38,22 @@ from integrations.protocol import (
     RunSpec,
     Source,
 )
+from integrations.settings import ClientSettings, env_names
 from integrations.trackers import (
     RunNotFound,
     Tracker,
     TrackerError,
     TrackerUnavailable,
     default_tracking_uri,
+    launch_env,
     open_tracker,
 )
 from manager_daemon.audit import AuditLog
-from manager_daemon.policies import PolicyAnswer, RulesConfig
-from manager_daemon.policies.factory import PolicySettings, make_policy
-from manager_daemon.policies.llm import LLMConfig
-from manager_daemon.supervisor import RunSupervisor, SupervisorConfig, human_proposal
-from manager_daemon.validation import ValidationConfig
+from manager_daemon.policies import PolicyAnswer
+from manager_daemon.policies.llm import LLMConsult, LLMFallback, LLMMode
+from manager_daemon.policies.openai_chat import ResponseMode
+from manager_daemon.settings import DaemonSettings, PolicyName
+from manager_daemon.supervisor import RunSupervisor, human_proposal
 
 app = typer.Typer(
     help="ai-training-manager: a bounded, auditable supervisor for live training runs.",
@@ -65,8 +69,7 @@ TrackingUri = Annotated[
     typer.Option(
         "--tracking-uri",
         "-u",
-        envvar="MLFLOW_TRACKING_URI",
-        help="MLflow tracking URI.",
+        help="The tracker's URI [env ATM_TRACKING_URI, else MLFLOW_TRACKING_URI].",
         show_default=False,
     ),
 ]
@@ -114,23 +117,25 @@ def _setup_logging(verbose: bool) -> None:
 def _tracker(uri: str | None) -> Tracker:
     uri = uri or default_tracking_uri()
     if not uri:
-        raise CliError("no tracker: pass --tracking-uri or set MLFLOW_TRACKING_URI")
-    # The CLI and the daemon fail fast; MLflow's default retries would hang for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    tracker = open_tracker(uri)
+        raise CliError(
+            "no tracker: pass --tracking-uri or set ATM_TRACKING_URI (or MLFLOW_TRACKING_URI)"
+        )
+    tracker = open_tracker(uri, fail_fast=True)
     if not tracker.ping():
         raise TrackerUnavailable(f"tracker unreachable at {uri}")
     return tracker
 
 
-def _rules_config(path: Path | None) -> RulesConfig:
-    if path is None:
-        return RulesConfig()
-    try:
-        return RulesConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise CliError(f"cannot read rules config {path}: {exc}") from exc
+def _setting(name: str, *flags: str, settings: type[BaseSettings] = DaemonSettings) -> Any:
+    """A flag for settings field ``name``: its description, default and environment variables
+    as help. Left out, it is None and the environment or the default applies."""
+    field = settings.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    shown = default.value if isinstance(default, Enum) else default
+    where = f"env {', '.join(env_names(settings, name))}"
+    if shown not in (None, []):
+        where = f"default {shown}; {where}"
+    return typer.Option(*flags, help=f"{field.description} [{where}]", show_default=False)
 
 
 @app.command()
@@ -140,110 +145,63 @@ def daemon(
     once: Annotated[
         bool, typer.Option("--once", help="One pass over the managed runs, then exit.")
     ] = False,
-    interval: Annotated[
-        float, typer.Option(envvar="ATM_INTERVAL", min=0.1, help="Seconds between ticks.")
-    ] = 10.0,
-    policy: Annotated[
-        str,
-        typer.Option(
-            envvar="ATM_POLICY",
-            help="auto (an endpoint if configured, else the embedded model, else rules), "
-            "llm, or rules.",
-        ),
-    ] = "auto",
-    llm_base_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint.", show_default=False
-        ),
-    ] = None,
-    llm_model: Annotated[
-        str | None, typer.Option(envvar="ATM_LLM_MODEL", help="Model name at the endpoint.")
-    ] = None,
-    llm_timeout: Annotated[
-        float, typer.Option(envvar="ATM_LLM_TIMEOUT", min=0.1, help="Seconds per model call.")
-    ] = LLMConfig().timeout_s,
-    llm_fallback: Annotated[
-        str, typer.Option(envvar="ATM_LLM_FALLBACK", help="After a failed retry: rules or none.")
-    ] = "rules",
+    interval: Annotated[float | None, _setting("interval")] = None,
+    policy: Annotated[PolicyName | None, _setting("policy")] = None,
+    llm_base_url: Annotated[str | None, _setting("llm_base_url")] = None,
+    llm_model: Annotated[str | None, _setting("llm_model")] = None,
+    llm_timeout: Annotated[float | None, _setting("llm_timeout")] = None,
+    llm_fallback: Annotated[LLMFallback | None, _setting("llm_fallback")] = None,
     response_mode: Annotated[
-        str,
-        typer.Option(envvar="ATM_LLM_RESPONSE_MODE", help="auto, json_schema, json_object, tools."),
-    ] = "auto",
-    llm_mode: Annotated[
-        str,
-        typer.Option(
-            envvar="ATM_LLM_MODE",
-            help="compose (the model writes its answer from the menu), choose (it picks one of "
-            "a list of complete answers; for small models), or auto.",
-        ),
-    ] = "auto",
-    llm_consult: Annotated[
-        str,
-        typer.Option(
-            envvar="ATM_LLM_CONSULT",
-            help="always, on_symptom (only when the rules see one), or auto (on_symptom when "
-            "choosing).",
-        ),
-    ] = "auto",
-    stale_evals: Annotated[
-        int,
-        typer.Option(
-            envvar="ATM_STALE_EVALS", min=0, help="Discard answers older than this many evals."
-        ),
-    ] = SupervisorConfig().stale_evals,
-    rules_config: Annotated[
-        Path | None,
-        typer.Option(envvar="ATM_RULES_CONFIG", help="YAML thresholds of the rules policy."),
+        ResponseMode | None, _setting("llm_response_mode", "--response-mode")
     ] = None,
-    cooldown_steps: Annotated[
-        int, typer.Option(envvar="ATM_COOLDOWN_STEPS", min=0)
-    ] = ValidationConfig().cooldown_steps,
-    budget: Annotated[
-        int, typer.Option(envvar="ATM_BUDGET", min=0, help="Automatic interventions per run.")
-    ] = ValidationConfig().budget,
-    audit_no_action: Annotated[
-        bool, typer.Option(help="Also audit decisions to do nothing.")
-    ] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Threads for tracker I/O and policies.")] = 4,
-    experiment: Annotated[
-        list[str] | None,
-        typer.Option(help="Only runs of this experiment (repeatable; default: all)."),
-    ] = None,
+    llm_mode: Annotated[LLMMode | None, _setting("llm_mode")] = None,
+    llm_consult: Annotated[LLMConsult | None, _setting("llm_consult")] = None,
+    llm_threads: Annotated[int | None, _setting("llm_threads")] = None,
+    stale_evals: Annotated[int | None, _setting("stale_evals")] = None,
+    rules_config: Annotated[Path | None, _setting("rules_config")] = None,
+    cooldown_steps: Annotated[int | None, _setting("cooldown_steps")] = None,
+    budget: Annotated[int | None, _setting("budget")] = None,
+    audit_no_action: Annotated[bool | None, _setting("audit_no_action")] = None,
+    workers: Annotated[int | None, _setting("workers")] = None,
+    experiment: Annotated[list[str] | None, _setting("experiments", "--experiment")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Supervise every managed run on the tracker (or on the experiments named)."""
     from manager_daemon.daemon import Daemon
+    from manager_daemon.policies.factory import make_policy
 
     _setup_logging(verbose)
-    if llm_fallback not in ("rules", "none"):
-        raise CliError(f"--llm-fallback must be rules or none, not {llm_fallback!r}")
-    if llm_mode not in ("auto", "compose", "choose"):
-        raise CliError(f"--llm-mode must be auto, compose or choose, not {llm_mode!r}")
-    if llm_consult not in ("auto", "always", "on_symptom"):
-        raise CliError(f"--llm-consult must be auto, always or on_symptom, not {llm_consult!r}")
-    tracker = _tracker(tracking_uri)
-    settings = PolicySettings.from_env(
+    settings = _settings(
+        tracking_uri=tracking_uri,
+        interval=interval,
         policy=policy,
-        base_url=llm_base_url,
-        model=llm_model,
-        response_mode=response_mode,
-        llm=LLMConfig(
-            timeout_s=llm_timeout,
-            fallback=llm_fallback,  # type: ignore[arg-type]
-            mode=llm_mode,  # type: ignore[arg-type]
-            consult=llm_consult,  # type: ignore[arg-type]
-        ),
-        rules=_rules_config(rules_config),
+        llm_base_url=llm_base_url,
+        llm_model=llm_model,
+        llm_timeout=llm_timeout,
+        llm_fallback=llm_fallback,
+        llm_response_mode=response_mode,
+        llm_mode=llm_mode,
+        llm_consult=llm_consult,
+        llm_threads=llm_threads,
+        stale_evals=stale_evals,
+        rules_config=rules_config,
+        cooldown_steps=cooldown_steps,
+        budget=budget,
+        audit_no_action=audit_no_action,
+        workers=workers,
+        experiments=experiment or None,
     )
+    tracker = _tracker(settings.tracking_uri)
     chosen, why = make_policy(settings)
     logging.getLogger("manager_daemon").info(why)
-    config = SupervisorConfig(
-        validation=ValidationConfig(cooldown_steps=cooldown_steps, budget=budget),
-        audit_no_action=audit_no_action,
-        stale_evals=stale_evals,
+    runner = Daemon(
+        tracker,
+        chosen,
+        settings.supervisor_config(),
+        workers=settings.workers,
+        signing_key=settings.key(),
+        experiments=settings.experiments,
     )
-    runner = Daemon(tracker, chosen, config, workers=workers, experiments=experiment)
     if once:
         report = runner.run_once()
         runner.close()
@@ -254,7 +212,19 @@ def daemon(
         if "*" in report.errors:
             raise TrackerUnavailable(report.errors["*"])
         return
-    runner.serve(interval)
+    runner.serve(settings.interval)
+
+
+def _settings(**given: Any) -> DaemonSettings:
+    """The daemon's settings from the flags given over the environment; a bad value is a
+    one-line error naming the flag."""
+    try:
+        return DaemonSettings.from_options(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        got = "" if "key" in name else f" (got {first.get('input')!r})"
+        raise CliError(f"{name}: {first['msg']}{got}") from None
 
 
 @app.command(
@@ -274,10 +244,10 @@ def run(
         typer.Option(help="YAML: per knob min, max, max_rel_step, scale, cooldown_steps."),
     ] = None,
     poll_interval: Annotated[
-        float, typer.Option(min=0.1, help="Seconds between the client's polls.")
-    ] = 2.0,
+        float | None, _setting("poll_interval", settings=ClientSettings)
+    ] = None,
     apply_at: Annotated[
-        str | None, typer.Option(help="step, eval or rollout (default: each framework's own).")
+        Boundary | None, typer.Option(help="Where updates apply (default: each framework's own).")
     ] = None,
     run_id: Annotated[
         str | None,
@@ -294,10 +264,8 @@ def run(
     from integrations.knobs import parse_bounds
 
     Objective.parse(objective)
-    try:
-        boundary = Boundary(apply_at) if apply_at else None
-    except ValueError as exc:
-        raise CliError(f"--apply-at must be step, eval or rollout, not {apply_at!r}") from exc
+    if poll_interval is not None and poll_interval <= 0:
+        raise CliError(f"--poll-interval must be above 0 seconds, not {poll_interval:g}")
     overrides: dict[str, dict[str, Any]] = {}
     if bounds is not None:
         try:
@@ -307,17 +275,18 @@ def run(
     config = InjectConfig(
         objective=objective,
         poll_interval=poll_interval,
-        apply_at=boundary.value if boundary else None,
+        apply_at=apply_at.value if apply_at else None,
         bounds=overrides,
     )
     env = dict(os.environ)
     autoinject = os.path.dirname(integrations.autoinject.__file__)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (autoinject, env.get("PYTHONPATH")) if p)
     env[ENV] = config.to_env()
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    if run_id:
-        env["MLFLOW_RUN_ID"] = run_id
+    uri = tracking_uri or default_tracking_uri()
+    if uri or run_id:
+        if not uri:
+            raise CliError("--run-id needs a tracker: pass --tracking-uri or set ATM_TRACKING_URI")
+        env.update(launch_env(uri, run_id))
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
@@ -422,15 +391,14 @@ def set_(
     ],
     reason: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
     tracking_uri: TrackingUri = None,
-    cooldown_steps: Annotated[
-        int, typer.Option(envvar="ATM_COOLDOWN_STEPS", min=0)
-    ] = ValidationConfig().cooldown_steps,
+    cooldown_steps: Annotated[int | None, _setting("cooldown_steps")] = None,
 ) -> None:
     """A human intervention, validated and audited like any other."""
     changes, commands = _parse_assignments(assignments)
-    tracker = _tracker(tracking_uri)
-    config = SupervisorConfig(validation=ValidationConfig(cooldown_steps=cooldown_steps))
-    supervisor = RunSupervisor(run_id, tracker, AuditLog(tracker), config)
+    settings = _settings(tracking_uri=tracking_uri, cooldown_steps=cooldown_steps)
+    tracker = _tracker(settings.tracking_uri)
+    audit = AuditLog(tracker, settings.key())
+    supervisor = RunSupervisor(run_id, tracker, audit, settings.supervisor_config())
     run = supervisor.refresh()
     if supervisor.spec is None:
         raise CliError(

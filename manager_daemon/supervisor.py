@@ -11,9 +11,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
@@ -27,7 +26,7 @@ from integrations.protocol import (
     RunSpec,
     Source,
 )
-from integrations.trackers import MetricCursor, RunInfo, Tracker, TrackerError
+from integrations.trackers import CorruptArtifact, Cursor, RunInfo, Tracker
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
 from manager_daemon.policies.base import Policy, PolicyAnswer
 from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry, Snapshot
@@ -36,15 +35,17 @@ from manager_daemon.validation import Menu, RunState, ValidationConfig, build_me
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SupervisorConfig:
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    audit_no_action: bool = False
-    spec_refresh_ticks: int = 30
-    # An answer is discarded (audited as stale) when the run moved on this far while the
-    # policy was deciding.
-    stale_evals: int = 2
-    stale_steps: int | None = None
+class SupervisorConfig(BaseModel):
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    audit_no_action: bool = Field(False, description="Also audit decisions to do nothing")
+    spec_refresh_ticks: int = Field(30, ge=1, description="Ticks between re-reads of a run's spec")
+    stale_evals: int = Field(
+        2,
+        ge=0,
+        description="An answer is discarded (audited as stale) when the run moved on by more "
+        "than this many evaluations while the policy was deciding",
+    )
+    stale_steps: int | None = Field(None, ge=0, description="The same, in steps (off if unset)")
 
 
 class RunSupervisor:
@@ -60,7 +61,7 @@ class RunSupervisor:
         self.spec: RunSpec | None = None
         self.spec_error: str | None = None
         self.telemetry: RunTelemetry | None = None
-        self.cursor = MetricCursor()
+        self.cursor: Cursor | None = None
         self.records: dict[int, AuditRecord] = {}
         self.history: list[Intervention] = []
         self.last_decision_step = -1
@@ -74,7 +75,7 @@ class RunSupervisor:
         self.audit.recover(self.run_id, run.tags)
         objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
         self.telemetry = RunTelemetry(objective)
-        self.cursor = MetricCursor()
+        self.cursor = None
         self.records = {r.decision_id: r for r in self.audit.records(self.run_id)}
         self.history = [_intervention(r) for r in self.records.values() if r.params_version]
         self.history.sort(key=lambda i: i.version)
@@ -89,9 +90,7 @@ class RunSupervisor:
             raw = self.tracker.read_json(self.run_id, SPEC_PATH)
             self.spec = None if raw is None else RunSpec.model_validate(raw)
             self.spec_error = None
-        except (ValidationError, TrackerError) as exc:
-            if isinstance(exc, TrackerError) and "not valid JSON" not in str(exc):
-                raise
+        except (ValidationError, CorruptArtifact) as exc:
             self.spec, self.spec_error = None, f"unreadable {SPEC_PATH}: {exc}"
             log.warning("run %s: %s", self.run_id, self.spec_error)
 
@@ -106,7 +105,8 @@ class RunSupervisor:
         self._ticks += 1
         assert self.telemetry is not None
         keys = self.telemetry.keys_to_read(run.latest_metrics)
-        self.telemetry.add(self.tracker.read_new_points(self.run_id, keys, self.cursor))
+        points, self.cursor = self.tracker.read_new_points(self.run_id, keys, self.cursor)
+        self.telemetry.add(points)
         for item in self.history:
             if item.applied_step is None:
                 item.applied_step = self.telemetry.applied_steps.get(item.version)

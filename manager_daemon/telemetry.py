@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from integrations.knobs import Knob
 from integrations.protocol import METRIC_PARAMS_VERSION, Objective, Outcome, RunSpec
 from integrations.trackers import MetricPoint
 
 TRAIN_LOSS_KEYS = ("loss", "train_loss", "train/loss")
-LR_KEYS = ("learning_rate", "lr", "train/learning_rate")
+LR_KEYS = (Knob.LEARNING_RATE.value, "lr", "train/learning_rate")
 GRAD_NORM_KEYS = ("grad_norm", "train/grad_norm")
 # Latest values of these, where a run logs them, reach policies as ``signals``: how large the
 # policy updates are (PPO's KL and clip fraction) and how unsafe the evaluated policy is.

@@ -1,15 +1,21 @@
-"""Shared fixtures: a real MLflow server on loopback, and runs on it."""
+"""Shared fixtures: a real MLflow server on loopback and runs on it, an in-memory tracker,
+and each tracker backend in turn."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from integrations.trackers import Tracker, open_tracker
+from integrations.trackers.memory import MemoryTracker
 from manager_daemon.mlflow_server import MlflowServer, start_server
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -52,3 +58,91 @@ def new_run(tracking_uri: str, request: pytest.FixtureRequest):
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Backend:
+    """A tracker of one kind for a test, with what a training script would do to it."""
+
+    name: str
+    uri: str
+    tracker: Tracker
+    # The experiment this test's runs are in: a daemon told to watch it sees only them.
+    experiment: str
+    new_run: Callable[..., str]
+    # A raw text artifact (a tampered or truncated file, say).
+    put_text: Callable[[str, str, str], None]
+
+    # Many steps' metrics at once, in as few requests as the tracker allows.
+    log_history: Callable[[str, list[tuple[int, dict[str, float]]]], None]
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        """Metrics logged at ``step``, as the script logs them."""
+        self.tracker.log_metrics(run_id, values, step)
+
+
+def _memory_backend() -> Backend:
+    tracker = open_tracker(f"memory://{uuid.uuid4().hex}")
+    assert isinstance(tracker, MemoryTracker)
+
+    def log_history(run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in rows:
+            tracker.log_metrics(run_id, values, step)
+
+    experiment = "default"
+    return Backend(
+        "memory",
+        tracker.uri,
+        tracker,
+        experiment,
+        lambda name="": tracker.create_run(name, experiment),
+        tracker.put_text,
+        log_history,
+    )
+
+
+def _mlflow_backend(request: pytest.FixtureRequest) -> Backend:
+    uri = request.getfixturevalue("tracking_uri")
+    client = MlflowClient(uri)
+    experiment = f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    experiment_id = client.create_experiment(experiment)
+
+    def make(name: str | None = None) -> str:
+        return client.create_run(experiment_id, run_name=name or request.node.name[:60]).info.run_id
+
+    def log_history(run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, value, now + step, step)
+            for step, values in rows
+            for key, value in values.items()
+        ]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    return Backend(
+        "mlflow",
+        uri,
+        open_tracker(uri),
+        experiment,
+        make,
+        lambda run_id, path, text: client.log_text(run_id, text, path),
+        log_history,
+    )
+
+
+BACKENDS = ["memory", "mlflow"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each tracker backend in turn: the contract holds on every one."""
+    if request.param == "memory":
+        return _memory_backend()
+    return _mlflow_backend(request)
+
+
+@pytest.fixture
+def memory() -> Backend:
+    """A fresh in-memory tracker, for fast tests of what sits above the seam."""
+    return _memory_backend()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from integrations.protocol import (
     SPEC_PATH,
@@ -24,9 +23,12 @@ from integrations.protocol import (
     params_path,
 )
 from integrations.torch_hooks import TorchKnobs
-from integrations.trackers import MetricPoint, Tracker, open_tracker
+from integrations.trackers import MetricPoint, Tracker
 from manager_daemon.telemetry import Intervention, RunTelemetry, Snapshot
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu
+
+if TYPE_CHECKING:
+    from tests.conftest import Backend
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, every: float = 0.2) -> object:
@@ -119,18 +121,14 @@ OVERFIT_SPEC = RunSpec(
 )
 
 
-def overfitting_run(tracking_uri: str, new_run) -> str:
+def overfitting_run(backend: Backend) -> str:
     """A managed run whose eval loss turned up while its train loss keeps falling."""
-    run_id = new_run()
-    client = MlflowClient(tracking_uri)
-    now = int(time.time() * 1000)
-    train = [Metric("loss", 3.0 - 2.2 * i / 69, now + i, i) for i in range(70)]
-    evals = [
-        Metric("eval_loss", v, now + 10 * (i + 1), 10 * (i + 1))
-        for i, v in enumerate([3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4])
-    ]
-    client.log_batch(run_id, metrics=train + evals)
-    tracker = open_tracker(tracking_uri)
+    run_id = backend.new_run()
+    evals = dict(zip(range(10, 80, 10), [3.0, 2.5, 2.2, 2.1, 2.15, 2.25, 2.4], strict=True))
+    rows = [(step, {"loss": 3.0 - 2.2 * step / 69}) for step in range(70)]
+    rows += [(step, {"eval_loss": value}) for step, value in evals.items()]
+    backend.log_history(run_id, rows)
+    tracker = backend.tracker
     tracker.write_json(run_id, SPEC_PATH, OVERFIT_SPEC.model_dump(mode="json"))
     tracker.set_tags(run_id, {TAG_MANAGED: "true", TAG_CLIENT_HEARTBEAT: str(time.time())})
     return run_id

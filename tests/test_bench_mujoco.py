@@ -19,6 +19,7 @@ from integrations.protocol import SPEC_PATH, TAG_MANAGED
 from integrations.trackers import Tracker
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_both_recipes_fixed_and_managed(
     tracking_uri: str, tracker: Tracker, repo_root: Path, tmp_path: Path
 ) -> None:

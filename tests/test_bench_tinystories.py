@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from integrations.protocol import TAG_MANAGED, Source
@@ -24,6 +25,7 @@ from train_scripts.tinystories import PRESETS
 VARIANTS = {"fixed", "rules", "llm", "plateau"}
 
 
+@pytest.mark.slow
 def test_tiny_preset_runs_every_variant_into_mlflow(
     tracking_uri: str, tracker: Tracker, repo_root: Path, tmp_path: Path
 ) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from integrations.protocol import Objective
-from integrations.torch_hooks import BestState
+from integrations.torch_ops import BestState
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:

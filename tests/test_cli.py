@@ -1,4 +1,4 @@
-"""The ``atm`` CLI against a real MLflow server: verbs, verdicts, and one-line errors."""
+"""The ``atm`` CLI on every backend: verbs, verdicts, and one-line errors."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from integrations.protocol import (
 from manager_daemon import cli
 from manager_daemon.cli import app
 from manager_daemon.mlflow_server import free_port
+from tests.conftest import Backend
 
 runner = CliRunner()
 
@@ -54,7 +55,8 @@ def publish_spec(tracker, run_id: str) -> None:
     tracker.set_tags(run_id, {TAG_CLIENT_HEARTBEAT: str(time.time())})
 
 
-def test_attach_status_detach(tracking_uri, tracker, new_run) -> None:
+def test_attach_status_detach(backend: Backend) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run("attach-me")
     result = atm(tracking_uri, "attach", run_id, "--objective", "maximize:eval/acc")
     assert result.exit_code == 0, result.output
@@ -67,7 +69,8 @@ def test_attach_status_detach(tracking_uri, tracker, new_run) -> None:
     assert tracker.get_run(run_id).tags[TAG_MANAGED] == "false"
 
 
-def test_set_issues_a_validated_audited_version(tracking_uri, tracker, new_run) -> None:
+def test_set_issues_a_validated_audited_version(backend: Backend) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run()
     publish_spec(tracker, run_id)
     result = atm(
@@ -84,7 +87,8 @@ def test_set_issues_a_validated_audited_version(tracking_uri, tracker, new_run) 
     assert params.signature_problem(None) is None
 
 
-def test_set_rejections_are_audited_and_issue_nothing(tracking_uri, tracker, new_run) -> None:
+def test_set_rejections_are_audited_and_issue_nothing(backend: Backend) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run()
     publish_spec(tracker, run_id)
     result = atm(tracking_uri, "set", run_id, "momentum=0.9", "learning_rate=nan")
@@ -101,7 +105,8 @@ def test_set_rejections_are_audited_and_issue_nothing(tracking_uri, tracker, new
     assert record.telemetry is not None and "objective" in record.telemetry
 
 
-def test_log_table_shows_each_decision(tracking_uri, tracker, new_run) -> None:
+def test_log_table_shows_each_decision(backend: Backend) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run()
     publish_spec(tracker, run_id)
     atm(tracking_uri, "set", run_id, "learning_rate=2e-3")
@@ -114,7 +119,8 @@ def test_log_table_shows_each_decision(tracking_uri, tracker, new_run) -> None:
     )
 
 
-def test_set_without_a_client_is_advisory(tracking_uri, tracker, new_run) -> None:
+def test_set_without_a_client_is_advisory(backend: Backend) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run()
     publish_spec(tracker, run_id)
     tracker.delete_tag(run_id, TAG_CLIENT_HEARTBEAT)
@@ -133,9 +139,9 @@ def test_set_without_a_client_is_advisory(tracking_uri, tracker, new_run) -> Non
         (["set", "RUN", "learning_rate=1e-3"], 2, "no knob spec"),
     ],
 )
-def test_bad_input_gives_one_clear_line(tracking_uri, new_run, args, code, message) -> None:
-    run_id = new_run()
-    result = atm(tracking_uri, *[run_id if a == "RUN" else a for a in args])
+def test_bad_input_gives_one_clear_line(backend: Backend, args, code, message) -> None:
+    run_id = backend.new_run()
+    result = atm(backend.uri, *[run_id if a == "RUN" else a for a in args])
     assert result.exit_code == code, result.output
     assert message in result.output
     assert len(result.output.strip().splitlines()) <= 2 and "Traceback" not in result.output
@@ -151,11 +157,13 @@ def test_unreachable_tracker_is_one_line_and_exit_3() -> None:
 
 def test_no_tracker_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ATM_TRACKING_URI", raising=False)
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 2 and "MLFLOW_TRACKING_URI" in result.output
 
 
-def test_log_json_is_one_object_per_line(tracking_uri, tracker, new_run) -> None:
+def test_log_json_is_one_object_per_line(backend: Backend) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run()
     publish_spec(tracker, run_id)
     atm(tracking_uri, "set", run_id, "learning_rate=2e-3")

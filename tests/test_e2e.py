@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from integrations.protocol import (
@@ -20,6 +21,7 @@ from integrations.protocol import (
 )
 
 
+@pytest.mark.slow
 def test_daemon_corrects_an_overfitting_trainer(tracking_uri: str, tracker, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     train = subprocess.Popen(

@@ -39,7 +39,8 @@ from integrations.protocol import (
     RunSpec,
     Scale,
 )
-from integrations.sb3 import ManagerSB3Callback, MlflowWriter, ensure_mlflow_logging
+from integrations.sb3 import ManagerSB3Callback, TrackerWriter, ensure_tracker_logging
+from integrations.trackers import open_tracker
 from tests.helpers import issue, wait_for
 
 
@@ -382,14 +383,14 @@ def test_step_boundary_is_refused() -> None:
         ManagerSB3Callback(apply_at=Boundary.STEP)
 
 
-def test_without_an_mlflow_run_training_continues_unmanaged(
+def test_without_a_tracker_run_training_continues_unmanaged(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     assert mlflow.active_run() is None
     model = tiny_ppo()
-    manager = ManagerSB3Callback(log_to_mlflow=True)
-    with caplog.at_level(logging.WARNING, logger="integrations.sb3"):
+    manager = ManagerSB3Callback(log_to_tracker=True)
+    with caplog.at_level(logging.WARNING, logger="integrations"):
         model.learn(128, callback=manager)
     assert model.num_timesteps == 128
     assert manager.client is None and manager.writer is None
@@ -398,12 +399,12 @@ def test_without_an_mlflow_run_training_continues_unmanaged(
 
 def test_sb3_metrics_reach_the_run_with_num_timesteps_as_step(tracking_uri: str) -> None:
     model = tiny_ppo()
-    manager = ManagerSB3Callback(poll_interval=0.3, log_to_mlflow=True)
+    manager = ManagerSB3Callback(poll_interval=0.3, log_to_tracker=True)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("sb3")
     with mlflow.start_run() as run:
         model.learn(256, callback=manager)
-        assert ensure_mlflow_logging(model) is manager.writer, "one writer per logger"
+        assert ensure_tracker_logging(model) is manager.writer, "one writer per logger"
     client = MlflowClient(tracking_uri)
 
     def history(key: str) -> list[tuple[int, float]]:
@@ -415,11 +416,11 @@ def test_sb3_metrics_reach_the_run_with_num_timesteps_as_step(tracking_uri: str)
     assert [v for _, v in history("train/clip_range")] == pytest.approx([0.2] * 3)
 
 
-def test_mlflow_writer_filters_values_and_never_raises(
+def test_tracker_writer_filters_values_and_never_raises(
     tracking_uri: str, new_run, caplog: pytest.LogCaptureFixture
 ) -> None:
     run_id = new_run()
-    writer = MlflowWriter(run_id, tracking_uri)
+    writer = TrackerWriter(open_tracker(tracking_uri), run_id)
     values = {"a": 1.5, "n": np.float32(2.0), "i": 3, "flag": True, "text": "x", "hidden": 4.0}
     writer.write(values, {"hidden": ("mlflow",), "a": ("tensorboard",)}, step=7)
     writer.close()
@@ -427,7 +428,7 @@ def test_mlflow_writer_filters_values_and_never_raises(
     assert client.get_run(run_id).data.metrics == {"a": 1.5, "n": 2.0, "i": 3.0}
     assert [m.step for m in client.get_metric_history(run_id, "i")] == [7]
 
-    unreachable = MlflowWriter(run_id, "http://127.0.0.1:9")
+    unreachable = TrackerWriter(open_tracker("http://127.0.0.1:9"), run_id)
     with caplog.at_level(logging.WARNING, logger="integrations.sb3"):
         for step in (1, 2):
             unreachable.write({"a": 1.0}, {}, step=step)

@@ -1,11 +1,8 @@
-"""The per-run supervisor against a real MLflow server: when it decides and when it keeps out."""
+"""The per-run supervisor, on every backend: when it decides and when it keeps out."""
 
 from __future__ import annotations
 
 import time
-
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from integrations.protocol import TAG_OBJECTIVE
 from manager_daemon.audit import AuditLog
@@ -13,11 +10,13 @@ from manager_daemon.daemon import Daemon, TickReport, in_background
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.validation import ValidationConfig
+from tests.conftest import Backend
 from tests.helpers import overfitting_run, wait_for
 
 
-def test_no_policy_decision_after_a_stop_was_issued(tracking_uri, tracker, new_run) -> None:
-    run_id = overfitting_run(tracking_uri, new_run)
+def test_no_policy_decision_after_a_stop_was_issued(backend: Backend) -> None:
+    tracker = backend.tracker
+    run_id = overfitting_run(backend)
     config = SupervisorConfig(validation=ValidationConfig(cooldown_steps=0, stop_after_evals=0))
     supervisor = RunSupervisor(run_id, tracker, AuditLog(tracker), config)
     policy = RulesPolicy()
@@ -27,25 +26,20 @@ def test_no_policy_decision_after_a_stop_was_issued(tracking_uri, tracker, new_r
     assert first is not None and [c.command for c in first.command_verdicts] == ["stop"]
 
     # The run keeps evaluating (and getting worse) while it winds down.
-    now = int(time.time() * 1000)
-    MlflowClient(tracking_uri).log_batch(
-        run_id, metrics=[Metric("eval_loss", 2.6, now, 80), Metric("eval_loss", 2.8, now + 1, 90)]
-    )
+    backend.log_history(run_id, [(80, {"eval_loss": 2.6}), (90, {"eval_loss": 2.8})])
     assert supervisor.tick(policy) is None
     assert len(AuditLog(tracker).records(run_id)) == 1
 
 
 def test_an_objective_tag_set_after_the_run_was_first_read_is_picked_up(
-    tracking_uri, tracker, new_run
+    backend: Backend,
 ) -> None:
-    run_id = overfitting_run(tracking_uri, new_run)
+    tracker = backend.tracker
+    run_id = overfitting_run(backend)
     supervisor = RunSupervisor(run_id, tracker, AuditLog(tracker))
     supervisor.refresh()
     assert str(supervisor.telemetry.objective) == "minimize:eval_loss"  # the default
-    now = int(time.time() * 1000)
-    MlflowClient(tracking_uri).log_batch(
-        run_id, metrics=[Metric("accuracy", 0.5, now, 10), Metric("accuracy", 0.6, now + 1, 20)]
-    )
+    backend.log_history(run_id, [(10, {"accuracy": 0.5}), (20, {"accuracy": 0.6})])
     tracker.set_tags(run_id, {TAG_OBJECTIVE: "maximize:accuracy"})
     supervisor.refresh()
     assert str(supervisor.telemetry.objective) == "maximize:accuracy"
@@ -53,9 +47,10 @@ def test_an_objective_tag_set_after_the_run_was_first_read_is_picked_up(
 
 
 def test_daemons_in_background_decide_while_the_block_runs_and_stop_after(
-    tracking_uri, tracker, new_run
+    backend: Backend,
 ) -> None:
-    run_id = overfitting_run(tracking_uri, new_run)
+    tracker = backend.tracker
+    run_id = overfitting_run(backend)
 
     class Counting(Daemon):
         ticks = 0
@@ -64,7 +59,7 @@ def test_daemons_in_background_decide_while_the_block_runs_and_stop_after(
             self.ticks += 1
             return super().run_once(wait)
 
-    daemon = Counting(tracker, RulesPolicy())
+    daemon = Counting(tracker, RulesPolicy(), experiments=[backend.experiment])
     with in_background([daemon], interval_s=0.2):
         wait_for(lambda: AuditLog(tracker).records(run_id), 30)
     decided = AuditLog(tracker).records(run_id)

@@ -20,7 +20,8 @@ from integrations.trackers import Tracker, open_tracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.mlflow_server import start_server
-from manager_daemon.policies.factory import PolicySettings, make_policy
+from manager_daemon.policies.factory import make_policy
+from manager_daemon.settings import DaemonSettings
 from manager_daemon.supervisor import SupervisorConfig
 
 log = logging.getLogger("bench")
@@ -45,7 +46,7 @@ def tracking_uri(out: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def daemons(
     uri: str,
-    policies: dict[str, PolicySettings],
+    policies: dict[str, DaemonSettings],
     config_of: dict[str, SupervisorConfig],
     experiment_of: dict[str, str],
 ) -> Iterator[None]:
@@ -56,7 +57,15 @@ def daemons(
     for name, settings in policies.items():
         policy, why = make_policy(settings)
         log.info("%s: %s", name, why)
-        running.append(Daemon(tracker, policy, config_of[name], experiments=[experiment_of[name]]))
+        running.append(
+            Daemon(
+                tracker,
+                policy,
+                config_of[name],
+                experiments=[experiment_of[name]],
+                signing_key=settings.key(),
+            )
+        )
     with in_background(running, DAEMON_INTERVAL_S):
         yield
 

@@ -36,7 +36,7 @@ import matplotlib
 
 from integrations.protocol import Command
 from integrations.trackers import Tracker, open_tracker
-from manager_daemon.policies.factory import PolicySettings
+from manager_daemon.settings import DaemonSettings
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
 from train_scripts.bench_common import (
@@ -146,10 +146,10 @@ def supervisor_config(preset: str, variant: str = "rules") -> SupervisorConfig:
 
 def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
     policies = {
-        v: PolicySettings.from_env(
+        v: DaemonSettings.from_options(
             policy="rules" if v == "rules" else "llm",
-            base_url=args.llm_base_url,
-            model=args.llm_model,
+            llm_base_url=args.llm_base_url,
+            llm_model=args.llm_model,
         )
         for v in MANAGED
         if v in args.variants

@@ -39,7 +39,7 @@ if not __package__:  # run as a file: make the repository root importable
 import matplotlib
 
 from integrations.trackers import open_tracker
-from manager_daemon.policies.factory import PolicySettings
+from manager_daemon.settings import DaemonSettings
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
 from train_scripts.bench_common import (
@@ -155,10 +155,10 @@ def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
         validation=ValidationConfig(cooldown_steps=2 * eval_steps), stale_evals=8
     )
     policies = {
-        variant: PolicySettings.from_env(
+        variant: DaemonSettings.from_options(
             policy="rules" if variant == "rules" else "llm",
-            base_url=args.llm_base_url,
-            model=args.llm_model,
+            llm_base_url=args.llm_base_url,
+            llm_model=args.llm_model,
         )
         for variant in MANAGED
         if variant in args.variants or (variant == "rules" and args.lr_factors)

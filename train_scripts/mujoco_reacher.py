@@ -43,8 +43,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+from integrations.knobs import Knob
 from integrations.protocol import Boundary
-from integrations.sb3 import ManagerSB3Callback, MlflowWriter, ensure_mlflow_logging
+from integrations.sb3 import ManagerSB3Callback, TrackerWriter, ensure_tracker_logging
 from train_scripts.reacher_obstacle import EVAL_SPLITS, ReacherObstacleEnv
 
 log = logging.getLogger("mujoco_reacher")
@@ -230,11 +231,11 @@ class TrainingMetrics(BaseCallback):
     def __init__(self, run_id: str, tracking_uri: str | None) -> None:
         super().__init__()
         self.run_id, self.tracking_uri = run_id, tracking_uri
-        self.writer: MlflowWriter | None = None
+        self.writer: TrackerWriter | None = None
         self.episodes = self.collisions = 0
 
     def _on_training_start(self) -> None:
-        self.writer = ensure_mlflow_logging(
+        self.writer = ensure_tracker_logging(
             self.model, run_id=self.run_id, tracking_uri=self.tracking_uri
         )
 
@@ -321,11 +322,11 @@ def filmstrip(model: PPO, out_dir: Path, frames: int = 6) -> Path | None:
 
 # The paper's menu ranges, and a cap on epochs that keeps an update's cost bounded.
 MANAGED_BOUNDS: dict[str, dict[str, float | str]] = {
-    "learning_rate": {"min": 1e-5, "max": 3e-3},
-    "ent_coef": {"min": 0.0, "max": 0.1, "max_rel_step": 0.5},
-    "clip_range": {"min": 0.03, "max": 0.3},
-    "n_epochs": {"min": 1, "max": 10},
-    "target_kl": {"min": 0.003, "max": 0.1},
+    Knob.LEARNING_RATE: {"min": 1e-5, "max": 3e-3},
+    Knob.ENT_COEF: {"min": 0.0, "max": 0.1, "max_rel_step": 0.5},
+    Knob.CLIP_RANGE: {"min": 0.03, "max": 0.3},
+    Knob.N_EPOCHS: {"min": 1, "max": 10},
+    Knob.TARGET_KL: {"min": 0.003, "max": 0.1},
     "collision_penalty": {"min": 1.0, "max": 50.0, "scale": "log", "max_rel_step": 1.0},
     "success_bonus": {"min": 1.0, "max": 20.0, "scale": "log", "max_rel_step": 1.0},
     "progress_scale": {"min": 0.5, "max": 10.0, "scale": "log", "max_rel_step": 1.0},

@@ -1,48 +1,143 @@
-"""Tracker backends, chosen from the tracking URI."""
+"""Tracker backends, chosen from the tracking URI.
+
+Built in: MLflow (``http(s)://``, ``sqlite://``, ``databricks``, database URIs) and an
+in-memory tracker (``memory://NAME``) for tests. A third party adds a backend through the
+entry-point group ``ai_training_manager.trackers``: the entry point's name is the URI scheme it
+serves (``neptune`` serves ``neptune://…``) and its object is a ``TrackerBackend``. A backend's
+module, and the tracker SDK it imports, load only when a URI or a running script needs it.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import os
+import sys
+from dataclasses import dataclass
+from functools import cache
 
 from integrations.trackers.base import (
-    MetricCursor,
+    CorruptArtifact,
+    Cursor,
     MetricPoint,
+    RunBinding,
     RunInfo,
     RunNotFound,
     Tracker,
+    TrackerBackend,
     TrackerError,
     TrackerUnavailable,
 )
 
 __all__ = [
-    "MetricCursor",
+    "CorruptArtifact",
+    "Cursor",
     "MetricPoint",
+    "RunBinding",
     "RunInfo",
     "RunNotFound",
     "Tracker",
+    "TrackerBackend",
     "TrackerError",
     "TrackerUnavailable",
+    "bind_run",
     "default_tracking_uri",
+    "launch_env",
     "open_tracker",
 ]
 
-_MLFLOW_SCHEMES = ("http://", "https://", "sqlite://", "databricks", "postgresql", "mysql")
+ENTRY_POINT_GROUP = "ai_training_manager.trackers"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A registered backend, before its module is imported."""
+
+    target: str  # "module:attribute"
+    prefixes: tuple[str, ...]
+    # A script logs to this kind of tracker only if it imported one of these modules or set
+    # one of these variables: binding never imports a tracker SDK the script did not.
+    sdk_modules: tuple[str, ...] = ()
+    run_env: tuple[str, ...] = ()
+    # Variables of the tracker's own that name a tracker (MLFLOW_TRACKING_URI).
+    uri_env: tuple[str, ...] = ()
+
+    def backend(self) -> TrackerBackend:
+        if self.target not in _loaded:
+            module, _, attribute = self.target.partition(":")
+            _loaded[self.target] = getattr(importlib.import_module(module), attribute)
+        return _loaded[self.target]
+
+    def maybe_in_use(self) -> bool:
+        return any(m in sys.modules for m in self.sdk_modules) or any(
+            os.environ.get(v) for v in self.run_env
+        )
+
+
+_loaded: dict[str, TrackerBackend] = {}
+
+_BUILTIN = (
+    _Entry(
+        "integrations.trackers.mlflow_backend:BACKEND",
+        ("http://", "https://", "sqlite://", "databricks", "postgresql", "mysql", "mssql"),
+        sdk_modules=("mlflow",),
+        run_env=("MLFLOW_RUN_ID",),
+        uri_env=("MLFLOW_TRACKING_URI",),
+    ),
+    _Entry("integrations.trackers.memory:BACKEND", ("memory://",)),
+)
+
+
+@cache
+def _entries() -> tuple[_Entry, ...]:
+    plugins = tuple(
+        _Entry(f"{ep.module}:{ep.attr}", (f"{ep.name}://",), sdk_modules=(ep.name,))
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    )
+    return _BUILTIN + plugins
+
+
+def _entry_for(uri: str) -> _Entry:
+    for entry in _entries():
+        if uri.startswith(entry.prefixes):
+            return entry
+    known = ", ".join(p + "…" for e in _entries() for p in e.prefixes)
+    raise ValueError(f"unsupported tracking URI {uri!r}: expected one of {known}")
+
+
+def open_tracker(uri: str, *, fail_fast: bool = False) -> Tracker:
+    """The tracker for ``uri``; ``fail_fast`` for processes that must answer quickly (the
+    daemon, the command line) rather than wait out a tracker SDK's long retries."""
+    return _entry_for(uri).backend().open(uri, fail_fast=fail_fast)
 
 
 def default_tracking_uri() -> str | None:
-    """The URI from the environment (``MLFLOW_TRACKING_URI``), if any."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or None
+    """The tracker named by the environment: ``ATM_TRACKING_URI``, else a tracker's own
+    variables (``MLFLOW_TRACKING_URI``)."""
+    if uri := os.environ.get("ATM_TRACKING_URI"):
+        return uri
+    for entry in _entries():
+        if any(os.environ.get(v) for v in entry.uri_env):
+            return entry.backend().default_uri()
+    return None
 
 
-def open_tracker(uri: str) -> Tracker:
-    """The tracker backend for ``uri``: MLflow for http(s), sqlite, databases and Databricks."""
-    if uri.startswith(_MLFLOW_SCHEMES):
-        from integrations.trackers.mlflow_backend import MlflowTracker
+def bind_run(run_id: str | None = None, tracking_uri: str | None = None) -> RunBinding | None:
+    """The run this training process logs to, and a tracker to reach it; None if none.
 
-        return MlflowTracker(uri)
-    if uri.startswith("wandb://"):
-        raise ValueError("the W&B backend is not available in this version; use an MLflow URI")
-    raise ValueError(
-        f"unsupported tracking URI {uri!r}: expected http(s)://…, sqlite:///…, databricks, "
-        "or a database URI"
-    )
+    With ``tracking_uri`` that tracker's backend answers; otherwise the first backend whose
+    SDK the script uses and that sees a run (a script logging to two trackers is managed
+    once, through the first).
+    """
+    if tracking_uri:
+        return _entry_for(tracking_uri).backend().current_run(run_id, tracking_uri)
+    for entry in _entries():
+        if entry.maybe_in_use() and (found := entry.backend().current_run(run_id, None)):
+            return found
+    return None
+
+
+def launch_env(uri: str, run_id: str | None = None) -> dict[str, str]:
+    """Environment variables that make a launched script log to ``uri`` (and continue
+    ``run_id``), as the tracker's own SDK reads them."""
+    return _entry_for(uri).backend().launch_env(uri, run_id)

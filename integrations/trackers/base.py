@@ -2,7 +2,9 @@
 
 A ``Tracker`` is a handful of operations on runs: metric points since a cursor, tags, small
 JSON artifacts, and the list of managed runs. Everything else in the project talks to a
-tracker only through this protocol and never asks which backend it has.
+tracker only through this protocol and never asks which backend it has. A ``TrackerBackend``
+says how one kind of tracker is opened from a URI and how a training process finds the run it
+logs to; ``integrations.trackers`` picks the backend.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ class TrackerError(RuntimeError):
 
 
 class TrackerUnavailable(TrackerError):
-    """The tracker could not be reached (network, server down, timeout)."""
+    """The tracker could not be reached (network, server down, timeout, rate limit)."""
 
 
 class RunNotFound(TrackerError):
     """No run with that id exists on the tracker."""
+
+
+class CorruptArtifact(TrackerError):
+    """A JSON artifact exists but cannot be read as JSON (truncated, tampered, not UTF-8)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class RunInfo:
     start_time: int | None
     tags: dict[str, str] = field(default_factory=dict)
     latest_metrics: dict[str, float] = field(default_factory=dict)
+    # The step of each metric's latest point, where the tracker's run listing carries it.
+    latest_steps: dict[str, int] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -47,11 +55,9 @@ class RunInfo:
         return self.status == "RUNNING"
 
 
-@dataclass
-class MetricCursor:
-    """How far each metric key of one run has been read; owned by the reader."""
-
-    offsets: dict[str, int] = field(default_factory=dict)
+class Cursor:
+    """How far a reader has read a run's metrics. Opaque: made, advanced and read only by
+    the backend that returned it."""
 
 
 @runtime_checkable
@@ -69,30 +75,73 @@ class Tracker(Protocol):
         ...
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: MetricCursor
-    ) -> list[MetricPoint]:
-        """Points of ``keys`` logged since ``cursor``, oldest first; advances the cursor."""
+        self, run_id: str, keys: list[str], cursor: Cursor | None
+    ) -> tuple[list[MetricPoint], Cursor]:
+        """Points of ``keys`` logged since ``cursor`` (from the start when None), oldest
+        first, and the cursor after them. ``cursor`` is left as it was."""
         ...
 
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None: ...
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set the tags together: a reader sees all of them or none."""
+        ...
 
-    def delete_tag(self, run_id: str, key: str) -> None: ...
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """Remove a tag; removing one that is not there is not an error."""
+        ...
 
     def log_metric(self, run_id: str, key: str, value: float, step: int) -> None: ...
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        """Several metrics at one step, in one request where the tracker allows."""
+        ...
 
     def read_json(self, run_id: str, path: str) -> Any | None:
         """The parsed JSON artifact at ``path``, or None if there is none.
 
-        Raises TrackerError when the file exists but is not valid JSON.
+        Raises CorruptArtifact when the artifact exists but is not valid JSON.
         """
         ...
 
     def write_json(self, run_id: str, path: str, payload: Any) -> None: ...
 
     def list_artifacts(self, run_id: str, directory: str) -> list[str]:
-        """Paths of the files directly under ``directory`` (empty if none)."""
+        """Paths of the artifacts directly under ``directory`` (empty if none)."""
         ...
 
     def ping(self) -> bool:
         """A cheap reachability check that never retries."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunBinding:
+    """The run a training process logs to, and the tracker to reach it through."""
+
+    tracker: Tracker
+    run_id: str
+
+
+class TrackerBackend(Protocol):
+    """One kind of tracker: how to open it, and how a training process finds its run there."""
+
+    name: str
+
+    def open(self, uri: str, *, fail_fast: bool = False) -> Tracker:
+        """A tracker for ``uri`` (a URI this backend was registered for). With ``fail_fast``
+        (a daemon, a command line) a request that fails gives up after a short wait rather
+        than retrying for minutes as a tracker SDK may by default."""
+        ...
+
+    def current_run(self, run_id: str | None, uri: str | None) -> RunBinding | None:
+        """The run this process logs to on this kind of tracker (``run_id`` and ``uri`` when
+        the caller names them), or None when it logs to none."""
+        ...
+
+    def launch_env(self, uri: str, run_id: str | None) -> dict[str, str]:
+        """Environment variables that make a launched script log to ``uri`` (and continue run
+        ``run_id``), as the tracker's own SDK reads them."""
+        ...
+
+    def default_uri(self) -> str | None:
+        """The tracker named by the tracker's own environment variables, if any."""
         ...

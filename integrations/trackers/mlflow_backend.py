@@ -1,4 +1,9 @@
-"""The MLflow backend of the ``Tracker`` protocol (server, sqlite or Databricks URIs)."""
+"""The MLflow backend of the ``Tracker`` protocol (server, sqlite or Databricks URIs).
+
+A training process logs to MLflow's active run, or to ``MLFLOW_RUN_ID``'s; the manager writes
+tags and JSON artifacts into that run with ``MlflowClient`` (never ``start_run`` on a run another
+process owns: it would change the run's status).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +23,13 @@ from mlflow.tracking import MlflowClient
 
 from integrations.protocol import TAG_MANAGED
 from integrations.trackers.base import (
-    MetricCursor,
+    CorruptArtifact,
+    Cursor,
     MetricPoint,
+    RunBinding,
     RunInfo,
     RunNotFound,
+    Tracker,
     TrackerError,
     TrackerUnavailable,
 )
@@ -37,6 +46,13 @@ def _page_token(offset: int) -> str | None:
     if offset <= 0:
         return None
     return base64.b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+class _Offsets(Cursor):
+    """Points read so far, per metric key: the next page of a key's history starts there."""
+
+    def __init__(self, offsets: dict[str, int] | None = None) -> None:
+        self.offsets = dict(offsets or {})
 
 
 class MlflowTracker:
@@ -79,11 +95,12 @@ class MlflowTracker:
         return [_run_info(r) for r in runs]
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: MetricCursor
-    ) -> list[MetricPoint]:
+        self, run_id: str, keys: list[str], cursor: Cursor | None
+    ) -> tuple[list[MetricPoint], Cursor]:
+        read = _Offsets(cursor.offsets if isinstance(cursor, _Offsets) else None)
         points: list[MetricPoint] = []
         for key in keys:
-            offset = cursor.offsets.get(key, 0)
+            offset = read.offsets.get(key, 0)
             token = _page_token(offset)
             with _translated(run_id):
                 while True:
@@ -95,9 +112,9 @@ class MlflowTracker:
                     token = page.token
                     if not token:
                         break
-            cursor.offsets[key] = offset
+            read.offsets[key] = offset
         points.sort(key=lambda p: (p.timestamp, p.step))
-        return points
+        return points, read
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         # One request: a reader never sees some of the tags without the others.
@@ -105,16 +122,20 @@ class MlflowTracker:
             self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def delete_tag(self, run_id: str, key: str) -> None:
+        if key not in self.get_run(run_id).tags:
+            return
         with _translated(run_id):
-            try:
-                self._client.delete_tag(run_id, key)
-            except MlflowException as exc:
-                if "No tag with name" not in str(exc):
-                    raise
+            self._client.delete_tag(run_id, key)
 
     def log_metric(self, run_id: str, key: str, value: float, step: int) -> None:
         with _translated(run_id):
             self._client.log_metric(run_id, key, value, step=step)
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+        with _translated(run_id):
+            self._client.log_batch(run_id, metrics=metrics)
 
     def read_json(self, run_id: str, path: str) -> Any | None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +144,7 @@ class MlflowTracker:
                     raw = Path(
                         self._client.download_artifacts(run_id, path, dst_path=tmp)
                     ).read_bytes()
-            except (RunNotFound, TrackerError, OSError):
+            except (TrackerError, OSError):
                 # One request on the usual path; a listing tells "absent" from "failed".
                 parent = path.rsplit("/", 1)[0] if "/" in path else ""
                 if path not in self.list_artifacts(run_id, parent):
@@ -132,7 +153,9 @@ class MlflowTracker:
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TrackerError(f"artifact {path} of run {run_id} is not valid JSON: {exc}") from exc
+            raise CorruptArtifact(
+                f"artifact {path} of run {run_id} is not valid JSON: {exc}"
+            ) from exc
 
     def write_json(self, run_id: str, path: str, payload: Any) -> None:
         with _translated(run_id):
@@ -157,6 +180,7 @@ def _run_info(run: Any) -> RunInfo:
         start_time=run.info.start_time,
         tags=dict(run.data.tags),
         latest_metrics=dict(run.data.metrics),
+        latest_steps={m.key: int(m.step) for m in run.data._metric_objs},
         params=dict(run.data.params),
     )
 
@@ -173,15 +197,52 @@ class _translated:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
         if exc is None or isinstance(exc, TrackerError):
             return False
-        if isinstance(exc, RestException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RunNotFound(f"no run {self.run_id!r} on this tracker") from exc
+        if isinstance(exc, RestException):
+            raise TrackerError(str(exc).splitlines()[0]) from exc
         if isinstance(exc, MlflowException):
+            # MLflow reports a request it could not complete (connection refused, timeouts,
+            # retries exhausted) as a plain MlflowException whose text says so.
             text = str(exc)
-            if "not found" in text.lower() and self.run_id and self.run_id in text:
-                raise RunNotFound(f"no run {self.run_id!r} on this tracker") from exc
             if "API request" in text or "Max retries" in text or "Connection" in text:
                 raise TrackerUnavailable(f"tracker unreachable: {text.splitlines()[0]}") from exc
             raise TrackerError(text.splitlines()[0] if text else repr(exc)) from exc
         if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
             raise TrackerUnavailable(f"tracker unreachable: {exc}") from exc
         return False
+
+
+class MlflowBackend:
+    """How a process finds its MLflow run, and how a launched script is pointed at one."""
+
+    name = "mlflow"
+
+    def open(self, uri: str, *, fail_fast: bool = False) -> Tracker:
+        if fail_fast:
+            # MLflow reads these at each request; its defaults retry for minutes.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        return MlflowTracker(uri)
+
+    def current_run(self, run_id: str | None, uri: str | None) -> RunBinding | None:
+        import mlflow
+
+        if run_id is None:
+            active = mlflow.active_run()
+            run_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")
+        if run_id is None:
+            return None
+        return RunBinding(MlflowTracker(uri or mlflow.get_tracking_uri()), run_id)
+
+    def launch_env(self, uri: str, run_id: str | None) -> dict[str, str]:
+        env = {"MLFLOW_TRACKING_URI": uri}
+        if run_id:
+            env["MLFLOW_RUN_ID"] = run_id
+        return env
+
+    def default_uri(self) -> str | None:
+        return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+BACKEND = MlflowBackend()

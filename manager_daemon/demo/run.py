@@ -12,7 +12,7 @@ import os
 import selectors
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -20,12 +20,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from integrations.protocol import AuditRecord
-from integrations.trackers import MetricCursor, Tracker, open_tracker
+from integrations.trackers import Cursor, Tracker, open_tracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.demo.lm import DEMO_RECIPE
 from manager_daemon.mlflow_server import MlflowServer, start_server
-from manager_daemon.policies.factory import PolicySettings, make_policy
+from manager_daemon.policies.factory import make_policy
+from manager_daemon.settings import DaemonSettings
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
 
@@ -41,7 +42,7 @@ class Variant:
     log_path: Path
     process: subprocess.Popen[str] | None = None
     run_id: str | None = None
-    cursor: MetricCursor = field(default_factory=MetricCursor)
+    cursor: Cursor | None = None
     step: int = 0
     eval_loss: float | None = None
     summary: dict[str, object] | None = None
@@ -61,7 +62,8 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
     console.print(f"MLflow tracking server: [bold]{uri}[/bold]")
     tracker = open_tracker(uri)
     with console.status("loading the policy…"):
-        policy, why = make_policy(PolicySettings.from_env(policy=policy_name))
+        settings = DaemonSettings.from_options(policy=policy_name)
+        policy, why = make_policy(settings)
     console.print(f"Manager {why}")
     # The demo's evaluations come every few seconds while a CPU model call takes longer, so
     # answers may arrive several evaluations late and are still worth applying.
@@ -72,6 +74,7 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
             validation=ValidationConfig(cooldown_steps=2 * DEMO_RECIPE.eval_steps),
             stale_evals=8,
         ),
+        signing_key=settings.key(),
     )
     with in_background([daemon], DAEMON_INTERVAL_S):
         variants = _train_side_by_side(workdir, uri, tracker, console)
@@ -170,7 +173,7 @@ def _update_progress(v: Variant, tracker: Tracker, progress: Progress, task: int
     if v.run_id is None:
         return
     try:
-        points = tracker.read_new_points(v.run_id, ["loss", "eval_loss"], v.cursor)
+        points, v.cursor = tracker.read_new_points(v.run_id, ["loss", "eval_loss"], v.cursor)
     except Exception:  # progress display only; the tracker may be busy
         return
     for p in points:

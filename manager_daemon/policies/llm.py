@@ -14,7 +14,8 @@ healthy run from a sick one, but it can pick among remedies.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -36,15 +37,45 @@ from manager_daemon.telemetry import Snapshot
 from manager_daemon.validation import Menu
 
 
+class LLMFallback(StrEnum):
+    """Who decides after a failed call or an answer still invalid on retry."""
+
+    RULES = "rules"
+    NONE = "none"
+
+
+class LLMMode(StrEnum):
+    """How a model answers: composing from the menu, or choosing among complete answers."""
+
+    AUTO = "auto"
+    COMPOSE = "compose"
+    CHOOSE = "choose"
+
+
+class LLMConsult(StrEnum):
+    """When the model is asked: at every evaluation, or only when the rules see a symptom."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    ON_SYMPTOM = "on_symptom"
+
+
 class LLMConfig(BaseModel):
-    timeout_s: float = Field(60.0, gt=0, description="per model call")
-    retries: int = Field(1, ge=0, description="retries carrying the validation error")
-    fallback: Literal["rules", "none"] = "rules"
-    mode: Literal["auto", "compose", "choose"] = Field(
-        "auto", description="auto: choose when the model says it prefers to (small models)"
+    timeout_s: float = Field(60.0, gt=0, description="Seconds per model call")
+    retries: int = Field(1, ge=0, description="Retries carrying the validation error")
+    fallback: LLMFallback = Field(
+        LLMFallback.RULES, description="After a failed retry: the rules decide, or nothing is done"
     )
-    consult: Literal["auto", "always", "on_symptom"] = Field(
-        "auto", description="auto: on_symptom for choosing models, else always"
+    mode: LLMMode = Field(
+        LLMMode.AUTO,
+        description="compose (the model writes its answer from the menu), choose (it picks one "
+        "of a list of complete answers; for small models), or auto (choose where the model "
+        "prefers to)",
+    )
+    consult: LLMConsult = Field(
+        LLMConsult.AUTO,
+        description="always, on_symptom (only when the rules see one), or auto (on_symptom "
+        "when choosing)",
     )
 
 

@@ -8,13 +8,24 @@ accepts is remembered.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 import openai
 
 from manager_daemon.policies.chat import ChatError, ChatResult
 
-MODES = ("json_schema", "json_object", "tools")
+
+class ResponseMode(StrEnum):
+    """How a server is asked to keep to the answer's schema; auto tries them in order."""
+
+    AUTO = "auto"
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    TOOLS = "tools"
+
+
+MODES = (ResponseMode.JSON_SCHEMA, ResponseMode.JSON_OBJECT, ResponseMode.TOOLS)
 
 
 def _without(schema: Any, key: str) -> Any:
@@ -35,13 +46,15 @@ class OpenAIChat:
         *,
         base_url: str | None = None,
         api_key: str | None = None,
-        mode: str = "auto",
+        mode: str = ResponseMode.AUTO,
         max_tokens: int = 300,
     ) -> None:
-        if mode not in ("auto", *MODES):
-            raise ValueError(f"unknown response mode {mode!r}: expected auto or one of {MODES}")
+        try:
+            self.mode = ResponseMode(mode)
+        except ValueError:
+            expected = ", ".join(m.value for m in ResponseMode)
+            raise ValueError(f"unknown response mode {mode!r}: expected {expected}") from None
         self.name = model
-        self.mode = mode
         self.max_tokens = max_tokens
         # Retries are the policy's business: one retry with the validation error, then fallback.
         self.client = openai.OpenAI(
@@ -51,7 +64,7 @@ class OpenAIChat:
     def complete(
         self, messages: list[dict[str, Any]], schema: dict[str, Any], *, timeout: float
     ) -> ChatResult:
-        modes = MODES if self.mode == "auto" else (self.mode,)
+        modes = MODES if self.mode is ResponseMode.AUTO else (self.mode,)
         for i, mode in enumerate(modes):
             try:
                 result = self._call(mode, messages, schema, timeout)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from integrations.knobs import Knob
 from integrations.protocol import Command, Proposal, Source
 from manager_daemon.policies.base import PolicyAnswer
 from manager_daemon.telemetry import APPROX_KL_KEYS, SAFETY_KEYS, Snapshot
@@ -118,8 +119,8 @@ class RulesPolicy:
                 if spiking
                 else f"train loss {_g(train.recent_mean)} vs best {_g(train.best_mean)}"
             )
-            changes = _scaled(menu, "learning_rate", cfg.lr_cut_diverge) | _scaled(
-                menu, "max_grad_norm", cfg.clip_cut
+            changes = _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut_diverge) | _scaled(
+                menu, Knob.MAX_GRAD_NORM, cfg.clip_cut
             )
             return _proposal(
                 changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
@@ -133,9 +134,9 @@ class RulesPolicy:
             )
         if (unsafe := self._unsafe(snap)) is not None:
             changes = (
-                _scaled(menu, "ent_coef", 0.5)
-                | _scaled(menu, "learning_rate", 0.5)
-                | _scaled(menu, "clip_range", 0.7)
+                _scaled(menu, Knob.ENT_COEF, 0.5)
+                | _scaled(menu, Knob.LEARNING_RATE, 0.5)
+                | _scaled(menu, Knob.CLIP_RANGE, 0.7)
                 | _scaled(menu, cfg.penalty_knob, 2.0)
             )
             return _proposal(
@@ -152,9 +153,9 @@ class RulesPolicy:
         )
         if overfitting:
             changes = (
-                _scaled(menu, "learning_rate", cfg.lr_cut)
-                | _added(menu, "weight_decay", cfg.weight_decay_step)
-                | _added(menu, "dropout", cfg.dropout_step)
+                _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut)
+                | _added(menu, Knob.WEIGHT_DECAY, cfg.weight_decay_step)
+                | _added(menu, Knob.DROPOUT, cfg.dropout_step)
             )
             return _proposal(
                 changes,
@@ -166,7 +167,7 @@ class RulesPolicy:
             )
         if stale >= cfg.plateau_patience:
             return _proposal(
-                _scaled(menu, "learning_rate", cfg.lr_cut),
+                _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut),
                 f"plateau: {obj.metric} not improved for {stale} evaluations (best {_g(obj.best)})",
                 f"{obj.metric} improves again",
             )
@@ -190,14 +191,14 @@ class RulesPolicy:
 
     def _bolder(self, menu: Menu) -> dict[str, float]:
         return (
-            _scaled(menu, "learning_rate", self.config.timid_lr_factor)
-            | _scaled(menu, "n_epochs", 2.0)
-            | _scaled(menu, "clip_range", 1.5)
-            | _scaled(menu, "target_kl", 2.0)
+            _scaled(menu, Knob.LEARNING_RATE, self.config.timid_lr_factor)
+            | _scaled(menu, Knob.N_EPOCHS, 2.0)
+            | _scaled(menu, Knob.CLIP_RANGE, 1.5)
+            | _scaled(menu, Knob.TARGET_KL, 2.0)
         )
 
     def _explore(self, menu: Menu) -> dict[str, float]:
-        changes = _scaled(menu, "learning_rate", 2.0) | _scaled(menu, "ent_coef", 2.0)
+        changes = _scaled(menu, Knob.LEARNING_RATE, 2.0) | _scaled(menu, Knob.ENT_COEF, 2.0)
         for name in self.config.explore_knobs:
             changes |= _scaled(menu, name, 2.0)
         return changes
@@ -217,7 +218,7 @@ class RulesPolicy:
         if snap.objective.evals_since_best < cfg.timid_patience:
             return None
         kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
-        target = snap.knobs.get("target_kl", {}).get("value")
+        target = snap.knobs.get(Knob.TARGET_KL, {}).get("value")
         limit = min(cfg.timid_kl_share * float(target), cfg.timid_kl) if target else cfg.timid_kl
         return (kl, limit) if kl is not None and kl < limit else None
 
@@ -226,7 +227,9 @@ class RulesPolicy:
         if Command.STOP not in menu.commands or snap.objective.evals_since_best < cfg.stop_patience:
             return False
         tried = len(snap.interventions) >= cfg.stop_after_interventions
-        exhausted = not any(k in menu.knobs for k in ("learning_rate", "weight_decay", "dropout"))
+        exhausted = not any(
+            k in menu.knobs for k in (Knob.LEARNING_RATE, Knob.WEIGHT_DECAY, Knob.DROPOUT)
+        )
         return tried or exhausted
 
 

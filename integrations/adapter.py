@@ -1,0 +1,214 @@
+"""What every framework integration shares, written once.
+
+A framework integration (transformers, stable-baselines3, a plain torch loop) is a
+``ManagedTraining``: it says which knobs its framework has and how to read and write them (a
+table of ``KnobRow``, so a new knob is one row), where the model and optimizer are, and how to
+save a checkpoint and stop. Everything else is here: the objective, finding the run the script
+logs to, the knob spec, a client start-up that can never stop training, keeping the best state,
+and applying a version in a fixed order (checkpoint, rollback, knobs, stop) on the training
+thread at the framework's boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from integrations.client import ManagerClient
+from integrations.knobs import BoundsOverrides, derive_knob
+from integrations.protocol import (
+    DEFAULT_OBJECTIVE,
+    Boundary,
+    Command,
+    KnobSpec,
+    Objective,
+    ParamsVersion,
+    RunSpec,
+)
+from integrations.settings import ClientSettings
+from integrations.torch_ops import BestState
+from integrations.trackers import bind_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnobRow:
+    """One knob of a framework: how to read its starting value and how to set a new one.
+
+    ``read(integration)`` returns None when this run does not have the knob;
+    ``write(integration, new)`` sets it (``integration.value(name)`` is still the value in
+    force while it runs).
+    """
+
+    name: str
+    read: Callable[[Any], float | None]
+    write: Callable[[Any, float], None]
+
+
+class ManagedTraining:
+    """The shared part of a framework integration; subclasses fill in the hooks below.
+
+    Nothing here raises into training: a failed start-up leaves the run unmanaged, and a
+    version that fails to apply is reported as rejected while the previous values stay.
+    """
+
+    framework: ClassVar[str]
+    boundaries: ClassVar[tuple[Boundary, ...]]
+    knob_table: ClassVar[Sequence[KnobRow]]
+
+    def _init_manager(
+        self,
+        *,
+        run_id: str | None,
+        tracking_uri: str | None,
+        objective: str,
+        poll_interval: float | None,
+        apply_at: Boundary | str,
+        bounds: BoundsOverrides | None,
+        keep_best: bool | None,
+        live: Mapping[str, float] | None = None,
+        on_live: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        apply_at = Boundary(apply_at)
+        if apply_at not in self.boundaries:
+            allowed = " or ".join(b.value for b in self.boundaries)
+            raise ValueError(
+                f"{self.framework} applies updates at {allowed}, not at {apply_at.value}"
+            )
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.objective = objective or DEFAULT_OBJECTIVE
+        self._objective = Objective.parse(self.objective)  # a bad objective fails here
+        self.poll_interval = poll_interval
+        self.apply_at = apply_at
+        self.bounds = bounds
+        self.keep_best = keep_best
+        self.live = dict(live or {})
+        self.on_live = on_live
+        self.client: ManagerClient | None = None
+        self.best: BestState | None = None
+        self.stop_requested = False
+
+    # ---- hooks a framework fills in -----------------------------------------------------
+
+    def _model(self) -> Any:
+        """The torch module whose weights a rollback restores (None: no rollback)."""
+        return None
+
+    def _optimizer(self) -> Any:
+        """The optimizer whose moments a rollback restores."""
+        return None
+
+    def _commands(self) -> list[Command]:
+        """The commands this integration carries out (rollback is added when it can)."""
+        return [Command.STOP]
+
+    def _save_checkpoint(self) -> None:
+        raise RuntimeError(f"{self.framework} cannot save a checkpoint here")
+
+    def _request_stop(self) -> None:
+        self.stop_requested = True
+
+    # ---- shared -------------------------------------------------------------------------
+
+    def start_managing(self) -> bool:
+        """Find the run, publish the knobs, start polling; True when managed. Never raises."""
+        self.client, self.stop_requested = None, False
+        try:
+            binding = bind_run(self.run_id, self.tracking_uri)
+            if binding is None:
+                log.warning(
+                    "atm: no tracker run found for this %s process (start one, or set the "
+                    "tracker's run id); training continues unmanaged",
+                    self.framework,
+                )
+                return False
+            settings = ClientSettings()
+            self.client = ManagerClient(
+                binding.run_id,
+                self.spec(),
+                tracker=binding.tracker,
+                objective=self.objective,
+                poll_interval=self.poll_interval or settings.poll_interval,
+                signing_key=settings.key(),
+            ).start()
+        except Exception as exc:  # the manager must never stop training from starting
+            log.warning("atm: cannot manage this run (%s); training continues unmanaged", exc)
+            self.client = None
+            return False
+        return True
+
+    def stop_managing(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def spec(self) -> RunSpec:
+        """The knobs this run has, with their bounds, and the commands it carries out."""
+        knobs: list[KnobSpec] = []
+        for row in self.knob_table:
+            value = row.read(self)
+            if value is not None:
+                knobs.append(self._knob(row.name, value))
+        knobs += [self._knob(name, value) for name, value in self.live.items()]
+        commands = self._commands()
+        self.best = None
+        model = self._model()
+        if model is not None and BestState.worth_keeping(model, self.keep_best):
+            self.best = BestState(self._objective.better)
+            commands.append(Command.ROLLBACK_TO_BEST)
+        return RunSpec(
+            framework=self.framework, knobs=knobs, commands=commands, apply_at=self.apply_at
+        )
+
+    def _knob(self, name: str, value: float) -> KnobSpec:
+        return derive_knob(name, value, apply_at=self.apply_at, overrides=self.bounds)
+
+    def value(self, name: str) -> float:
+        """A knob's value in force (a live value's too, before any client)."""
+        if self.client is not None:
+            return self.client.value(name)
+        return self.live[name]
+
+    def offer_evaluation(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Keep the state of this evaluation if the objective is the best so far."""
+        value = metrics.get(self._objective.metric)
+        if self.best is not None and isinstance(value, int | float):
+            self.best.offer(float(value), step, self._model(), self._optimizer())
+
+    def apply_pending(self, boundary: Boundary, step: int) -> ParamsVersion | None:
+        """Apply a staged version if this is its boundary; cheap when there is none."""
+        if self.client is None:
+            return None
+        return self.client.apply_pending(boundary, step, self._apply)
+
+    def _apply(self, changed: dict[str, float], commands: list[Command]) -> None:
+        assert self.client is not None
+        # A failed save rejects the version before anything has changed.
+        if Command.CHECKPOINT in commands:
+            self._save_checkpoint()
+        # Before the knobs: the restored optimizer keeps its current hyperparameters, which the
+        # new values below then change.
+        if Command.ROLLBACK_TO_BEST in commands:
+            if self.best is None:
+                raise RuntimeError("rollback_to_best is not enabled for this run")
+            step = self.best.restore(self._model(), self._optimizer())
+            log.info("atm: rolled back to the best evaluation, at step %d", step)
+        rows = {row.name: row for row in self.knob_table}
+        live = {name: v for name, v in changed.items() if name in self.live}
+        for name, value in changed.items():
+            if name in rows and name not in live:
+                rows[name].write(self, value)
+        if live:
+            if self.on_live is not None:
+                self.on_live(live)
+            self.live.update(live)
+        if Command.STOP in commands:
+            self._request_stop()
+
+    def start_value(self, name: str) -> float:
+        """The value a knob had when the run's spec was published."""
+        assert self.client is not None
+        return self.client.spec.knob_values[name]

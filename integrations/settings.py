@@ -1,0 +1,57 @@
+"""Settings of the training side, read from the environment once per client.
+
+``ATM_*`` for ours, and the trackers' own variables where they exist: a process that already
+logs to MLflow needs nothing more. The daemon's settings (``manager_daemon.settings``) build
+on ``TrackerSettings``, so both sides read the tracker and the signing key the same way.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_POLL_INTERVAL_S = 2.0
+
+
+class TrackerSettings(BaseSettings):
+    """Where the tracker is, and the key that signs params versions."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ATM_", populate_by_name=True, extra="ignore", validate_default=True
+    )
+
+    tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("ATM_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="The tracker: an MLflow URI (http(s)://…, sqlite:///…, databricks)",
+    )
+    signing_key: SecretStr | None = Field(
+        None,
+        description="Shared key that signs params versions (HMAC-SHA256); the daemon and every "
+        "client must hold the same one. Without it versions carry an integrity digest only",
+    )
+
+    def key(self) -> str | None:
+        """The signing key in clear, for signing and verifying only."""
+        return self.signing_key.get_secret_value() if self.signing_key else None
+
+
+class ClientSettings(TrackerSettings):
+    """What a training process's client reads from its environment."""
+
+    poll_interval: float = Field(
+        DEFAULT_POLL_INTERVAL_S,
+        gt=0,
+        description="Seconds between the client's polls of the params version",
+    )
+
+
+def env_names(settings: type[BaseSettings], name: str) -> list[str]:
+    """The environment variables a settings field is read from, in order of precedence."""
+    field = settings.model_fields[name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    if isinstance(alias, str):
+        return [alias]
+    return [f"{settings.model_config.get('env_prefix', '')}{name}".upper()]

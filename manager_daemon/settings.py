@@ -1,0 +1,127 @@
+"""The daemon's settings: one model, read once from flags and the environment.
+
+``atm daemon``'s options are this model's fields (their help is the fields' descriptions),
+the environment fills what the flags leave out (``ATM_*``, and the OpenAI client's own
+``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``), and the Helm chart's values are generated from it.
+The policies, validation and supervisors receive the typed parts they need from here; none of
+them reads the environment.
+"""
+
+from __future__ import annotations
+
+import copy
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+
+from integrations.settings import TrackerSettings
+from manager_daemon.policies.llm import LLMConfig, LLMConsult, LLMFallback, LLMMode
+from manager_daemon.policies.openai_chat import ResponseMode
+from manager_daemon.policies.rules import RulesConfig
+from manager_daemon.supervisor import SupervisorConfig
+from manager_daemon.validation import ValidationConfig
+
+
+class PolicyName(StrEnum):
+    """Which policy decides: an LLM if one is available (auto), an LLM or nothing, the rules."""
+
+    AUTO = "auto"
+    LLM = "llm"
+    RULES = "rules"
+
+
+def _same_as(model: type[Any], name: str) -> Any:
+    """The field ``name`` of ``model`` (default, bounds, description), for a settings field
+    that configures it: one definition, two places."""
+    info: FieldInfo = model.model_fields[name]
+    return copy.copy(info)
+
+
+class DaemonSettings(TrackerSettings):
+    """Everything ``atm daemon`` can be told, with its default."""
+
+    interval: float = Field(10.0, gt=0, description="Seconds between ticks")
+    policy: PolicyName = Field(
+        PolicyName.AUTO,
+        description="auto (an endpoint if configured, else the embedded model, else rules), "
+        "llm, or rules",
+    )
+    llm_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("ATM_LLM_BASE_URL", "OPENAI_BASE_URL"),
+        description="An OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, OpenAI…)",
+    )
+    llm_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("ATM_LLM_API_KEY", "OPENAI_API_KEY"),
+        description="The endpoint's API key",
+    )
+    llm_model: str | None = Field(None, description="The model's name at the endpoint")
+    llm_timeout: float = _same_as(LLMConfig, "timeout_s")
+    llm_retries: int = _same_as(LLMConfig, "retries")
+    llm_fallback: LLMFallback = _same_as(LLMConfig, "fallback")
+    llm_mode: LLMMode = _same_as(LLMConfig, "mode")
+    llm_consult: LLMConsult = _same_as(LLMConfig, "consult")
+    llm_response_mode: ResponseMode = Field(
+        ResponseMode.AUTO,
+        description="How the endpoint is held to the answer's schema: json_schema, "
+        "json_object, a forced tool call, or auto (the first the server accepts)",
+    )
+    llm_threads: int | None = Field(
+        None, ge=1, description="Threads of the embedded model (default: llama.cpp's own choice)"
+    )
+    rules_config: Path | None = Field(None, description="A YAML file of the rules' thresholds")
+    cooldown_steps: int = _same_as(ValidationConfig, "cooldown_steps")
+    budget: int = _same_as(ValidationConfig, "budget")
+    stop_after_evals: int = _same_as(ValidationConfig, "stop_after_evals")
+    rollback_after_evals: int = _same_as(ValidationConfig, "rollback_after_evals")
+    rollback_min_regression: float = _same_as(ValidationConfig, "rollback_min_regression")
+    stale_evals: int = _same_as(SupervisorConfig, "stale_evals")
+    audit_no_action: bool = _same_as(SupervisorConfig, "audit_no_action")
+    workers: int = Field(4, ge=1, description="Threads for tracker I/O and policies")
+    experiments: list[str] = Field(
+        default_factory=list, description="Only runs of these experiments (default: all)"
+    )
+
+    @classmethod
+    def from_options(cls, **given: Any) -> DaemonSettings:
+        """Settings from flags (those not given are None) over the environment."""
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    def validation_config(self) -> ValidationConfig:
+        return ValidationConfig(
+            cooldown_steps=self.cooldown_steps,
+            budget=self.budget,
+            stop_after_evals=self.stop_after_evals,
+            rollback_after_evals=self.rollback_after_evals,
+            rollback_min_regression=self.rollback_min_regression,
+        )
+
+    def supervisor_config(self) -> SupervisorConfig:
+        return SupervisorConfig(
+            validation=self.validation_config(),
+            audit_no_action=self.audit_no_action,
+            stale_evals=self.stale_evals,
+        )
+
+    def llm_config(self) -> LLMConfig:
+        return LLMConfig(
+            timeout_s=self.llm_timeout,
+            retries=self.llm_retries,
+            fallback=self.llm_fallback,
+            mode=self.llm_mode,
+            consult=self.llm_consult,
+        )
+
+    def rules(self) -> RulesConfig:
+        """The rules' thresholds: the defaults, or the YAML file's."""
+        if self.rules_config is None:
+            return RulesConfig()
+        try:
+            return RulesConfig.model_validate(yaml.safe_load(self.rules_config.read_text()) or {})
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            raise ValueError(f"cannot read rules config {self.rules_config}: {exc}") from exc
