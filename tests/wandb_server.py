@@ -1,0 +1,909 @@
+"""A small stateful W&B-compatible server on loopback, for tests.
+
+The real ``wandb`` SDK (a training run in online mode, ``wandb.Api()``, artifacts, and
+``wandb_workspaces`` reports) talks to this server exactly as it would to W&B: point
+``WANDB_BASE_URL`` at ``server.url``. It answers only what the SDK really sends; anything
+else gets HTTP 400 naming the operation and the field it does not know, so a gap shows at
+once instead of as a confusing client-side error.
+
+GraphQL is answered by a schema-less executor: each resolver returns plain dicts (objects,
+with ``__typename``), lists and scalars, and callables for fields that take arguments or
+cost work; the executor walks the query's selection set over them, so every answer has
+exactly the shape the query asked for (aliases, fragments and ``@include`` included).
+
+State lives in memory and is guarded by one lock. Tests can inject faults (429 with
+``Retry-After``, 500, delays, refused connections) and count requests by operation name.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import itertools
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from graphql import (
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    InlineFragmentNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    parse,
+)
+from graphql.utilities import value_from_ast_untyped
+
+log = logging.getLogger(__name__)
+
+Json = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------
+# GraphQL: a schema-less executor over dict trees
+# ---------------------------------------------------------------------------------------
+
+
+class UnhandledQuery(Exception):
+    """The query asks for something this server does not answer (HTTP 400)."""
+
+
+class GraphQLFailure(Exception):
+    """A request the server understood and refuses, as W&B would (an ``errors`` entry)."""
+
+
+@dataclass
+class Operation:
+    """One parsed GraphQL request, ready to execute against a root object."""
+
+    name: str
+    kind: str  # "query" or "mutation"
+    selection: SelectionSetNode
+    fragments: dict[str, FragmentDefinitionNode]
+    variables: Json
+
+    @classmethod
+    def parse(cls, query: str, variables: Json | None, operation_name: str | None) -> Operation:
+        document = parse(query)
+        operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+        # wandb-core sends operationName "" (and Python callers sometimes none): treat it
+        # as absent and take the document's only operation.
+        chosen = next(
+            (o for o in operations if operation_name and o.name and o.name.value == operation_name),
+            operations[0],
+        )
+        values = dict(variables or {})
+        for definition in chosen.variable_definitions or ():
+            name = definition.variable.name.value
+            if name not in values and definition.default_value is not None:
+                values[name] = value_from_ast_untyped(definition.default_value)
+        first_field = next(s for s in chosen.selection_set.selections if isinstance(s, FieldNode))
+        return cls(
+            name=chosen.name.value if chosen.name else first_field.name.value,
+            kind=chosen.operation.value,
+            selection=chosen.selection_set,
+            fragments={
+                d.name.value: d
+                for d in document.definitions
+                if isinstance(d, FragmentDefinitionNode)
+            },
+            variables=values,
+        )
+
+    def execute(self, root: Json) -> Json:
+        """Resolve the operation's selection over ``root``; objects are dicts of fields."""
+        return self._resolve_object(root, [self.selection])
+
+    def _resolve(self, value: Any, selections: list[SelectionSetNode]) -> Any:
+        if value is None or not selections:
+            return value
+        if isinstance(value, list):
+            return [self._resolve(item, selections) for item in value]
+        return self._resolve_object(value, selections)
+
+    def _resolve_object(self, obj: Json, selections: list[SelectionSetNode]) -> Json:
+        typename = obj.get("__typename", "?")
+        out: Json = {}
+        for key, nodes in self._collect(typename, selections).items():
+            node = nodes[0]
+            name = node.name.value
+            if name == "__typename":
+                out[key] = typename
+                continue
+            if name not in obj:
+                raise UnhandledQuery(f'operation {self.name}: field "{name}" on {typename}')
+            value = obj[name]
+            if callable(value):
+                args = {
+                    a.name.value: value_from_ast_untyped(a.value, self.variables)
+                    for a in node.arguments
+                }
+                value = value(**args)
+            children = [n.selection_set for n in nodes if n.selection_set is not None]
+            out[key] = self._resolve(value, children)
+        return out
+
+    def _collect(
+        self, typename: str, selections: Iterable[SelectionSetNode]
+    ) -> dict[str, list[FieldNode]]:
+        """Group fields by response key, flattening fragments that apply to ``typename``."""
+        fields: dict[str, list[FieldNode]] = {}
+        for selection_set in selections:
+            for node in selection_set.selections:
+                if not self._included(node):
+                    continue
+                if isinstance(node, FieldNode):
+                    key = node.alias.value if node.alias else node.name.value
+                    fields.setdefault(key, []).append(node)
+                    continue
+                if isinstance(node, FragmentSpreadNode):
+                    fragment: FragmentDefinitionNode | InlineFragmentNode = self.fragments[
+                        node.name.value
+                    ]
+                else:
+                    assert isinstance(node, InlineFragmentNode)
+                    fragment = node
+                condition = fragment.type_condition
+                # Interfaces and unions are few here; a fragment on a type we did not tag
+                # ("?") applies, so untyped objects need no __typename.
+                if (
+                    condition
+                    and typename != "?"
+                    and condition.name.value not in _supertypes(typename)
+                ):
+                    continue
+                for key, nodes in self._collect(typename, [fragment.selection_set]).items():
+                    fields.setdefault(key, []).extend(nodes)
+        return fields
+
+    def _included(self, node: Any) -> bool:
+        for directive in node.directives or ():
+            if directive.name.value in ("include", "skip"):
+                argument = directive.arguments[0]
+                flag = bool(value_from_ast_untyped(argument.value, self.variables))
+                if flag != (directive.name.value == "include"):
+                    return False
+        return True
+
+
+# The few GraphQL interfaces the SDK spreads fragments on.
+_INTERFACES = {
+    "ArtifactSequence": {"ArtifactCollection"},
+    "ArtifactPortfolio": {"ArtifactCollection"},
+}
+
+
+def _supertypes(typename: str) -> set[str]:
+    return {typename} | _INTERFACES.get(typename, set())
+
+
+# ---------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------
+
+
+def _gid(typename: str, key: object) -> str:
+    """A W&B-style opaque ID: base64 of ``Type:key``."""
+    return base64.b64encode(f"{typename}:{key}".encode()).decode()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+
+
+@dataclass
+class RunRecord:
+    """A run as the server holds it. ``config`` keeps the SDK's ``{key: {"value": v}}`` form."""
+
+    entity: str
+    project: str
+    name: str
+    display_name: str
+    created_at: float = field(default_factory=time.time)
+    heartbeat_at: float = field(default_factory=time.time)
+    state: str = "running"
+    exitcode: int | None = None
+    config: Json = field(default_factory=dict)
+    summary: Json = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    history: dict[int, Json] = field(default_factory=dict)
+    history_lines: int = 0
+    events_lines: int = 0
+    log_lines: int = 0
+    job_type: str | None = None
+    group: str | None = None
+    notes: str | None = None
+    description: str | None = None
+    host: str | None = None
+    program: str | None = None
+
+    @property
+    def storage_id(self) -> str:
+        return _gid("Run", f"v1:{self.name}:{self.project}:{self.entity}")
+
+    def history_rows(self, min_step: int | None = None, max_step: int | None = None) -> list[Json]:
+        """History rows by step, ``min_step`` included and ``max_step`` excluded."""
+        low = -1 if min_step is None else min_step
+        high = max(self.history, default=0) + 1 if max_step is None else max_step
+        return [self.history[s] for s in sorted(self.history) if low <= s < high]
+
+    def sampled_history(self, spec: Json) -> list[Json]:
+        """Rows holding every key of ``spec``, reduced to those keys, at most ``samples``."""
+        keys = spec.get("keys") or []
+        # Unlike `history`, a sampled-history spec's maxStep is inclusive.
+        max_step = spec.get("maxStep")
+        rows = [
+            {k: row[k] for k in keys}
+            for row in self.history_rows(
+                spec.get("minStep"), None if max_step is None else max_step + 1
+            )
+            if all(k in row for k in keys)
+        ]
+        samples = int(spec.get("samples") or 500)
+        if len(rows) <= samples:
+            return rows
+        # Evenly spaced, always keeping the last row, as W&B's sampling does.
+        stride = len(rows) / samples
+        return [rows[min(len(rows) - 1, round((i + 1) * stride) - 1)] for i in range(samples)]
+
+    def history_keys(self) -> Json:
+        """The ``historyKeys`` JSON: the last step and, per key, the value types seen."""
+        counts: dict[str, Counter[str]] = {}
+        for row in self.history.values():
+            for key, value in row.items():
+                counts.setdefault(key, Counter())[_history_type(value)] += 1
+        return {
+            "lastStep": max(self.history, default=-1),
+            "keys": {
+                key: {"typeCounts": [{"type": t, "count": n} for t, n in c.items()]}
+                for key, c in counts.items()
+            },
+        }
+
+
+def _run_field(run: RunRecord, key: str) -> Any:
+    """The value a run filter's key names (MongoDB-style keys as the SDK sends them)."""
+    head, _, rest = key.partition(".")
+    if head == "config":
+        name, _, inner = rest.partition(".")
+        value = run.config.get(name, {}).get("value")
+        path = inner.removeprefix("value").lstrip(".")
+        return _dig(value, path)
+    if head in ("summary_metrics", "summaryMetrics"):
+        return _dig(run.summary, rest)
+    fields = {
+        "state": run.state,
+        "tags": run.tags,
+        "name": run.name,
+        "display_name": run.display_name,
+        "displayName": run.display_name,
+        "jobType": run.job_type,
+        "group": run.group,
+        "createdAt": _iso(run.created_at),
+    }
+    if key not in fields:
+        raise UnhandledQuery(f"run filter key {key!r}")
+    return fields[key]
+
+
+def _dig(value: Any, path: str) -> Any:
+    for part in path.split(".") if path else ():
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _run_matches(run: RunRecord, conditions: Json) -> bool:
+    for key, condition in conditions.items():
+        if key == "$and":
+            ok = all(_run_matches(run, c) for c in condition)
+        elif key == "$or":
+            ok = any(_run_matches(run, c) for c in condition)
+        else:
+            ok = _value_matches(_run_field(run, key), condition)
+        if not ok:
+            return False
+    return True
+
+
+def _value_matches(value: Any, condition: Any) -> bool:
+    """One MongoDB-style condition; a list value (tags) matches if any element does."""
+    if not (
+        isinstance(condition, dict) and condition and all(k.startswith("$") for k in condition)
+    ):
+        return condition in value if isinstance(value, list) else value == condition
+    for operator, operand in condition.items():
+        values = value if isinstance(value, list) else [value]
+        if operator == "$in":
+            ok = any(v in operand for v in values)
+        elif operator == "$nin":
+            ok = not any(v in operand for v in values)
+        elif operator in ("$eq", "$ne"):
+            ok = _value_matches(value, operand) == (operator == "$eq")
+        elif operator == "$exists":
+            ok = (value is not None) == bool(operand)
+        elif operator == "$regex":
+            ok = any(isinstance(v, str) and re.search(operand, v) for v in values)
+        elif operator in _COMPARISONS:
+            ok = any(v is not None and _COMPARISONS[operator](v, operand) for v in values)
+        else:
+            raise UnhandledQuery(f"run filter operator {operator!r}")
+        if not ok:
+            return False
+    return True
+
+
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "$gt": lambda a, b: a > b,
+    "$gte": lambda a, b: a >= b,
+    "$lt": lambda a, b: a < b,
+    "$lte": lambda a, b: a <= b,
+}
+
+
+def _connection(
+    items: list[Any],
+    node: Callable[[Any], Json],
+    first: int | None = None,
+    after: str | None = None,
+) -> Json:
+    """A Relay connection over ``items``; cursors are list positions."""
+    start = int(after) + 1 if after else 0
+    end = len(items) if first is None else start + first
+    page = items[start:end]
+    return {
+        "totalCount": len(items),
+        "edges": [{"node": node(item), "cursor": str(start + i)} for i, item in enumerate(page)],
+        "pageInfo": {
+            "endCursor": str(start + len(page) - 1) if page else after,
+            "hasNextPage": end < len(items),
+            "startCursor": str(start) if page else None,
+            "hasPreviousPage": start > 0,
+        },
+    }
+
+
+def _history_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "map" if isinstance(value, dict) else "unknown"
+
+
+@dataclass
+class ProjectRecord:
+    """A project; W&B calls it ``model`` in older operations."""
+
+    entity: str
+    name: str
+    internal_id: int
+
+    @property
+    def gid(self) -> str:
+        return _gid("Project", self.internal_id)
+
+
+class WandbState:
+    """Everything the server knows, and the GraphQL resolvers over it. Callers hold ``lock``."""
+
+    def __init__(self, base_url: Callable[[], str], default_entity: str) -> None:
+        self.lock = threading.RLock()
+        self.base_url = base_url
+        self.default_entity = default_entity
+        self.projects: dict[tuple[str, str], ProjectRecord] = {}
+        self.runs: dict[tuple[str, str, str], RunRecord] = {}
+        self.blobs: dict[str, bytes] = {}
+        self._ids = itertools.count(1)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def project(
+        self, entity: str | None, name: str | None, *, create: bool = False
+    ) -> ProjectRecord | None:
+        key = (entity or self.default_entity, name or "uncategorized")
+        if key not in self.projects and create:
+            self.projects[key] = ProjectRecord(key[0], key[1], next(self._ids))
+        return self.projects.get(key)
+
+    def run(self, entity: str | None, project: str | None, name: str) -> RunRecord | None:
+        return self.runs.get((entity or self.default_entity, project or "uncategorized", name))
+
+    def run_by_storage_id(self, storage_id: str) -> RunRecord | None:
+        return next((r for r in self.runs.values() if r.storage_id == storage_id), None)
+
+    def storage_url(self, key: str) -> str:
+        return f"{self.base_url()}/storage/{key}"
+
+    # -- roots --------------------------------------------------------------------------
+
+    def query_root(self) -> Json:
+        return {
+            "__typename": "Query",
+            "viewer": self._viewer(),
+            "serverInfo": {"__typename": "ServerInfo", "features": []},
+            "entity": lambda name: self._entity_node(name),
+            "project": lambda name, entityName=None: self._project_field(entityName, name),
+            "model": lambda name=None, entityName=None: self._project_field(entityName, name),
+        }
+
+    def mutation_root(self) -> Json:
+        return {
+            "__typename": "Mutation",
+            "upsertBucket": lambda input: self.upsert_bucket(input),
+            "createRunFiles": lambda input: self.create_run_files(input),
+        }
+
+    # -- users, entities, projects ---------------------------------------------------------
+
+    def _viewer(self) -> Json:
+        return {
+            "__typename": "User",
+            "id": _gid("User", 1),
+            "entity": self.default_entity,
+            "username": self.default_entity,
+            "name": self.default_entity,
+            "email": f"{self.default_entity}@localhost",
+            "admin": False,
+            "flags": "{}",
+            "teams": {"edges": []},
+        }
+
+    def _entity_node(self, name: str) -> Json:
+        return {
+            "__typename": "Entity",
+            "id": _gid("Entity", name),
+            "name": name,
+            # No organisation: artifacts stay plain project artifacts, no registry.
+            "organization": None,
+            "xxhashDigestsEnabled": False,
+        }
+
+    def _project_field(self, entity: str | None, name: str | None) -> Json | None:
+        project = self.project(entity, name)
+        return self._project_node(project) if project else None
+
+    def _project_node(self, project: ProjectRecord) -> Json:
+        def run(name: str, missingOk: bool = False) -> Json | None:
+            record = self.run(project.entity, project.name, name)
+            return self._run_node(record) if record else None
+
+        return {
+            "__typename": "Project",
+            "id": project.gid,
+            "internalId": str(project.internal_id),
+            "name": project.name,
+            "readOnly": False,
+            "entity": self._entity_node(project.entity),
+            "entityName": project.entity,
+            "run": run,
+            "bucket": run,
+            "runCount": lambda filters=None: len(self._find_runs(project, filters)),
+            "runs": lambda filters=None, order=None, first=50, after=None: _connection(
+                self._find_runs(project, filters, order), self._run_node, first, after
+            ),
+        }
+
+    def _find_runs(
+        self, project: ProjectRecord, filters: str | None, order: str | None = None
+    ) -> list[RunRecord]:
+        conditions = json.loads(filters) if filters else {}
+        runs = [
+            r
+            for r in self.runs.values()
+            if (r.entity, r.project) == (project.entity, project.name)
+            and _run_matches(r, conditions)
+        ]
+        # Runs are kept in creation order; "-created_at" (W&B's default) reverses it.
+        return runs[::-1] if (order or "").startswith("-") else runs
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def _run_node(self, run: RunRecord) -> Json:
+        project = self.projects[(run.entity, run.project)]
+        wandb_config = run.config.get("_wandb", {}).get("value", {})
+        return {
+            "__typename": "Run",
+            "id": run.storage_id,
+            "name": run.name,
+            "displayName": run.display_name,
+            "description": run.description,
+            "notes": run.notes,
+            "group": run.group,
+            "jobType": run.job_type,
+            "sweepName": None,
+            "commit": None,
+            "host": run.host,
+            "readOnly": False,
+            "state": run.state,
+            "createdAt": _iso(run.created_at),
+            "heartbeatAt": _iso(run.heartbeat_at),
+            "tags": list(run.tags),
+            "config": json.dumps(run.config),
+            "summaryMetrics": json.dumps(run.summary),
+            "systemMetrics": "{}",
+            "historyLineCount": run.history_lines,
+            "eventsLineCount": run.events_lines,
+            "logLineCount": run.log_lines,
+            "historyKeys": run.history_keys(),
+            "history": lambda samples=500, minStep=None, maxStep=None: [
+                json.dumps(row) for row in run.history_rows(minStep, maxStep)[:samples]
+            ],
+            "sampledHistory": lambda specs: [run.sampled_history(json.loads(s)) for s in specs],
+            # Nothing is exported to parquet here: every row is live data.
+            "parquetHistory": lambda liveKeys: {
+                "parquetUrls": [],
+                "liveData": [
+                    {k: row[k] for k in liveKeys if k in row} for row in run.history_rows()
+                ],
+            },
+            "historyTail": json.dumps(
+                [json.dumps(run.history[max(run.history)])] if run.history else []
+            ),
+            "eventsTail": "[]",
+            "wandbConfig": lambda keys: json.dumps(
+                {k: wandb_config[k] for k in keys if k in wandb_config}
+            ),
+            "projectId": str(project.internal_id),
+            "project": self._project_node(project),
+            "user": {
+                "__typename": "User",
+                **{k: self.default_entity for k in ("name", "username")},
+            },
+        }
+
+    def upsert_bucket(self, data: Json) -> Json:
+        """Create or update a run; only the fields given change (tags alone stay tags alone)."""
+        run = self.run_by_storage_id(data["id"]) if data.get("id") else None
+        inserted = False
+        if run is None:
+            if not data.get("name"):
+                raise GraphQLFailure(f"run {data.get('id')!r} not found")
+            project = self.project(data.get("entityName"), data.get("modelName"), create=True)
+            assert project is not None
+            run = self.run(project.entity, project.name, data["name"])
+            if run is None:
+                run = RunRecord(
+                    project.entity,
+                    project.name,
+                    data["name"],
+                    display_name=f"run-{len(self.runs) + 1}",
+                )
+                self.runs[(project.entity, project.name, run.name)] = run
+                inserted = True
+        simple = {
+            "displayName": "display_name",
+            "description": "description",
+            "notes": "notes",
+            "groupName": "group",
+            "jobType": "job_type",
+            "host": "host",
+            "jobProgram": "program",
+            "state": "state",
+        }
+        for key, attribute in simple.items():
+            if data.get(key) is not None:
+                setattr(run, attribute, data[key])
+        if data.get("tags") is not None:
+            run.tags = list(data["tags"])
+        if data.get("config") is not None:
+            run.config = json.loads(data["config"])
+        if data.get("summaryMetrics") is not None:
+            run.summary = json.loads(data["summaryMetrics"])
+        run.heartbeat_at = time.time()
+        return {
+            "__typename": "UpsertBucketPayload",
+            "bucket": self._run_node(run),
+            "inserted": inserted,
+        }
+
+    def create_run_files(self, data: Json) -> Json:
+        run = self.run(data["entityName"], data["projectName"], data["runName"])
+        if run is None:
+            raise GraphQLFailure(f"run {data['runName']!r} not found")
+        return {
+            "runID": run.storage_id,
+            "uploadHeaders": [],
+            "files": [
+                {"name": name, "uploadUrl": self.storage_url(f"run/{run.storage_id}/{name}")}
+                for name in data["files"]
+            ],
+        }
+
+    def file_stream(self, run: RunRecord, body: Json) -> None:
+        """Apply one file_stream post: history rows, the whole summary, the run's end."""
+        run.heartbeat_at = time.time()
+        for name, chunk in (body.get("files") or {}).items():
+            lines = chunk.get("content") or []
+            if name == "wandb-history.jsonl":
+                for line in lines:
+                    row = json.loads(line)
+                    run.history[int(row.get("_step", run.history_lines))] = row
+                run.history_lines = chunk.get("offset", 0) + len(lines)
+            elif name == "wandb-summary.json" and lines:
+                # The SDK sends its whole summary each time; the last line wins.
+                run.summary = json.loads(lines[-1])
+            elif name == "wandb-events.jsonl":
+                run.events_lines = chunk.get("offset", 0) + len(lines)
+            elif name == "output.log":
+                run.log_lines = chunk.get("offset", 0) + len(lines)
+        if body.get("complete"):
+            run.exitcode = int(body.get("exitcode") or 0)
+            run.state = "finished" if run.exitcode == 0 else "failed"
+
+
+# ---------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    """How to answer requests that match, instead of answering them normally.
+
+    ``operation`` is a GraphQL operation name or one of ``file_stream``, ``storage``,
+    ``otel``; ``None`` matches every request. ``times`` bounds the number of requests it
+    hits; ``until`` (a ``time.monotonic()`` deadline) bounds its duration. ``delay`` waits
+    before answering; with ``status`` unset the request is then answered normally.
+    """
+
+    status: int | None = None
+    retry_after: float | None = None
+    delay: float = 0.0
+    operation: str | None = None
+    times: int | None = None
+    until: float | None = None
+    hits: int = 0
+
+    @property
+    def spent(self) -> bool:
+        if self.until is not None and time.monotonic() >= self.until:
+            return True
+        return self.times is not None and self.hits >= self.times
+
+    def matches(self, operation: str) -> bool:
+        return self.operation in (None, operation) and not self.spent
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One HTTP request; the routing and answers live on :class:`WandbServer`."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's clients expect
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.connections.discard(self.connection)
+        super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        status, payload, headers = self.server.owner.handle(self.command, self.path, body)
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            # The client gave up (or a fault closed the socket); nothing left to answer.
+            self.close_connection = True
+
+    do_GET = do_POST = do_PUT = _handle
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], owner: WandbServer) -> None:
+        self.owner = owner
+        self.connections: set[socket.socket] = set()
+        super().__init__(address, _Handler)
+
+
+Answer = tuple[int, Json | bytes, dict[str, str]]
+
+_JSON = {"Content-Type": "application/json"}
+_FILE_STREAM = re.compile(r"^/files/([^/]+)/([^/]+)/([^/]+)/file_stream$")
+
+
+class WandbServer:
+    """A W&B-compatible server on 127.0.0.1 for tests: ``WandbServer().start()``.
+
+    ``requests`` counts requests by operation name (GraphQL operations by name, and
+    ``file_stream``, ``storage``, ``otel``); ``unhandled`` lists what it could not answer.
+    """
+
+    def __init__(self, entity: str = "atm-tests") -> None:
+        self.state = WandbState(lambda: self.url, entity)
+        self.requests: Counter[str] = Counter()
+        self.unhandled: list[str] = []
+        self.port = 0
+        self._faults: list[Fault] = []
+        self._httpd: _HTTPServer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> WandbServer:
+        """Listen on a free loopback port; returns ``self``."""
+        self._listen()
+        return self
+
+    def stop(self) -> None:
+        self._stop_listening()
+
+    def __enter__(self) -> WandbServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- faults and counters --------------------------------------------------------------
+
+    def inject(
+        self,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        delay: float = 0.0,
+        operation: str | None = None,
+        times: int | None = 1,
+        seconds: float | None = None,
+    ) -> Fault:
+        """Answer matching requests with ``status`` (and ``Retry-After``) or after ``delay``.
+
+        Hits the next ``times`` matching requests, or, with ``seconds``, every matching
+        request during that many seconds (then ``times=None`` lifts the count bound).
+        """
+        until = time.monotonic() + seconds if seconds is not None else None
+        fault = Fault(status, retry_after, delay, operation, times, until)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def refuse_connections(self, seconds: float) -> None:
+        """Stop listening and drop open connections now; listen on the same port again later."""
+        self._stop_listening()
+        timer = threading.Timer(seconds, self._listen)
+        timer.daemon = True
+        timer.start()
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def _take_fault(self, operation: str) -> Fault | None:
+        with self._lock:
+            self._faults = [f for f in self._faults if not f.spent]
+            for fault in self._faults:
+                if fault.matches(operation):
+                    fault.hits += 1
+                    return fault
+        return None
+
+    # -- listening ------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        self._httpd = _HTTPServer(("127.0.0.1", self.port), self)
+        self.port = self._httpd.server_address[1]
+        threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def _stop_listening(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        # Keep-alive connections would otherwise keep serving after the listener closed.
+        for connection in list(httpd.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    # -- routing --------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, body: bytes) -> Answer:
+        """Answer one HTTP request (called on the request's thread)."""
+        path = path.split("?", 1)[0]
+        try:
+            operation, answer = self._route(method, path, body)
+        except UnhandledQuery as error:
+            return self._unhandled(str(error))
+        with self._lock:
+            self.requests[operation] += 1
+        fault = self._take_fault(operation)
+        if fault is not None:
+            time.sleep(fault.delay)
+            if fault.status is not None:
+                headers = dict(_JSON)
+                if fault.retry_after is not None:
+                    headers["Retry-After"] = f"{fault.retry_after:g}"
+                message = f"injected HTTP {fault.status} for {operation}"
+                return fault.status, {"errors": [{"message": message}]}, headers
+        try:
+            with self.state.lock:
+                return answer()
+        except UnhandledQuery as error:
+            return self._unhandled(str(error))
+
+    def _unhandled(self, what: str) -> Answer:
+        log.warning("unhandled: %s", what)
+        with self._lock:
+            self.unhandled.append(what)
+        return 400, {"errors": [{"message": f"not handled by the test server: {what}"}]}, _JSON
+
+    def _route(self, method: str, path: str, body: bytes) -> tuple[str, Callable[[], Answer]]:
+        """Name the request's operation, and return how to answer it."""
+        if method == "POST" and path == "/graphql":
+            request = json.loads(body)
+            operation = Operation.parse(
+                request["query"], request.get("variables"), request.get("operationName")
+            )
+            return operation.name, lambda: self._graphql(operation)
+        if method == "POST" and (match := _FILE_STREAM.match(path)):
+            return "file_stream", lambda: self._file_stream(*match.groups(), json.loads(body))
+        if path.startswith("/storage/") and method in ("PUT", "GET"):
+            return "storage", lambda: self._storage(method, path.removeprefix("/storage/"), body)
+        if path.startswith("/sdk/otel/"):
+            # The SDK probes this telemetry proxy once and sends nothing more after a 404.
+            return "otel", lambda: (404, {}, _JSON)
+        raise UnhandledQuery(f"{method} {path}")
+
+    def _graphql(self, operation: Operation) -> Answer:
+        state = self.state
+        root = state.mutation_root() if operation.kind == "mutation" else state.query_root()
+        try:
+            return 200, {"data": operation.execute(root)}, _JSON
+        except GraphQLFailure as error:
+            return 200, {"data": None, "errors": [{"message": str(error)}]}, _JSON
+
+    def _file_stream(self, entity: str, project: str, name: str, body: Json) -> Answer:
+        run = self.state.run(entity, project, name)
+        if run is None:
+            return 404, {"error": f"run {entity}/{project}/{name} not found"}, _JSON
+        self.state.file_stream(run, body)
+        return 200, {"exitcode": None, "limits": {}}, _JSON
+
+    def _storage(self, method: str, key: str, body: bytes) -> Answer:
+        if method == "PUT":
+            self.state.blobs[key] = body
+            return 200, b"", {}
+        if key not in self.state.blobs:
+            return 404, {"error": f"no object {key}"}, _JSON
+        return 200, self.state.blobs[key], {"Content-Type": "application/octet-stream"}
