@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import hashlib
 import itertools
 import json
 import logging
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import quote, unquote
 
 from graphql import (
     FieldNode,
@@ -202,6 +204,17 @@ def _iso(t: float) -> str:
 
 
 @dataclass
+class FileRecord:
+    """An uploaded file: where its bytes are kept, and when they arrived."""
+
+    name: str
+    key: str
+    size: int
+    md5: str
+    updated_at: float = field(default_factory=time.time)
+
+
+@dataclass
 class RunRecord:
     """A run as the server holds it. ``config`` keeps the SDK's ``{key: {"value": v}}`` form."""
 
@@ -218,6 +231,7 @@ class RunRecord:
     tags: list[str] = field(default_factory=list)
     history: dict[int, Json] = field(default_factory=dict)
     history_lines: int = 0
+    files: dict[str, FileRecord] = field(default_factory=dict)
     events_lines: int = 0
     log_lines: int = 0
     job_type: str | None = None
@@ -226,6 +240,10 @@ class RunRecord:
     description: str | None = None
     host: str | None = None
     program: str | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.entity}/{self.project}/{self.name}"
 
     @property
     def storage_id(self) -> str:
@@ -372,6 +390,20 @@ def _connection(
     }
 
 
+def _select_files(
+    files: dict[str, FileRecord], names: Iterable[str] | None, pattern: str | None
+) -> list[FileRecord]:
+    """Files by exact names, else by a SQL ``LIKE`` pattern (as W&B takes it), else all."""
+    if names:
+        return [files[n] for n in names if n in files]
+    if pattern:
+        regex = re.compile(
+            "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+        )
+        return [f for n, f in sorted(files.items()) if regex.fullmatch(n)]
+    return [files[n] for n in sorted(files)]
+
+
 def _history_type(value: object) -> str:
     if isinstance(value, bool):
         return "boolean"
@@ -424,7 +456,17 @@ class WandbState:
         return next((r for r in self.runs.values() if r.storage_id == storage_id), None)
 
     def storage_url(self, key: str) -> str:
-        return f"{self.base_url()}/storage/{key}"
+        return f"{self.base_url()}/storage/{quote(key)}"
+
+    def put_blob(self, key: str, data: bytes) -> None:
+        """Keep uploaded bytes; a run file's key (``run/e/p/id/name``) also files it."""
+        self.blobs[key] = data
+        if key.startswith("run/"):
+            entity, project, name, path = key.removeprefix("run/").split("/", 3)
+            run = self.run(entity, project, name)
+            if run is not None:
+                md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+                run.files[path] = FileRecord(path, key, len(data), md5)
 
     # -- roots --------------------------------------------------------------------------
 
@@ -556,11 +598,29 @@ class WandbState:
                 {k: wandb_config[k] for k in keys if k in wandb_config}
             ),
             "projectId": str(project.internal_id),
+            "fileCount": len(run.files),
+            "files": lambda names=(), pattern=None, first=50, after=None: _connection(
+                _select_files(run.files, names, pattern), self._file_node, first, after
+            ),
             "project": self._project_node(project),
             "user": {
                 "__typename": "User",
                 **{k: self.default_entity for k in ("name", "username")},
             },
+        }
+
+    def _file_node(self, file: FileRecord) -> Json:
+        url = self.storage_url(file.key)
+        return {
+            "__typename": "File",
+            "id": _gid("File", file.key),
+            "name": file.name,
+            "url": lambda upload=False: url,
+            "directUrl": url,
+            "sizeBytes": file.size,
+            "mimetype": "application/octet-stream",
+            "updatedAt": _iso(file.updated_at),
+            "md5": file.md5,
         }
 
     def upsert_bucket(self, data: Json) -> Json:
@@ -616,7 +676,7 @@ class WandbState:
             "runID": run.storage_id,
             "uploadHeaders": [],
             "files": [
-                {"name": name, "uploadUrl": self.storage_url(f"run/{run.storage_id}/{name}")}
+                {"name": name, "uploadUrl": self.storage_url(f"run/{run.path}/{name}")}
                 for name in data["files"]
             ],
         }
@@ -861,6 +921,12 @@ class WandbServer:
                 return answer()
         except UnhandledQuery as error:
             return self._unhandled(str(error))
+        except Exception as error:
+            # A bug here must fail the test, not hang the SDK in retries.
+            log.exception("error answering %s", operation)
+            with self._lock:
+                self.unhandled.append(f"{operation}: {error!r}")
+            return 500, {"errors": [{"message": f"test server error: {error!r}"}]}, _JSON
 
     def _unhandled(self, what: str) -> Answer:
         log.warning("unhandled: %s", what)
@@ -879,7 +945,8 @@ class WandbServer:
         if method == "POST" and (match := _FILE_STREAM.match(path)):
             return "file_stream", lambda: self._file_stream(*match.groups(), json.loads(body))
         if path.startswith("/storage/") and method in ("PUT", "GET"):
-            return "storage", lambda: self._storage(method, path.removeprefix("/storage/"), body)
+            key = unquote(path.removeprefix("/storage/"))
+            return "storage", lambda: self._storage(method, key, body)
         if path.startswith("/sdk/otel/"):
             # The SDK probes this telemetry proxy once and sends nothing more after a 404.
             return "otel", lambda: (404, {}, _JSON)
@@ -902,7 +969,7 @@ class WandbServer:
 
     def _storage(self, method: str, key: str, body: bytes) -> Answer:
         if method == "PUT":
-            self.state.blobs[key] = body
+            self.state.put_blob(key, body)
             return 200, b"", {}
         if key not in self.state.blobs:
             return 404, {"error": f"no object {key}"}, _JSON
