@@ -120,6 +120,8 @@ class Operation:
             node = nodes[0]
             name = node.name.value
             if name == "__typename":
+                if "__typename" not in obj:
+                    raise UnhandledQuery(f"operation {self.name}: __typename of an untyped object")
                 out[key] = typename
                 continue
             if name not in obj:
@@ -382,6 +384,7 @@ def _connection(
         "totalCount": len(items),
         "edges": [{"node": node(item), "cursor": str(start + i)} for i, item in enumerate(page)],
         "pageInfo": {
+            "__typename": "PageInfo",
             "endCursor": str(start + len(page) - 1) if page else after,
             "hasNextPage": end < len(items),
             "startCursor": str(start) if page else None,
@@ -427,6 +430,82 @@ class ProjectRecord:
         return _gid("Project", self.internal_id)
 
 
+_VERSION_ALIAS = re.compile(r"^v\d+$")
+
+
+@dataclass(eq=False)
+class ArtifactVersion:
+    """One artifact version. ``index`` (the N of ``vN``) is given when it is committed."""
+
+    internal_id: int
+    collection: ArtifactCollection
+    digest: str
+    metadata: str | None
+    description: str | None
+    created_by: RunRecord | None
+    history_step: int | None
+    client_id: str | None
+    requested_aliases: list[str]
+    state: str = "PENDING"
+    index: int | None = None
+    manifest: Json = field(default_factory=dict)
+    used_by: list[RunRecord] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def gid(self) -> str:
+        return _gid("Artifact", self.internal_id)
+
+    @property
+    def entries(self) -> Json:
+        """The manifest's ``contents``: path -> {digest (base64 md5), size, ...}."""
+        contents: Json = self.manifest.get("contents") or {}
+        return contents
+
+
+@dataclass(eq=False)
+class ArtifactCollection:
+    """An artifact name in a project (W&B's ``ArtifactSequence``) and its versions."""
+
+    internal_id: int
+    project: ProjectRecord
+    name: str
+    type_name: str
+    versions: list[ArtifactVersion] = field(default_factory=list)
+    aliases: dict[str, ArtifactVersion] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def gid(self) -> str:
+        return _gid("ArtifactCollection", self.internal_id)
+
+    def committed(self) -> list[ArtifactVersion]:
+        return sorted((v for v in self.versions if v.index is not None), key=lambda v: v.index or 0)
+
+    def resolve(self, reference: str) -> ArtifactVersion | None:
+        """The version a ``vN`` or an alias names."""
+        if _VERSION_ALIAS.match(reference):
+            return next((v for v in self.committed() if v.index == int(reference[1:])), None)
+        return self.aliases.get(reference)
+
+    def aliases_of(self, version: ArtifactVersion) -> list[str]:
+        """A version's aliases: its own ``vN`` first, as W&B lists them, then the others."""
+        own = [f"v{version.index}"] if version.index is not None else []
+        return own + sorted(a for a, v in self.aliases.items() if v is version)
+
+    def set_alias(self, alias: str, version: ArtifactVersion) -> None:
+        """Point ``alias`` at ``version``; it leaves whichever version held it."""
+        if _VERSION_ALIAS.match(alias):
+            if alias != f"v{version.index}":
+                # W&B gives every version its own vN; another version's vN cannot be moved.
+                raise GraphQLFailure(
+                    f"alias {alias!r} is reserved: version aliases are assigned by the server"
+                )
+            return
+        self.aliases[alias] = version
+
+
 class WandbState:
     """Everything the server knows, and the GraphQL resolvers over it. Callers hold ``lock``."""
 
@@ -437,6 +516,8 @@ class WandbState:
         self.projects: dict[tuple[str, str], ProjectRecord] = {}
         self.runs: dict[tuple[str, str, str], RunRecord] = {}
         self.blobs: dict[str, bytes] = {}
+        self.collections: dict[tuple[str, str, str], ArtifactCollection] = {}
+        self.artifacts: dict[str, ArtifactVersion] = {}
         self._ids = itertools.count(1)
 
     # -- lookups ------------------------------------------------------------------------
@@ -461,6 +542,10 @@ class WandbState:
     def put_blob(self, key: str, data: bytes) -> None:
         """Keep uploaded bytes; a run file's key (``run/e/p/id/name``) also files it."""
         self.blobs[key] = data
+        if key.startswith("manifest/"):
+            internal_id = int(key.removeprefix("manifest/"))
+            artifact = next(a for a in self.artifacts.values() if a.internal_id == internal_id)
+            artifact.manifest = json.loads(data)
         if key.startswith("run/"):
             entity, project, name, path = key.removeprefix("run/").split("/", 3)
             run = self.run(entity, project, name)
@@ -478,6 +563,14 @@ class WandbState:
             "entity": lambda name: self._entity_node(name),
             "project": lambda name, entityName=None: self._project_field(entityName, name),
             "model": lambda name=None, entityName=None: self._project_field(entityName, name),
+            "artifact": lambda id: self._artifact_field(self.artifacts.get(id)),
+            "artifactCollection": lambda id: next(
+                (self._collection_node(c) for c in self.collections.values() if c.gid == id), None
+            ),
+            "clientIDMapping": lambda clientID: next(
+                ({"serverID": a.gid} for a in self.artifacts.values() if a.client_id == clientID),
+                None,
+            ),
         }
 
     def mutation_root(self) -> Json:
@@ -485,6 +578,21 @@ class WandbState:
             "__typename": "Mutation",
             "upsertBucket": lambda input: self.upsert_bucket(input),
             "createRunFiles": lambda input: self.create_run_files(input),
+            "createArtifact": lambda input: self.create_artifact(input),
+            "createArtifactManifest": lambda input: self._manifest_payload(input["artifactID"]),
+            "updateArtifactManifest": lambda input: self._manifest_payload(
+                next(
+                    a.gid
+                    for a in self.artifacts.values()
+                    if _gid("ArtifactManifest", a.internal_id) == input["artifactManifestID"]
+                )
+            ),
+            "createArtifactFiles": lambda input: self.create_artifact_files(input),
+            "commitArtifact": lambda input: self.commit_artifact(input["artifactID"]),
+            "useArtifact": lambda input: self.use_artifact(input),
+            "updateArtifact": lambda input: self.update_artifact(input),
+            "addAliases": lambda input: self.change_aliases(input, add=True),
+            "deleteAliases": lambda input: self.change_aliases(input, add=False),
         }
 
     # -- users, entities, projects ---------------------------------------------------------
@@ -531,6 +639,22 @@ class WandbState:
             "entityName": project.entity,
             "run": run,
             "bucket": run,
+            "artifact": lambda name: self._artifact_field(self._find_artifact(project, name)),
+            "artifactCollection": lambda name: self._collection_field(project, name),
+            "artifactCollectionMembership": lambda name: self._membership_field(
+                self._find_artifact(project, name)
+            ),
+            "artifactType": lambda name: (
+                self._artifact_type_node(project, name)
+                if name in self._artifact_types(project)
+                else None
+            ),
+            "artifactTypes": lambda first=None, after=None: _connection(
+                self._artifact_types(project),
+                lambda name: self._artifact_type_node(project, name),
+                first,
+                after,
+            ),
             "runCount": lambda filters=None: len(self._find_runs(project, filters)),
             "runs": lambda filters=None, order=None, first=50, after=None: _connection(
                 self._find_runs(project, filters, order), self._run_node, first, after
@@ -599,6 +723,18 @@ class WandbState:
             ),
             "projectId": str(project.internal_id),
             "fileCount": len(run.files),
+            "outputArtifacts": lambda first=None, after=None: _connection(
+                [a for a in self.artifacts.values() if a.created_by is run and a.index is not None],
+                self._artifact_node,
+                first,
+                after,
+            ),
+            "inputArtifacts": lambda first=None, after=None: _connection(
+                [a for a in self.artifacts.values() if run in a.used_by],
+                self._artifact_node,
+                first,
+                after,
+            ),
             "files": lambda names=(), pattern=None, first=50, after=None: _connection(
                 _select_files(run.files, names, pattern), self._file_node, first, after
             ),
@@ -680,6 +816,300 @@ class WandbState:
                 for name in data["files"]
             ],
         }
+
+    # -- artifacts: reads -------------------------------------------------------------------
+
+    def _artifact_types(self, project: ProjectRecord) -> list[str]:
+        names = [c.type_name for c in self.collections.values() if c.project is project]
+        return list(dict.fromkeys(names))
+
+    def _find_collection(self, project: ProjectRecord, name: str) -> ArtifactCollection | None:
+        return self.collections.get((project.entity, project.name, name))
+
+    def _find_artifact(self, project: ProjectRecord, name: str) -> ArtifactVersion | None:
+        """``collection:vN`` or ``collection:alias`` (``latest`` when only a name is given)."""
+        collection_name, _, reference = name.partition(":")
+        collection = self._find_collection(project, collection_name)
+        return collection.resolve(reference or "latest") if collection else None
+
+    def _artifact_field(self, artifact: ArtifactVersion | None) -> Json | None:
+        return self._artifact_node(artifact) if artifact else None
+
+    def _collection_field(self, project: ProjectRecord, name: str) -> Json | None:
+        collection = self._find_collection(project, name)
+        return self._collection_node(collection) if collection else None
+
+    def _membership_field(self, artifact: ArtifactVersion | None) -> Json | None:
+        return self._membership_node(artifact) if artifact else None
+
+    def _artifact_type_node(self, project: ProjectRecord, name: str) -> Json:
+        def collections() -> list[ArtifactCollection]:
+            return [
+                c for c in self.collections.values() if c.project is project and c.type_name == name
+            ]
+
+        return {
+            "__typename": "ArtifactType",
+            "id": _gid("ArtifactType", f"{project.internal_id}:{name}"),
+            "name": name,
+            "description": None,
+            "createdAt": _iso(min(c.created_at for c in collections())),
+            "artifactCollection": lambda name: next(
+                (self._collection_node(c) for c in collections() if c.name == name), None
+            ),
+            "artifactCollections": lambda first=None, after=None, **_: _connection(
+                collections(), self._collection_node, first, after
+            ),
+        }
+
+    def _collection_node(self, collection: ArtifactCollection) -> Json:
+        def artifacts(first: int | None = None, after: str | None = None, **_: Any) -> Json:
+            # Newest first, as W&B lists versions.
+            versions = collection.committed()[::-1]
+            page = _connection(versions, self._artifact_node, first, after)
+            for edge, version in zip(page["edges"], versions[int(after or -1) + 1 :], strict=False):
+                edge["version"] = f"v{version.index}"
+            return page
+
+        latest = collection.aliases.get("latest")
+        return {
+            "__typename": "ArtifactSequence",
+            "id": collection.gid,
+            "name": collection.name,
+            "description": None,
+            "createdAt": _iso(collection.created_at),
+            "updatedAt": None,
+            "project": self._project_node(collection.project),
+            "defaultArtifactType": {"__typename": "ArtifactType", "name": collection.type_name},
+            "tags": {"edges": []},
+            "digestAlgorithm": "MANIFEST_MD5",
+            "latestArtifact": lambda: self._artifact_field(latest),
+            "artifacts": artifacts,
+            "aliases": lambda first=None, after=None: _connection(
+                sorted(collection.aliases),
+                lambda alias: self._alias_node(collection, alias),
+                first,
+                after,
+            ),
+            "artifactMembership": lambda aliasName: self._membership_field(
+                collection.resolve(aliasName)
+            ),
+        }
+
+    def _alias_node(self, collection: ArtifactCollection, alias: str) -> Json:
+        return {
+            "__typename": "ArtifactAlias",
+            "id": _gid("ArtifactAlias", f"{collection.internal_id}:{alias}"),
+            "alias": alias,
+            "artifactCollection": lambda: self._collection_node(collection),
+        }
+
+    def _artifact_node(self, artifact: ArtifactVersion) -> Json:
+        collection = artifact.collection
+        entries = artifact.entries
+        return {
+            "__typename": "Artifact",
+            "id": artifact.gid,
+            "artifactSequence": lambda: self._collection_node(collection),
+            "artifactType": {"__typename": "ArtifactType", "name": collection.type_name},
+            "versionIndex": artifact.index,
+            "description": artifact.description,
+            "metadata": artifact.metadata,
+            # A non-positive TTL means none.
+            "ttlDurationSeconds": -2,
+            "ttlIsInherited": True,
+            "tags": [],
+            "historyStep": artifact.history_step,
+            "state": artifact.state,
+            "size": sum(int(e.get("size") or 0) for e in entries.values()),
+            "fileCount": len(entries),
+            "digest": artifact.digest,
+            "digestAlgorithm": "MANIFEST_MD5",
+            "commitHash": hashlib.sha1(artifact.gid.encode()).hexdigest()[:20],
+            "createdAt": _iso(artifact.created_at),
+            "updatedAt": _iso(artifact.updated_at),
+            "aliases": lambda: [
+                self._alias_node(collection, a) for a in collection.aliases_of(artifact)
+            ],
+            "createdBy": lambda: (
+                self._run_node(artifact.created_by) if artifact.created_by else None
+            ),
+            "usedBy": lambda first=None, after=None: _connection(
+                artifact.used_by, self._run_node, first, after
+            ),
+            "currentManifest": {
+                "__typename": "ArtifactManifest",
+                "id": _gid("ArtifactManifest", artifact.internal_id),
+                "file": {"directUrl": self.storage_url(f"manifest/{artifact.internal_id}")},
+            },
+            "files": lambda names=None, first=None, after=None: _connection(
+                [n for n in entries if not names or n in names],
+                lambda name: self._artifact_file_node(artifact, name),
+                first,
+                after,
+            ),
+            "filesByManifestEntries": lambda entries=None, **_: _connection(
+                [e["name"] for e in entries or ()],
+                lambda name: self._artifact_file_node(artifact, name),
+            ),
+        }
+
+    def _membership_node(self, artifact: ArtifactVersion) -> Json:
+        collection = artifact.collection
+        node = self._artifact_node(artifact)
+        return {
+            "__typename": "ArtifactCollectionMembership",
+            "id": _gid("ArtifactCollectionMembership", artifact.internal_id),
+            "versionIndex": artifact.index,
+            "createdAt": _iso(artifact.created_at),
+            "aliases": node["aliases"],
+            "artifactCollection": lambda: self._collection_node(collection),
+            "artifact": node,
+            "files": node["files"],
+        }
+
+    def _artifact_file_node(self, artifact: ArtifactVersion, name: str) -> Json:
+        entry = artifact.entries[name]
+        md5_hex = base64.b64decode(entry["digest"]).hex()
+        key = f"artifact/{artifact.collection.project.entity}/{md5_hex}"
+        url = self.storage_url(key)
+        return {
+            "__typename": "File",
+            "id": _gid("File", f"{artifact.internal_id}:{name}"),
+            "name": name,
+            "displayName": name.rsplit("/", 1)[-1],
+            "url": url,
+            "directUrl": url,
+            "storagePath": key,
+            "sizeBytes": int(entry.get("size") or 0),
+            "mimetype": None,
+            "updatedAt": _iso(artifact.updated_at),
+            "digest": entry["digest"],
+            "md5": entry["digest"],
+        }
+
+    # -- artifacts: writes -----------------------------------------------------------------
+
+    def create_artifact(self, data: Json) -> Json:
+        """A new PENDING version, or the committed one with the same digest (deduplication)."""
+        project = self.project(data["entityName"], data["projectName"], create=True)
+        assert project is not None
+        key = (project.entity, project.name, data["artifactCollectionName"])
+        collection = self.collections.get(key)
+        if collection is None:
+            collection = ArtifactCollection(
+                next(self._ids), project, key[2], data["artifactTypeName"]
+            )
+            self.collections[key] = collection
+        elif collection.type_name != data["artifactTypeName"]:
+            raise GraphQLFailure(
+                f"artifact {key[2]!r} has type {collection.type_name!r},"
+                f" not {data['artifactTypeName']!r}"
+            )
+        aliases = [a["alias"] for a in data.get("aliases") or ()]
+        existing = next((v for v in collection.committed() if v.digest == data["digest"]), None)
+        if existing is not None and data.get("enableDigestDeduplication"):
+            # W&B's answer to logging the same content again: no new version, the
+            # existing one takes the aliases (and keeps its metadata).
+            for alias in aliases:
+                collection.set_alias(alias, existing)
+            artifact = existing
+        else:
+            run = (
+                self.run(project.entity, project.name, data["runName"])
+                if data.get("runName")
+                else None
+            )
+            artifact = ArtifactVersion(
+                next(self._ids),
+                collection,
+                digest=data["digest"],
+                metadata=data.get("metadata"),
+                description=data.get("description"),
+                created_by=run,
+                history_step=data.get("historyStep"),
+                client_id=data.get("clientID"),
+                requested_aliases=aliases,
+            )
+            collection.versions.append(artifact)
+            self.artifacts[artifact.gid] = artifact
+        return {"artifact": self._artifact_node(artifact)}
+
+    def _manifest_payload(self, artifact_id: str) -> Json:
+        artifact = self.artifacts[artifact_id]
+        return {
+            "artifactManifest": {
+                "id": _gid("ArtifactManifest", artifact.internal_id),
+                "file": {
+                    "id": _gid("File", f"manifest:{artifact.internal_id}"),
+                    "uploadUrl": self.storage_url(f"manifest/{artifact.internal_id}"),
+                    "uploadHeaders": [],
+                },
+            }
+        }
+
+    def create_artifact_files(self, data: Json) -> Json:
+        """Upload URLs for an artifact's files, stored by content; known content needs none."""
+        edges = []
+        for spec in data["artifactFiles"]:
+            artifact = self.artifacts[spec["artifactID"]]
+            md5_hex = base64.b64decode(spec["md5"]).hex()
+            key = f"artifact/{artifact.collection.project.entity}/{md5_hex}"
+            node = {
+                "storagePath": key,
+                "uploadUrl": None if key in self.blobs else self.storage_url(key),
+                "uploadHeaders": [],
+                "uploadMultipartUrls": None,
+                "artifact": {"id": artifact.gid},
+            }
+            edges.append({"node": node})
+        return {"files": {"edges": edges}}
+
+    def commit_artifact(self, artifact_id: str) -> Json:
+        """Number the version (``vN`` in commit order) and give it its aliases and ``latest``."""
+        artifact = self.artifacts[artifact_id]
+        collection = artifact.collection
+        if artifact.state != "COMMITTED":
+            artifact.index = len(collection.committed())
+            artifact.state = "COMMITTED"
+            artifact.updated_at = time.time()
+            for alias in [*artifact.requested_aliases, "latest"]:
+                collection.set_alias(alias, artifact)
+        return {"artifact": {"id": artifact.gid, "digest": artifact.digest}}
+
+    def use_artifact(self, data: Json) -> Json:
+        artifact = self.artifacts[data["artifactID"]]
+        run = self.run(data["entityName"], data["projectName"], data["runName"])
+        if run is None:
+            raise GraphQLFailure(f"run {data['runName']!r} not found")
+        if run not in artifact.used_by:
+            artifact.used_by.append(run)
+        return {"artifact": self._artifact_node(artifact)}
+
+    def update_artifact(self, data: Json) -> Json:
+        artifact = self.artifacts[data["artifactID"]]
+        if data.get("metadata") is not None:
+            artifact.metadata = data["metadata"]
+        if data.get("description") is not None:
+            artifact.description = data["description"]
+        for alias in data.get("aliases") or ():
+            artifact.collection.set_alias(alias["alias"], artifact)
+        artifact.updated_at = time.time()
+        return {"artifact": self._artifact_node(artifact)}
+
+    def change_aliases(self, data: Json, *, add: bool) -> Json:
+        artifact = self.artifacts[data["artifactID"]]
+        for alias in data["aliases"]:
+            collection = self.collections[
+                (alias["entityName"], alias["projectName"], alias["artifactCollectionName"])
+            ]
+            if add:
+                collection.set_alias(alias["alias"], artifact)
+            elif collection.aliases.get(alias["alias"]) is artifact:
+                del collection.aliases[alias["alias"]]
+        return {"success": True}
+
+    # -- file_stream ---------------------------------------------------------------------
 
     def file_stream(self, run: RunRecord, body: Json) -> None:
         """Apply one file_stream post: history rows, the whole summary, the run's end."""
@@ -793,6 +1223,9 @@ Answer = tuple[int, Json | bytes, dict[str, str]]
 
 _JSON = {"Content-Type": "application/json"}
 _FILE_STREAM = re.compile(r"^/files/([^/]+)/([^/]+)/([^/]+)/file_stream$")
+_ARTIFACT_FILE = re.compile(
+    r"^/artifacts(?:V2/[^/]+)?/(?P<entity>[^/]+)/(?:[^/]+/)*(?P<md5>[0-9a-f]{32})(?:/[^/]+)?$"
+)
 
 
 class WandbServer:
@@ -947,6 +1380,10 @@ class WandbServer:
         if path.startswith("/storage/") and method in ("PUT", "GET"):
             key = unquote(path.removeprefix("/storage/"))
             return "storage", lambda: self._storage(method, key, body)
+        if method == "GET" and (match := _ARTIFACT_FILE.match(path)):
+            # The SDK's fallback download URL for an artifact file; content is kept by md5.
+            key = f"artifact/{unquote(match['entity'])}/{match['md5']}"
+            return "storage", lambda: self._storage("GET", key, b"")
         if path.startswith("/sdk/otel/"):
             # The SDK probes this telemetry proxy once and sends nothing more after a 404.
             return "otel", lambda: (404, {}, _JSON)
