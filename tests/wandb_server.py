@@ -424,6 +424,7 @@ class ProjectRecord:
     entity: str
     name: str
     internal_id: int
+    created_at: float = field(default_factory=time.time)
 
     @property
     def gid(self) -> str:
@@ -506,6 +507,25 @@ class ArtifactCollection:
         self.aliases[alias] = version
 
 
+@dataclass
+class ViewRecord:
+    """A saved view: a report (type ``runs`` or ``runs/draft``) or a workspace."""
+
+    internal_id: int
+    project: ProjectRecord
+    name: str
+    display_name: str | None
+    description: str | None
+    type: str
+    spec: str
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def gid(self) -> str:
+        return _gid("View", self.internal_id)
+
+
 class WandbState:
     """Everything the server knows, and the GraphQL resolvers over it. Callers hold ``lock``."""
 
@@ -518,6 +538,7 @@ class WandbState:
         self.blobs: dict[str, bytes] = {}
         self.collections: dict[tuple[str, str, str], ArtifactCollection] = {}
         self.artifacts: dict[str, ArtifactVersion] = {}
+        self.views: dict[str, ViewRecord] = {}
         self._ids = itertools.count(1)
 
     # -- lookups ------------------------------------------------------------------------
@@ -567,6 +588,17 @@ class WandbState:
             "artifactCollection": lambda id: next(
                 (self._collection_node(c) for c in self.collections.values() if c.gid == id), None
             ),
+            "models": lambda entityName=None, first=None, after=None: _connection(
+                [
+                    p
+                    for p in self.projects.values()
+                    if p.entity == (entityName or self.default_entity)
+                ],
+                self._project_node,
+                first,
+                after,
+            ),
+            "view": lambda id: self._view_node(self.views[id]) if id in self.views else None,
             "clientIDMapping": lambda clientID: next(
                 ({"serverID": a.gid} for a in self.artifacts.values() if a.client_id == clientID),
                 None,
@@ -590,6 +622,8 @@ class WandbState:
             "createArtifactFiles": lambda input: self.create_artifact_files(input),
             "commitArtifact": lambda input: self.commit_artifact(input["artifactID"]),
             "useArtifact": lambda input: self.use_artifact(input),
+            "upsertModel": lambda input: self.upsert_model(input),
+            "upsertView": lambda input: self.upsert_view(input),
             "updateArtifact": lambda input: self.update_artifact(input),
             "addAliases": lambda input: self.change_aliases(input, add=True),
             "deleteAliases": lambda input: self.change_aliases(input, add=False),
@@ -608,6 +642,8 @@ class WandbState:
             "admin": False,
             "flags": "{}",
             "teams": {"edges": []},
+            "apiKeys": {"edges": []},
+            "deletedAt": None,
         }
 
     def _entity_node(self, name: str) -> Json:
@@ -635,6 +671,12 @@ class WandbState:
             "internalId": str(project.internal_id),
             "name": project.name,
             "readOnly": False,
+            "createdAt": _iso(project.created_at),
+            "isBenchmark": False,
+            "description": None,
+            "access": "PRIVATE",
+            "views": "{}",
+            "user": self._viewer(),
             "entity": self._entity_node(project.entity),
             "entityName": project.entity,
             "run": run,
@@ -1108,6 +1150,61 @@ class WandbState:
             elif collection.aliases.get(alias["alias"]) is artifact:
                 del collection.aliases[alias["alias"]]
         return {"success": True}
+
+    # -- projects and views (reports) ------------------------------------------------------
+
+    def upsert_model(self, data: Json) -> Json:
+        key = (data.get("entityName") or self.default_entity, data["name"])
+        inserted = key not in self.projects
+        project = self.project(*key, create=True)
+        assert project is not None
+        node = self._project_node(project)
+        return {"project": node, "model": node, "inserted": inserted}
+
+    def upsert_view(self, data: Json) -> Json:
+        """Save a view; the spec is kept as the JSON string the client sent."""
+        view = self.views.get(data.get("id") or "")
+        if view is None:
+            project = self.project(data.get("entityName"), data.get("projectName"), create=True)
+            assert project is not None
+            view = ViewRecord(
+                next(self._ids),
+                project,
+                name=data.get("name") or f"view-{len(self.views) + 1}",
+                display_name=data.get("displayName"),
+                description=data.get("description"),
+                type=data.get("type") or "runs",
+                spec=data.get("spec") or "{}",
+            )
+            self.views[view.gid] = view
+        else:
+            for key, attribute in (
+                ("displayName", "display_name"),
+                ("description", "description"),
+                ("type", "type"),
+                ("spec", "spec"),
+            ):
+                if data.get(key) is not None:
+                    setattr(view, attribute, data[key])
+            view.updated_at = time.time()
+        return {"view": self._view_node(view), "inserted": True}
+
+    def _view_node(self, view: ViewRecord) -> Json:
+        return {
+            "__typename": "View",
+            "id": view.gid,
+            "name": view.name,
+            "displayName": view.display_name,
+            "description": view.description,
+            "type": view.type,
+            "spec": view.spec,
+            "createdAt": _iso(view.created_at),
+            "updatedAt": _iso(view.updated_at),
+            "entityName": view.project.entity,
+            "projectName": view.project.name,
+            "project": self._project_node(view.project),
+            "user": self._viewer(),
+        }
 
     # -- file_stream ---------------------------------------------------------------------
 
