@@ -529,10 +529,13 @@ class ViewRecord:
 class WandbState:
     """Everything the server knows, and the GraphQL resolvers over it. Callers hold ``lock``."""
 
-    def __init__(self, base_url: Callable[[], str], default_entity: str) -> None:
+    def __init__(
+        self, base_url: Callable[[], str], default_entity: str, crash_after: float
+    ) -> None:
         self.lock = threading.RLock()
         self.base_url = base_url
         self.default_entity = default_entity
+        self.crash_after = crash_after
         self.projects: dict[tuple[str, str], ProjectRecord] = {}
         self.runs: dict[tuple[str, str, str], RunRecord] = {}
         self.blobs: dict[str, bytes] = {}
@@ -573,6 +576,13 @@ class WandbState:
             if run is not None:
                 md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
                 run.files[path] = FileRecord(path, key, len(data), md5)
+
+    def mark_crashed(self) -> None:
+        """Runs silent for ``crash_after`` seconds are crashed, as W&B marks them."""
+        deadline = time.time() - self.crash_after
+        for run in self.runs.values():
+            if run.state == "running" and run.heartbeat_at < deadline:
+                run.state = "crashed"
 
     # -- roots --------------------------------------------------------------------------
 
@@ -1211,6 +1221,8 @@ class WandbState:
     def file_stream(self, run: RunRecord, body: Json) -> None:
         """Apply one file_stream post: history rows, the whole summary, the run's end."""
         run.heartbeat_at = time.time()
+        if run.state == "crashed":
+            run.state = "running"
         for name, chunk in (body.get("files") or {}).items():
             lines = chunk.get("content") or []
             if name == "wandb-history.jsonl":
@@ -1328,12 +1340,13 @@ _ARTIFACT_FILE = re.compile(
 class WandbServer:
     """A W&B-compatible server on 127.0.0.1 for tests: ``WandbServer().start()``.
 
-    ``requests`` counts requests by operation name (GraphQL operations by name, and
+    ``entity`` is the signed-in user's entity (the default one); a running run that posts
+    nothing for ``crash_after`` seconds is reported as crashed. ``requests`` counts requests by operation name (GraphQL operations by name, and
     ``file_stream``, ``storage``, ``otel``); ``unhandled`` lists what it could not answer.
     """
 
-    def __init__(self, entity: str = "atm-tests") -> None:
-        self.state = WandbState(lambda: self.url, entity)
+    def __init__(self, entity: str = "atm-tests", crash_after: float = 300.0) -> None:
+        self.state = WandbState(lambda: self.url, entity, crash_after)
         self.requests: Counter[str] = Counter()
         self.unhandled: list[str] = []
         self.port = 0
@@ -1488,6 +1501,7 @@ class WandbServer:
 
     def _graphql(self, operation: Operation) -> Answer:
         state = self.state
+        state.mark_crashed()
         root = state.mutation_root() if operation.kind == "mutation" else state.query_root()
         try:
             return 200, {"data": operation.execute(root)}, _JSON
