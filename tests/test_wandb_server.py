@@ -260,7 +260,9 @@ def test_summary_config_tags_and_history_are_read(api: wandb.Api, trained: Train
     assert {"atm-managed", "atm-applied"} <= set(run.tags)
     assert run.history_keys["lastStep"] == 3
     assert [r["_step"] for r in run.scan_history(keys=["loss"], min_step=1)] == [1, 2]
+    assert [r["_step"] for r in run.scan_history()] == [0, 1, 2, 3]
     assert run.history(keys=["eval_loss"], pandas=False) == [{"_step": 3, "eval_loss": 0.7}]
+    assert [r["_step"] for r in run.history(pandas=False)] == [0, 1, 2, 3]
 
 
 def test_tags_only_update_leaves_config_and_summary(
@@ -304,6 +306,12 @@ def test_run_files_are_listed_and_downloaded(
     assert "notes.json" in {f.name for f in run.files()}
     run.file("notes.json").download(root=str(tmp_path))
     assert json.loads((tmp_path / "notes.json").read_text()) == {"applied": 1}
+
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "note.txt").write_text("from the reader")
+    run.upload_file(str(tmp_path / "extra" / "note.txt"), root=str(tmp_path / "extra"))
+    run.file("note.txt").download(root=str(tmp_path / "back"))
+    assert (tmp_path / "back" / "note.txt").read_text() == "from the reader"
 
 
 def test_resume_must_continues_the_run_and_fails_for_an_unknown_one(
@@ -356,6 +364,8 @@ def test_params_versions_by_alias_and_version(
     assert json.loads(Path(entry).read_text()) == {"version": 0, "values": {"lr": 0.1}}
     folder = latest.download(root=str(tmp_path / "all"))
     assert json.loads(Path(folder, "params.json").read_text())["version"] == 1
+    size = Path(folder, "params.json").stat().st_size
+    assert [(f.name, f.size) for f in latest.files()] == [("params.json", size)]
 
 
 def test_the_same_content_again_makes_no_new_version(api: wandb.Api, trained: TrainedRun) -> None:
@@ -381,10 +391,13 @@ def test_latest_moves_to_exactly_one_version(api: wandb.Api, trained: TrainedRun
         assert holders == ["v0"]
         assert api.artifact(f"{name}:latest").version == "v0"
     finally:
+        first.aliases.remove("latest")
+        first.save()
         restored = api.artifact(f"{name}:v1")
         restored.aliases.append("latest")
         restored.save()
     assert api.artifact(f"{name}:latest").version == "v1"
+    assert api.artifact(f"{name}:v0").aliases == []
 
 
 def test_lineage_links_the_writer_and_the_trainer(api: wandb.Api, trained: TrainedRun) -> None:
@@ -402,20 +415,33 @@ def test_lineage_links_the_writer_and_the_trainer(api: wandb.Api, trained: Train
 # -- faults and gaps --------------------------------------------------------------------------
 
 
-def test_429_with_retry_after_is_retried(
+@pytest.mark.parametrize(
+    ("fault", "requests", "least_seconds"),
+    [
+        pytest.param({"status": 429, "retry_after": 1, "times": 2}, 3, 2, id="429-retry-after"),
+        pytest.param({"status": 429, "retry_after": 1, "seconds": 1.5}, 3, 1.5, id="429-window"),
+        pytest.param({"status": 500, "times": 1}, 2, 0, id="500"),
+        pytest.param({"delay": 1.5}, 1, 1.5, id="slow"),
+    ],
+)
+def test_faults_are_retried_until_the_call_succeeds(
     api: wandb.Api,
     wandb_server: WandbServer,  # noqa: F811
     trained: TrainedRun,
+    fault: dict[str, float],
+    requests: int,
+    least_seconds: float,
 ) -> None:
     run = api.run(trained.path)
-    wandb_server.inject(status=429, retry_after=1, operation="Run", times=2)
     wandb_server.reset_counts()
+    wandb_server.inject(operation="Run", **fault)
     started = time.monotonic()
 
     run.load(force=True)
 
-    assert wandb_server.requests == {"Run": 3}
-    assert time.monotonic() - started >= 2
+    assert wandb_server.requests == {"Run": requests}
+    assert time.monotonic() - started >= least_seconds
+    assert run.state == "finished"
 
 
 def test_refused_connections_are_retried_until_the_server_is_back(

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import gzip
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -87,8 +88,9 @@ class Operation:
         values = dict(variables or {})
         for definition in chosen.variable_definitions or ():
             name = definition.variable.name.value
-            if name not in values and definition.default_value is not None:
-                values[name] = value_from_ast_untyped(definition.default_value)
+            if name not in values:
+                default = definition.default_value
+                values[name] = None if default is None else value_from_ast_untyped(default)
         first_field = next(s for s in chosen.selection_set.selections if isinstance(s, FieldNode))
         return cls(
             name=chosen.name.value if chosen.name else first_field.name.value,
@@ -132,6 +134,12 @@ class Operation:
                     a.name.value: value_from_ast_untyped(a.value, self.variables)
                     for a in node.arguments
                 }
+                try:
+                    inspect.signature(value).bind(**args)
+                except TypeError as error:
+                    raise UnhandledQuery(
+                        f'operation {self.name}: arguments of "{name}" on {typename}: {error}'
+                    ) from None
                 value = value(**args)
             children = [n.selection_set for n in nodes if n.selection_set is not None]
             out[key] = self._resolve(value, children)
@@ -407,6 +415,11 @@ def _select_files(
     return [files[n] for n in sorted(files)]
 
 
+def _maybe(node: Callable[[Any], Json], record: Any) -> Json | None:
+    """``node(record)``, or null for a record that does not exist."""
+    return None if record is None else node(record)
+
+
 def _history_type(value: object) -> str:
     if isinstance(value, bool):
         return "boolean"
@@ -445,7 +458,6 @@ class ArtifactVersion:
     description: str | None
     created_by: RunRecord | None
     history_step: int | None
-    client_id: str | None
     requested_aliases: list[str]
     state: str = "PENDING"
     index: int | None = None
@@ -497,14 +509,21 @@ class ArtifactCollection:
 
     def set_alias(self, alias: str, version: ArtifactVersion) -> None:
         """Point ``alias`` at ``version``; it leaves whichever version held it."""
-        if _VERSION_ALIAS.match(alias):
-            if alias != f"v{version.index}":
-                # W&B gives every version its own vN; another version's vN cannot be moved.
-                raise GraphQLFailure(
-                    f"alias {alias!r} is reserved: version aliases are assigned by the server"
-                )
-            return
+        check_alias(alias)
         self.aliases[alias] = version
+
+
+def check_alias(alias: str) -> None:
+    """Refuse an alias of the form ``vN``: W&B gives those itself, in commit order.
+
+    Whether W&B refuses or accepts such an alias is not checked against it; refusing keeps
+    clients from relying on ``vN`` meaning anything but the version's own number.
+    """
+    if _VERSION_ALIAS.match(alias):
+        raise GraphQLFailure(
+            f"alias {alias!r} is reserved: version aliases (v0, v1, ...) are assigned by the"
+            " server in commit order; use another name"
+        )
 
 
 @dataclass
@@ -590,14 +609,17 @@ class WandbState:
         return {
             "__typename": "Query",
             "viewer": self._viewer(),
+            # No optional features: the SDK takes its plainest paths (the same ones, for
+            # everything these tests do, as with the features W&B's cloud enables).
             "serverInfo": {"__typename": "ServerInfo", "features": []},
             "entity": lambda name: self._entity_node(name),
-            "project": lambda name, entityName=None: self._project_field(entityName, name),
-            "model": lambda name=None, entityName=None: self._project_field(entityName, name),
-            "artifact": lambda id: self._artifact_field(self.artifacts.get(id)),
-            "artifactCollection": lambda id: next(
-                (self._collection_node(c) for c in self.collections.values() if c.gid == id), None
+            "project": lambda name, entityName=None: _maybe(
+                self._project_node, self.project(entityName, name)
             ),
+            "model": lambda name=None, entityName=None: _maybe(
+                self._project_node, self.project(entityName, name)
+            ),
+            "artifact": lambda id: _maybe(self._artifact_node, self.artifacts.get(id)),
             "models": lambda entityName=None, first=None, after=None: _connection(
                 [
                     p
@@ -608,11 +630,7 @@ class WandbState:
                 first,
                 after,
             ),
-            "view": lambda id: self._view_node(self.views[id]) if id in self.views else None,
-            "clientIDMapping": lambda clientID: next(
-                ({"serverID": a.gid} for a in self.artifacts.values() if a.client_id == clientID),
-                None,
-            ),
+            "view": lambda id: _maybe(self._view_node, self.views.get(id)),
         }
 
     def mutation_root(self) -> Json:
@@ -621,14 +639,8 @@ class WandbState:
             "upsertBucket": lambda input: self.upsert_bucket(input),
             "createRunFiles": lambda input: self.create_run_files(input),
             "createArtifact": lambda input: self.create_artifact(input),
+            # Sent twice per version: for the manifest's ID, then for its upload URL.
             "createArtifactManifest": lambda input: self._manifest_payload(input["artifactID"]),
-            "updateArtifactManifest": lambda input: self._manifest_payload(
-                next(
-                    a.gid
-                    for a in self.artifacts.values()
-                    if _gid("ArtifactManifest", a.internal_id) == input["artifactManifestID"]
-                )
-            ),
             "createArtifactFiles": lambda input: self.create_artifact_files(input),
             "commitArtifact": lambda input: self.commit_artifact(input["artifactID"]),
             "useArtifact": lambda input: self.use_artifact(input),
@@ -663,17 +675,11 @@ class WandbState:
             "name": name,
             # No organisation: artifacts stay plain project artifacts, no registry.
             "organization": None,
-            "xxhashDigestsEnabled": False,
         }
-
-    def _project_field(self, entity: str | None, name: str | None) -> Json | None:
-        project = self.project(entity, name)
-        return self._project_node(project) if project else None
 
     def _project_node(self, project: ProjectRecord) -> Json:
         def run(name: str, missingOk: bool = False) -> Json | None:
-            record = self.run(project.entity, project.name, name)
-            return self._run_node(record) if record else None
+            return _maybe(self._run_node, self.run(project.entity, project.name, name))
 
         return {
             "__typename": "Project",
@@ -691,21 +697,21 @@ class WandbState:
             "entityName": project.entity,
             "run": run,
             "bucket": run,
-            "artifact": lambda name: self._artifact_field(self._find_artifact(project, name)),
-            "artifactCollection": lambda name: self._collection_field(project, name),
-            "artifactCollectionMembership": lambda name: self._membership_field(
-                self._find_artifact(project, name)
+            "artifact": lambda name: _maybe(
+                self._artifact_node, self._find_artifact(project, name)
+            ),
+            "artifactCollection": lambda name: _maybe(
+                self._collection_node, self._find_collection(project, name)
+            ),
+            "artifactCollectionMembership": lambda name: _maybe(
+                self._membership_node, self._find_artifact(project, name)
             ),
             "artifactType": lambda name: (
                 self._artifact_type_node(project, name)
-                if name in self._artifact_types(project)
+                if any(
+                    c.project is project and c.type_name == name for c in self.collections.values()
+                )
                 else None
-            ),
-            "artifactTypes": lambda first=None, after=None: _connection(
-                self._artifact_types(project),
-                lambda name: self._artifact_type_node(project, name),
-                first,
-                after,
             ),
             "runCount": lambda filters=None: len(self._find_runs(project, filters)),
             "runs": lambda filters=None, order=None, first=50, after=None: _connection(
@@ -871,10 +877,6 @@ class WandbState:
 
     # -- artifacts: reads -------------------------------------------------------------------
 
-    def _artifact_types(self, project: ProjectRecord) -> list[str]:
-        names = [c.type_name for c in self.collections.values() if c.project is project]
-        return list(dict.fromkeys(names))
-
     def _find_collection(self, project: ProjectRecord, name: str) -> ArtifactCollection | None:
         return self.collections.get((project.entity, project.name, name))
 
@@ -884,16 +886,6 @@ class WandbState:
         collection = self._find_collection(project, collection_name)
         return collection.resolve(reference or "latest") if collection else None
 
-    def _artifact_field(self, artifact: ArtifactVersion | None) -> Json | None:
-        return self._artifact_node(artifact) if artifact else None
-
-    def _collection_field(self, project: ProjectRecord, name: str) -> Json | None:
-        collection = self._find_collection(project, name)
-        return self._collection_node(collection) if collection else None
-
-    def _membership_field(self, artifact: ArtifactVersion | None) -> Json | None:
-        return self._membership_node(artifact) if artifact else None
-
     def _artifact_type_node(self, project: ProjectRecord, name: str) -> Json:
         def collections() -> list[ArtifactCollection]:
             return [
@@ -902,20 +894,21 @@ class WandbState:
 
         return {
             "__typename": "ArtifactType",
-            "id": _gid("ArtifactType", f"{project.internal_id}:{name}"),
             "name": name,
-            "description": None,
-            "createdAt": _iso(min(c.created_at for c in collections())),
             "artifactCollection": lambda name: next(
                 (self._collection_node(c) for c in collections() if c.name == name), None
-            ),
-            "artifactCollections": lambda first=None, after=None, **_: _connection(
-                collections(), self._collection_node, first, after
             ),
         }
 
     def _collection_node(self, collection: ArtifactCollection) -> Json:
-        def artifacts(first: int | None = None, after: str | None = None, **_: Any) -> Json:
+        def artifacts(
+            first: int | None = None,
+            after: str | None = None,
+            order: str | None = None,
+            filters: str | None = None,
+        ) -> Json:
+            if order or (filters and json.loads(filters) != {"state": "COMMITTED"}):
+                raise UnhandledQuery(f"artifact versions ordered {order!r}, filtered {filters!r}")
             # Newest first, as W&B lists versions.
             versions = collection.committed()[::-1]
             page = _connection(versions, self._artifact_node, first, after)
@@ -934,17 +927,10 @@ class WandbState:
             "project": self._project_node(collection.project),
             "defaultArtifactType": {"__typename": "ArtifactType", "name": collection.type_name},
             "tags": {"edges": []},
-            "digestAlgorithm": "MANIFEST_MD5",
-            "latestArtifact": lambda: self._artifact_field(latest),
+            "latestArtifact": lambda: _maybe(self._artifact_node, latest),
             "artifacts": artifacts,
-            "aliases": lambda first=None, after=None: _connection(
-                sorted(collection.aliases),
-                lambda alias: self._alias_node(collection, alias),
-                first,
-                after,
-            ),
-            "artifactMembership": lambda aliasName: self._membership_field(
-                collection.resolve(aliasName)
+            "artifactMembership": lambda aliasName: _maybe(
+                self._membership_node, collection.resolve(aliasName)
             ),
         }
 
@@ -983,9 +969,7 @@ class WandbState:
             "aliases": lambda: [
                 self._alias_node(collection, a) for a in collection.aliases_of(artifact)
             ],
-            "createdBy": lambda: (
-                self._run_node(artifact.created_by) if artifact.created_by else None
-            ),
+            "createdBy": lambda: _maybe(self._run_node, artifact.created_by),
             "usedBy": lambda first=None, after=None: _connection(
                 artifact.used_by, self._run_node, first, after
             ),
@@ -994,21 +978,22 @@ class WandbState:
                 "id": _gid("ArtifactManifest", artifact.internal_id),
                 "file": {"directUrl": self.storage_url(f"manifest/{artifact.internal_id}")},
             },
-            "files": lambda names=None, first=None, after=None: _connection(
-                [n for n in entries if not names or n in names],
-                lambda name: self._artifact_file_node(artifact, name),
-                first,
-                after,
-            ),
-            "filesByManifestEntries": lambda entries=None, **_: _connection(
-                [e["name"] for e in entries or ()],
-                lambda name: self._artifact_file_node(artifact, name),
-            ),
         }
 
     def _membership_node(self, artifact: ArtifactVersion) -> Json:
         collection = artifact.collection
         node = self._artifact_node(artifact)
+
+        def files(
+            names: list[str] | None = None, first: int | None = None, after: str | None = None
+        ) -> Json:
+            return _connection(
+                [n for n in artifact.entries if not names or n in names],
+                lambda name: self._artifact_file_node(artifact, name),
+                first,
+                after,
+            )
+
         return {
             "__typename": "ArtifactCollectionMembership",
             "id": _gid("ArtifactCollectionMembership", artifact.internal_id),
@@ -1017,7 +1002,7 @@ class WandbState:
             "aliases": node["aliases"],
             "artifactCollection": lambda: self._collection_node(collection),
             "artifact": node,
-            "files": node["files"],
+            "files": files,
         }
 
     def _artifact_file_node(self, artifact: ArtifactVersion, name: str) -> Json:
@@ -1059,6 +1044,8 @@ class WandbState:
                 f" not {data['artifactTypeName']!r}"
             )
         aliases = [a["alias"] for a in data.get("aliases") or ()]
+        for alias in aliases:
+            check_alias(alias)
         existing = next((v for v in collection.committed() if v.digest == data["digest"]), None)
         if existing is not None and data.get("enableDigestDeduplication"):
             # W&B's answer to logging the same content again: no new version, the
@@ -1080,7 +1067,6 @@ class WandbState:
                 description=data.get("description"),
                 created_by=run,
                 history_step=data.get("historyStep"),
-                client_id=data.get("clientID"),
                 requested_aliases=aliases,
             )
             collection.versions.append(artifact)
@@ -1381,14 +1367,17 @@ class WandbServer:
         retry_after: float | None = None,
         delay: float = 0.0,
         operation: str | None = None,
-        times: int | None = 1,
+        times: int | None = None,
         seconds: float | None = None,
     ) -> Fault:
         """Answer matching requests with ``status`` (and ``Retry-After``) or after ``delay``.
 
-        Hits the next ``times`` matching requests, or, with ``seconds``, every matching
-        request during that many seconds (then ``times=None`` lifts the count bound).
+        Hits the next ``times`` matching requests, every matching request for ``seconds``,
+        or (given both) whichever ends first; given neither, the next matching request.
+        ``operation`` names a GraphQL operation, or ``file_stream``, ``storage``, ``otel``.
         """
+        if times is None and seconds is None:
+            times = 1
         until = time.monotonic() + seconds if seconds is not None else None
         fault = Fault(status, retry_after, delay, operation, times, until)
         with self._lock:
