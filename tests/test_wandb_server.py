@@ -152,6 +152,7 @@ def finish(process: subprocess.Popen[str], timeout: float = 120) -> str:
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
@@ -176,6 +177,8 @@ def no_gaps(wandb_server: WandbServer) -> Iterator[None]:  # noqa: F811
 
 @dataclass
 class TrainedRun:
+    """The finished training run the artifact and reader tests share, and its writer's run."""
+
     run_id: str
     path: str
     writer_id: str

@@ -1073,8 +1073,13 @@ class WandbState:
             self.artifacts[artifact.gid] = artifact
         return {"artifact": self._artifact_node(artifact)}
 
+    def _artifact(self, artifact_id: str) -> ArtifactVersion:
+        if artifact_id not in self.artifacts:
+            raise GraphQLFailure(f"artifact {artifact_id!r} not found")
+        return self.artifacts[artifact_id]
+
     def _manifest_payload(self, artifact_id: str) -> Json:
-        artifact = self.artifacts[artifact_id]
+        artifact = self._artifact(artifact_id)
         return {
             "artifactManifest": {
                 "id": _gid("ArtifactManifest", artifact.internal_id),
@@ -1090,7 +1095,7 @@ class WandbState:
         """Upload URLs for an artifact's files, stored by content; known content needs none."""
         edges = []
         for spec in data["artifactFiles"]:
-            artifact = self.artifacts[spec["artifactID"]]
+            artifact = self._artifact(spec["artifactID"])
             md5_hex = base64.b64decode(spec["md5"]).hex()
             key = f"artifact/{artifact.collection.project.entity}/{md5_hex}"
             node = {
@@ -1105,7 +1110,7 @@ class WandbState:
 
     def commit_artifact(self, artifact_id: str) -> Json:
         """Number the version (``vN`` in commit order) and give it its aliases and ``latest``."""
-        artifact = self.artifacts[artifact_id]
+        artifact = self._artifact(artifact_id)
         collection = artifact.collection
         if artifact.state != "COMMITTED":
             artifact.index = len(collection.committed())
@@ -1116,7 +1121,7 @@ class WandbState:
         return {"artifact": {"id": artifact.gid, "digest": artifact.digest}}
 
     def use_artifact(self, data: Json) -> Json:
-        artifact = self.artifacts[data["artifactID"]]
+        artifact = self._artifact(data["artifactID"])
         run = self.run(data["entityName"], data["projectName"], data["runName"])
         if run is None:
             raise GraphQLFailure(f"run {data['runName']!r} not found")
@@ -1125,7 +1130,7 @@ class WandbState:
         return {"artifact": self._artifact_node(artifact)}
 
     def update_artifact(self, data: Json) -> Json:
-        artifact = self.artifacts[data["artifactID"]]
+        artifact = self._artifact(data["artifactID"])
         if data.get("metadata") is not None:
             artifact.metadata = data["metadata"]
         if data.get("description") is not None:
@@ -1136,7 +1141,7 @@ class WandbState:
         return {"artifact": self._artifact_node(artifact)}
 
     def change_aliases(self, data: Json, *, add: bool) -> Json:
-        artifact = self.artifacts[data["artifactID"]]
+        artifact = self._artifact(data["artifactID"])
         for alias in data["aliases"]:
             collection = self.collections[
                 (alias["entityName"], alias["projectName"], alias["artifactCollectionName"])
@@ -1327,9 +1332,10 @@ _ARTIFACT_FILE = re.compile(
 class WandbServer:
     """A W&B-compatible server on 127.0.0.1 for tests: ``WandbServer().start()``.
 
-    ``entity`` is the signed-in user's entity (the default one); a running run that posts
-    nothing for ``crash_after`` seconds is reported as crashed. ``requests`` counts requests by operation name (GraphQL operations by name, and
-    ``file_stream``, ``storage``, ``otel``); ``unhandled`` lists what it could not answer.
+    ``entity`` is the signed-in user's (default) entity; a running run that posts nothing
+    for ``crash_after`` seconds is reported as crashed. ``requests`` counts requests by
+    operation name (GraphQL operations by name; ``file_stream``, ``storage`` for uploads
+    and downloads, ``otel``); ``unhandled`` lists what the server could not answer.
     """
 
     def __init__(self, entity: str = "atm-tests", crash_after: float = 300.0) -> None:
@@ -1339,6 +1345,7 @@ class WandbServer:
         self.port = 0
         self._faults: list[Fault] = []
         self._httpd: _HTTPServer | None = None
+        self._reopen: threading.Timer | None = None
         self._lock = threading.Lock()
 
     @property
@@ -1351,6 +1358,8 @@ class WandbServer:
         return self
 
     def stop(self) -> None:
+        if self._reopen is not None:
+            self._reopen.cancel()
         self._stop_listening()
 
     def __enter__(self) -> WandbServer:
@@ -1392,9 +1401,9 @@ class WandbServer:
     def refuse_connections(self, seconds: float) -> None:
         """Stop listening and drop open connections now; listen on the same port again later."""
         self._stop_listening()
-        timer = threading.Timer(seconds, self._listen)
-        timer.daemon = True
-        timer.start()
+        self._reopen = threading.Timer(seconds, self._listen)
+        self._reopen.daemon = True
+        self._reopen.start()
 
     def reset_counts(self) -> None:
         with self._lock:
