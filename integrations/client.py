@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from integrations.protocol import (
     TAG_MANAGED,
     TAG_OBJECTIVE,
     TAG_PARAMS_VERSION,
+    TAG_SPEC_DIGEST,
     Boundary,
     Command,
     ParamsVersion,
@@ -37,10 +39,13 @@ from integrations.trackers import CorruptArtifact, Tracker, TrackerError, open_t
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 30.0
-# The heartbeat only says "a client is alive"; refreshing it less often than the poll keeps
-# the cost of a quiet poll to one read.
-HEARTBEAT_EVERY_S = 10.0
+MAX_BACKOFF_S = 60.0
+# The heartbeat only says "a client is alive" (and how recently, in `atm status`); refreshing
+# it far less often than the poll keeps the cost of a quiet poll to one read.
+HEARTBEAT_EVERY_S = 60.0
+# Each wait is drawn within ±JITTER of its length: a thousand clients started together, or
+# coming back together after an outage, spread their requests instead of arriving at once.
+JITTER = 0.2
 
 # Applies changed knob values and commands in the training process; raises if it cannot.
 ApplyFn = Callable[[dict[str, float], list[Command]], None]
@@ -191,7 +196,8 @@ class ManagerClient:
             if stopping:
                 return
             # Fixed rate: a tag set just after a read waits one interval, not one plus a poll.
-            self._wake.wait(max(0.0, backoff - (time.monotonic() - started)))
+            wait = backoff * random.uniform(1 - JITTER, 1 + JITTER)
+            self._wake.wait(max(0.0, wait - (time.monotonic() - started)))
             self._wake.clear()
 
     def _note_unreachable(self, exc: Exception) -> None:
@@ -212,7 +218,7 @@ class ManagerClient:
             self._publish()
         self._flush_acks()
         run = self.tracker.get_run(self.run_id)
-        if time.time() - self._last_heartbeat >= min(HEARTBEAT_EVERY_S, 5 * self.poll_interval):
+        if time.time() - self._last_heartbeat >= max(HEARTBEAT_EVERY_S, self.poll_interval):
             self.tracker.set_tags(self.run_id, {TAG_CLIENT_HEARTBEAT: f"{time.time():.3f}"})
             self._last_heartbeat = time.time()
         if self._unreachable_since is not None:
@@ -237,7 +243,9 @@ class ManagerClient:
         self.tracker.set_tags(self.run_id, first)
         self._last_heartbeat = now
         self.tracker.write_json(self.run_id, SPEC_PATH, self.spec.model_dump(mode="json"))
-        self.tracker.set_tags(self.run_id, {TAG_MANAGED: "true"})
+        self.tracker.set_tags(
+            self.run_id, {TAG_MANAGED: "true", TAG_SPEC_DIGEST: self.spec.digest()}
+        )
         self._published = True
         log.info(
             "atm: published knob spec for run %s (%d knobs)", self.run_id, len(self.spec.knobs)

@@ -28,6 +28,9 @@ TAG_CLIENT_APPLIED_VERSION = "atm.client.applied_version"
 TAG_CLIENT_APPLIED_STEP = "atm.client.applied_step"
 TAG_CLIENT_REJECTED = "atm.client.rejected"
 TAG_LAST_INTERVENTION = "atm.last_intervention"
+# The digest of the spec in force: a reader notices a newly published spec from the run's
+# tags, which the run listing carries, without reading the spec each time.
+TAG_SPEC_DIGEST = "atm.spec.digest"
 
 # Artifacts (JSON, UTF-8).
 SPEC_PATH = "atm/spec.json"
@@ -180,6 +183,10 @@ class RunSpec(BaseModel):
     @property
     def knob_values(self) -> dict[str, float]:
         return {k.name: k.value for k in self.knobs}
+
+    def digest(self) -> str:
+        """A short digest of this spec's content, for ``atm.spec.digest``."""
+        return hashlib.sha256(_canonical(self.model_dump(mode="json"))).hexdigest()[:16]
 
 
 def _canonical(payload: dict[str, Any]) -> bytes:

@@ -1,8 +1,9 @@
 """One managed run as the daemon sees it: read new points, decide, validate, write.
 
-A supervisor holds no state the tracker does not hold: on first sight of a run (or after a
-restart) it completes an interrupted write, reloads the audit trail, and re-reads the run's
-metrics once; after that each tick reads only new points.
+A supervisor holds no state the tracker does not hold: when a run first has news for it (or
+after a restart) it completes an interrupted write, reloads the audit trail and reads a bounded
+recent window of the run's metrics; after that a tick costs what is new. A tick whose run
+listing shows no new evaluation of the objective (and no new spec or objective) reads nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from integrations.protocol import (
     SPEC_PATH,
     TAG_CLIENT_HEARTBEAT,
     TAG_OBJECTIVE,
+    TAG_SPEC_DIGEST,
     AuditRecord,
     Command,
     Objective,
@@ -29,7 +31,13 @@ from integrations.protocol import (
 from integrations.trackers import CorruptArtifact, Cursor, RunInfo, Tracker
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
 from manager_daemon.policies.base import Policy, PolicyAnswer
-from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry, Snapshot
+from manager_daemon.telemetry import (
+    EVALS_FOR_OUTCOME,
+    Intervention,
+    ObjectiveView,
+    RunTelemetry,
+    Snapshot,
+)
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu, validate
 
 log = logging.getLogger(__name__)
@@ -38,7 +46,6 @@ log = logging.getLogger(__name__)
 class SupervisorConfig(BaseModel):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     audit_no_action: bool = Field(False, description="Also audit decisions to do nothing")
-    spec_refresh_ticks: int = Field(30, ge=1, description="Ticks between re-reads of a run's spec")
     stale_evals: int = Field(
         2,
         ge=0,
@@ -60,12 +67,12 @@ class RunSupervisor:
         self.config = config or SupervisorConfig()
         self.spec: RunSpec | None = None
         self.spec_error: str | None = None
+        self.spec_digest: str | None = None
         self.telemetry: RunTelemetry | None = None
         self.cursor: Cursor | None = None
         self.records: dict[int, AuditRecord] = {}
         self.history: list[Intervention] = []
         self.last_decision_step = -1
-        self._ticks = 0
         self._values_cache: tuple[int, dict[str, float]] | None = None
 
     # ---- loading ------------------------------------------------------------------------
@@ -77,15 +84,27 @@ class RunSupervisor:
         self.telemetry = RunTelemetry(objective)
         self.cursor = None
         self.records = {r.decision_id: r for r in self.audit.records(self.run_id)}
+        self._remember_earlier_evaluations()
         self.history = [_intervention(r) for r in self.records.values() if r.params_version]
         self.history.sort(key=lambda i: i.version)
         steps = [
             r.step for r in self.records.values() if r.step is not None and r.source != Source.HUMAN
         ]
         self.last_decision_step = max(steps, default=-1)
-        self._load_spec()
+        self._load_spec(run)
 
-    def _load_spec(self) -> None:
+    def _remember_earlier_evaluations(self) -> None:
+        # The metrics are read from a recent window only: the best and first evaluations
+        # before it are in the last decision's snapshot.
+        assert self.telemetry is not None
+        for record in sorted(self.records.values(), key=lambda r: r.decision_id, reverse=True):
+            earlier = (record.telemetry or {}).get("objective")
+            if earlier and earlier.get("metric") == self.telemetry.objective.metric:
+                self.telemetry.remember(ObjectiveView.model_validate(earlier))
+                return
+
+    def _load_spec(self, run: RunInfo) -> None:
+        self.spec_digest = run.tags.get(TAG_SPEC_DIGEST)
         try:
             raw = self.tracker.read_json(self.run_id, SPEC_PATH)
             self.spec = None if raw is None else RunSpec.model_validate(raw)
@@ -94,18 +113,35 @@ class RunSupervisor:
             self.spec, self.spec_error = None, f"unreadable {SPEC_PATH}: {exc}"
             log.warning("run %s: %s", self.run_id, self.spec_error)
 
+    def has_news(self, run: RunInfo) -> bool:
+        """Whether the run listing shows what this supervisor has not read: a new evaluation
+        of the objective, a new objective or a new spec. Asks the tracker nothing."""
+        if self.telemetry is None:
+            return True
+        objective = run.tags.get(TAG_OBJECTIVE)
+        if objective and objective != str(self.telemetry.objective):
+            return True
+        if run.tags.get(TAG_SPEC_DIGEST) != self.spec_digest:
+            return True
+        if not run.latest_steps:
+            return True  # a listing without latest steps: only a read can tell
+        latest = run.latest_steps.get(self.telemetry.objective.metric)
+        read = self.telemetry.evals[-1][0] if self.telemetry.evals else -1
+        return latest is not None and latest > read
+
     def refresh(self, run: RunInfo | None = None) -> RunInfo:
         """Read the run and its new metric points."""
         run = run or self.tracker.get_run(self.run_id)
         objective = run.tags.get(TAG_OBJECTIVE)
         if self.telemetry is None or (objective and str(self.telemetry.objective) != objective):
             self.load(run)  # first sight, or the objective was set after the run was first read
-        elif self.spec is None or self._ticks % self.config.spec_refresh_ticks == 0:
-            self._load_spec()
-        self._ticks += 1
+        elif run.tags.get(TAG_SPEC_DIGEST) != self.spec_digest:
+            self._load_spec(run)  # a client (re)started and published its knobs
         assert self.telemetry is not None
         keys = self.telemetry.keys_to_read(run.latest_metrics)
-        points, self.cursor = self.tracker.read_new_points(self.run_id, keys, self.cursor)
+        points, self.cursor = self.tracker.read_new_points(
+            self.run_id, keys, self.cursor, window=self.telemetry.window
+        )
         self.telemetry.add(points)
         for item in self.history:
             if item.applied_step is None:
@@ -117,6 +153,9 @@ class RunSupervisor:
 
     def tick(self, policy: Policy, run: RunInfo | None = None) -> AuditRecord | None:
         """One decision cycle: decide when a new evaluation of the objective arrived."""
+        run = run or self.tracker.get_run(self.run_id)
+        if not self.has_news(run):
+            return None
         run = self.refresh(run)
         assert self.telemetry is not None
         if self.spec is None or not self.telemetry.evals:

@@ -24,6 +24,8 @@ SAFETY_KEYS = ("eval/collision", "eval/cost", "eval/collision_rate", "rollout/co
 SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *SAFETY_KEYS)
 RECENT_EVALS = 8
 EVALS_FOR_OUTCOME = 2
+# Points of each metric a reader keeps, and reads at most when it starts.
+METRIC_WINDOW = 400
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Snapshot(BaseModel):
 class RunTelemetry:
     """Windows of a run's metrics, fed with points as they are read."""
 
-    def __init__(self, objective: Objective, window: int = 400) -> None:
+    def __init__(self, objective: Objective, window: int = METRIC_WINDOW) -> None:
         self.window = window
         self.objective = objective
         self.evals: list[tuple[int, float]] = []
@@ -114,6 +116,17 @@ class RunTelemetry:
         self.non_finite_steps: list[int] = []
         self.signals: dict[str, float] = {}
         self.signal_history: dict[str, deque[float]] = {}
+        # What an earlier reader saw before the window this one read: (step, value).
+        self.earlier_best: tuple[int, float] | None = None
+        self.earlier_first: float | None = None
+
+    def remember(self, earlier: ObjectiveView) -> None:
+        """The best and first evaluations an earlier snapshot saw, for a reader that has
+        read only a recent window of the history (after a restart)."""
+        if earlier.best is not None and earlier.best_step is not None:
+            self.earlier_best = (earlier.best_step, earlier.best)
+        if earlier.first is not None:
+            self.earlier_first = earlier.first
 
     def keys_to_read(self, available: Iterable[str]) -> list[str]:
         """The metric keys worth reading from what the run has logged."""
@@ -177,7 +190,7 @@ class RunTelemetry:
         finite = [(s, v) for s, v in self.evals if math.isfinite(v)]
         if not finite:
             return view
-        best_step, best = finite[0]
+        best_step, best = self.earlier_best or finite[0]
         for s, v in finite:
             if self.objective.better(v, best):
                 best_step, best = s, v
@@ -185,7 +198,7 @@ class RunTelemetry:
         view.best, view.best_step = best, best_step
         view.evaluations = len(self.evals)
         view.evals_since_best = sum(1 for s, _ in self.evals if s > best_step)
-        view.first = finite[0][1]
+        view.first = self.earlier_first if self.earlier_first is not None else finite[0][1]
         view.recent = [(s, round(v, 6)) for s, v in self.evals[-RECENT_EVALS:]]
         view.trend = _relative_slope([v for _, v in finite[-4:]])
         return view

@@ -143,6 +143,12 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
+def mlflow_backend(request: pytest.FixtureRequest) -> Backend:
+    """The MLflow backend on the session's server, for what only a real server can show."""
+    return _mlflow_backend(request)
+
+
+@pytest.fixture
 def memory() -> Backend:
     """A fresh in-memory tracker, for fast tests of what sits above the seam."""
     return _memory_backend()

@@ -340,3 +340,30 @@ def test_training_never_waits_while_the_tracker_is_down(
     assert max(during) < 0.25, f"a training step waited {max(during):.3f} s"
     warnings = [r for r in caplog.records if "tracker unreachable" in r.getMessage()]
     assert len(warnings) == 1, "the client warns once per outage"
+
+
+def test_reads_return_what_is_new_and_a_first_read_is_bounded(backend: Backend) -> None:
+    tracker = backend.tracker
+    run_id = backend.new_run()
+    rows = [(s, {"loss": float(s)}) for s in range(3000)]
+    rows += [(s, {"eval_loss": float(s)}) for s in range(0, 3000, 100)]
+    backend.log_history(run_id, rows)
+    keys = ["loss", "eval_loss"]
+
+    def steps(points, key: str) -> list[int]:
+        return [p.step for p in points if p.key == key]
+
+    # A first read with a window: the last points of each key, however long its history.
+    points, cursor = tracker.read_new_points(run_id, keys, None, window=50)
+    assert steps(points, "loss") == list(range(2950, 3000))
+    assert steps(points, "eval_loss") == list(range(0, 3000, 100))  # 30: fewer than the window
+    everything, _ = tracker.read_new_points(run_id, ["loss"], None)
+    assert steps(everything, "loss") == list(range(3000))
+
+    backend.log_history(run_id, [(3000, {"loss": 1.0}), (3001, {"loss": 2.0, "eval_loss": 3.0})])
+    new, after = tracker.read_new_points(run_id, keys, cursor, window=50)
+    assert steps(new, "loss") == [3000, 3001] and steps(new, "eval_loss") == [3001]
+    again, _ = tracker.read_new_points(run_id, keys, cursor, window=50)
+    assert [(p.key, p.step) for p in again] == [(p.key, p.step) for p in new], "cursor unchanged"
+    nothing, _ = tracker.read_new_points(run_id, keys, after, window=50)
+    assert nothing == []

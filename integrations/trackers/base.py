@@ -75,10 +75,12 @@ class Tracker(Protocol):
         ...
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None
+        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
-        """Points of ``keys`` logged since ``cursor`` (from the start when None), oldest
-        first, and the cursor after them. ``cursor`` is left as it was."""
+        """Points of ``keys`` logged since ``cursor``, oldest first, and the cursor after them
+        (``cursor`` is left as it was). A key the cursor has not seen is read from its start,
+        or, with ``window``, only its last ``window`` points: a restart reads a bounded
+        recent window, not whole histories. The cost of a read follows what is new."""
         ...
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:

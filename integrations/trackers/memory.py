@@ -5,7 +5,8 @@ one process share it as they would share a server. It behaves as the protocol sa
 together, artifacts stored as JSON text, points read after a cursor) and nothing more. Faults
 are a handler, in the manner of httpx's ``MockTransport``: ``fault(operation, run_id)`` runs
 before every operation and may raise (``TrackerUnavailable`` for an outage) or sleep.
-``calls`` counts operations, so a test can assert how much a pass costs.
+``calls`` counts operations and ``points_read`` the metric points read, so a test can assert
+how much a pass costs.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ class _Run:
 
 
 class _Seen(Cursor):
-    """How many points of the run's log have been read."""
+    """How many points of the run's log have been read, and which keys."""
 
-    def __init__(self, count: int = 0) -> None:
+    def __init__(self, count: int = 0, keys: frozenset[str] = frozenset()) -> None:
         self.count = count
+        self.keys = keys
 
 
 class MemoryTracker:
@@ -55,6 +57,7 @@ class MemoryTracker:
         self.uri = uri
         self.fault = fault
         self.calls: Counter[str] = Counter()
+        self.points_read = 0
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
 
@@ -98,14 +101,19 @@ class MemoryTracker:
             ]
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None
+        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
         self._call("read_new_points", run_id)
-        start = cursor.count if isinstance(cursor, _Seen) else 0
+        seen = cursor if isinstance(cursor, _Seen) else _Seen()
         with self._lock:
-            log = self._run(run_id).points
-            new = [p for p in log[start:] if p.key in keys]
-            return new, _Seen(len(log))
+            log = list(self._run(run_id).points)
+        new = [p for p in log[seen.count :] if p.key in keys and p.key in seen.keys]
+        for key in set(keys) - seen.keys:
+            first = [p for p in log if p.key == key]
+            new += first[-window:] if window else first
+        self.points_read += len(new)
+        new.sort(key=lambda p: (p.timestamp, p.step))
+        return new, _Seen(len(log), seen.keys | set(keys))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self._call("set_tags", run_id)

@@ -7,19 +7,23 @@ process owns: it would change the run's status).
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import requests
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.service_pb2 import GetMetricHistoryBulkInterval
+from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
+from mlflow.utils.proto_json_utils import message_to_json
 
 from integrations.protocol import TAG_MANAGED
 from integrations.trackers.base import (
@@ -36,23 +40,18 @@ from integrations.trackers.base import (
 
 log = logging.getLogger(__name__)
 
-_PAGE = 1000
 _MANAGED_FILTER = f"tags.`{TAG_MANAGED}` = 'true' and attributes.status = 'RUNNING'"
+# The step-range history read returns at most this many points per run and request, sampled
+# evenly (first and last kept) when the range holds more; steps are 32-bit there.
+_RANGE_MAX = 2500
+_LAST_STEP = 2**31 - 1
 
 
-def _page_token(offset: int) -> str | None:
-    # The server pages metric history by offset; building the token for a known offset lets
-    # a tick read only the points it has not seen. The token format is MLflow's own.
-    if offset <= 0:
-        return None
-    return base64.b64encode(json.dumps({"offset": offset}).encode()).decode()
+class _Steps(Cursor):
+    """The last step read of each metric key: the next read asks for the steps after it."""
 
-
-class _Offsets(Cursor):
-    """Points read so far, per metric key: the next page of a key's history starts there."""
-
-    def __init__(self, offsets: dict[str, int] | None = None) -> None:
-        self.offsets = dict(offsets or {})
+    def __init__(self, last: dict[str, int] | None = None) -> None:
+        self.last = dict(last or {})
 
 
 class MlflowTracker:
@@ -95,26 +94,74 @@ class MlflowTracker:
         return [_run_info(r) for r in runs]
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None
+        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
-        read = _Offsets(cursor.offsets if isinstance(cursor, _Offsets) else None)
+        # Step-range reads: a tick costs what is new, not what the history holds.
+        read = _Steps(cursor.last if isinstance(cursor, _Steps) else None)
         points: list[MetricPoint] = []
-        for key in keys:
-            offset = read.offsets.get(key, 0)
-            token = _page_token(offset)
-            with _translated(run_id):
-                while True:
-                    page = self._store.get_metric_history(
-                        run_id, key, max_results=_PAGE, page_token=token
-                    )
-                    points += [_point(m) for m in page]
-                    offset += len(page)
-                    token = page.token
-                    if not token:
-                        break
-            read.offsets[key] = offset
+        with _translated(run_id):
+            for key in keys:
+                if key in read.last:
+                    new = self._range(run_id, key, read.last[key] + 1, _LAST_STEP)
+                else:
+                    new = self._first_read(run_id, key, window)
+                if new:
+                    read.last[key] = max(p.step for p in new)
+                points += new
         points.sort(key=lambda p: (p.timestamp, p.step))
         return points, read
+
+    def _first_read(self, run_id: str, key: str, window: int | None) -> list[MetricPoint]:
+        """A key's whole history, or its last ``window`` points: a few bounded reads that
+        search for a step range holding at least ``window`` points, few enough that the
+        server returns them all."""
+        if window is None:
+            return self._history(run_id, key)
+        last = self._range(run_id, key, 0, _LAST_STEP, limit=1)  # the server keeps the last
+        if not last:
+            return []
+        end = last[0].step
+        too_few, too_many = 0, None  # spans known to hold too few points, or too many
+        span = window
+        found: list[MetricPoint] = []
+        while too_many is None or too_many - too_few > 1:
+            start = max(0, end - span + 1)
+            found = self._range(run_id, key, start, end)
+            if len(found) >= _RANGE_MAX:
+                too_many = span
+            elif len(found) >= window or start == 0:
+                break
+            else:
+                too_few = span
+            # A sparse key: look further back; found the bounds: halve the difference.
+            span = span * 8 if too_many is None else (too_few + too_many) // 2
+        return found[-window:]
+
+    def _range(
+        self, run_id: str, key: str, start: int, end: int, *, limit: int = _RANGE_MAX
+    ) -> list[MetricPoint]:
+        start, end = min(start, _LAST_STEP), min(end, _LAST_STEP)
+        if start > end:
+            return []
+        if isinstance(self._store, RestStore):
+            body = message_to_json(
+                GetMetricHistoryBulkInterval(
+                    run_ids=[run_id],
+                    metric_key=key,
+                    start_step=start,
+                    end_step=end,
+                    max_results=limit,
+                )
+            )
+            response = self._store._call_endpoint(GetMetricHistoryBulkInterval, body)
+            return _in_order(_point(m) for m in response.metrics)
+        if _reads_ranges(self._store):  # a database store (sqlite:///…) read directly
+            found = self._store.get_metric_history_bulk_interval([run_id], key, limit, start, end)
+            return _in_order(_point(m) for m in found)
+        return [p for p in self._history(run_id, key) if start <= p.step <= end][-limit:]
+
+    def _history(self, run_id: str, key: str) -> list[MetricPoint]:
+        return [_point(m) for m in self._client.get_metric_history(run_id, key)]
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         # One request: a reader never sees some of the tags without the others.
@@ -167,7 +214,18 @@ class MlflowTracker:
         return [f.path for f in files if not f.is_dir]
 
 
-def _point(m: Metric) -> MetricPoint:
+def _reads_ranges(store: object) -> bool:
+    # The generic implementation reads whole histories and samples them here; only stores
+    # with their own do a step-range read.
+    own = type(store).get_metric_history_bulk_interval  # type: ignore[attr-defined]
+    return own is not AbstractStore.get_metric_history_bulk_interval
+
+
+def _in_order(points: Iterable[MetricPoint]) -> list[MetricPoint]:
+    return sorted(points, key=lambda p: (p.step, p.timestamp))
+
+
+def _point(m: Any) -> MetricPoint:
     return MetricPoint(key=m.key, step=int(m.step), value=float(m.value), timestamp=m.timestamp)
 
 

@@ -1,0 +1,77 @@
+"""What a daemon tick costs the tracker, counted in calls, requests and points read (never
+timed): a tick that finds no new evaluation reads nothing, a restart reads a bounded window of
+each metric, and a tick with news reads only what is new."""
+
+from __future__ import annotations
+
+from integrations.protocol import SPEC_PATH, TAG_CLIENT_HEARTBEAT, TAG_MANAGED, TAG_OBJECTIVE
+from integrations.trackers.memory import MemoryTracker
+from manager_daemon.daemon import Daemon
+from manager_daemon.policies import RulesPolicy
+from manager_daemon.telemetry import METRIC_WINDOW
+from tests.conftest import Backend
+from tests.helpers import OVERFIT_SPEC
+from train_scripts.bench_scale import RequestCounter
+
+STEPS = 5000
+EVAL_EVERY = 50
+
+
+def long_healthy_run(backend: Backend) -> str:
+    """A managed run with a long history whose eval loss keeps improving (no decision)."""
+    run_id = backend.new_run()
+    rows = [(s, {"loss": 2.0 / (1 + s / 500)}) for s in range(STEPS)]
+    rows += [(s, {"eval_loss": 2.2 / (1 + s / 500)}) for s in range(0, STEPS, EVAL_EVERY)]
+    backend.log_history(run_id, rows)
+    backend.tracker.write_json(run_id, SPEC_PATH, OVERFIT_SPEC.model_dump(mode="json"))
+    backend.tracker.set_tags(
+        run_id,
+        {TAG_CLIENT_HEARTBEAT: "1", TAG_OBJECTIVE: "minimize:eval_loss", TAG_MANAGED: "true"},
+    )
+    return run_id
+
+
+def test_quiet_ticks_read_nothing_and_a_restart_reads_a_window(memory: Backend) -> None:
+    tracker = memory.tracker
+    assert isinstance(tracker, MemoryTracker)
+    runs = [long_healthy_run(memory) for _ in range(3)]
+    window = METRIC_WINDOW
+
+    daemon = Daemon(tracker, RulesPolicy(), experiments=[memory.experiment])
+    tracker.points_read = 0
+    daemon.run_once()  # a start, or a restart: every run is new to this daemon
+    assert tracker.points_read <= len(runs) * 2 * window, "a restart reads a window per key"
+    assert tracker.points_read >= len(runs) * window, "the window is read"
+
+    calls, points = tracker.calls.copy(), tracker.points_read
+    for _ in range(3):
+        daemon.run_once()  # nothing new
+    spent = tracker.calls - calls
+    assert spent == {"find_managed_runs": 3}, f"quiet ticks cost only the listing, not {spent}"
+    assert tracker.points_read == points
+
+    memory.log_history(
+        runs[0], [(STEPS, {"loss": 0.3}), (STEPS + 1, {"loss": 0.3, "eval_loss": 0.4})]
+    )
+    daemon.run_once()
+    assert tracker.points_read - points == 3, "a tick with news reads only the new points"
+    assert (tracker.calls - calls)["read_new_points"] == 1, "and only for the run that has news"
+
+
+def test_a_quiet_tick_on_mlflow_is_the_listing_alone(mlflow_backend: Backend) -> None:
+    backend = mlflow_backend
+    run_id = long_healthy_run(backend)
+    daemon = Daemon(backend.tracker, RulesPolicy(), experiments=[backend.experiment])
+    daemon.run_once()
+    with RequestCounter() as listing:
+        backend.tracker.find_managed_runs([backend.experiment])
+    with RequestCounter() as quiet:
+        report = daemon.run_once()
+    assert report.runs == 1 and not report.errors
+    assert quiet.count == listing.count, "a quiet tick makes no request beyond the listing"
+
+    backend.log_history(run_id, [(STEPS, {"loss": 0.3, "eval_loss": 0.4})])
+    with RequestCounter() as news:
+        daemon.run_once()
+    # The listing, then one step-range read per metric the run logs: no history re-read.
+    assert news.count <= listing.count + 4
