@@ -31,6 +31,7 @@ from integrations.protocol import (
     TAG_MANAGED,
     TAG_OBJECTIVE,
     TAG_PARAMS_VERSION,
+    TAG_SPEC_DIGEST,
     AuditRecord,
     Boundary,
     Command,
@@ -157,6 +158,8 @@ def daemon(
     llm_mode: Annotated[LLMMode | None, _setting("llm_mode")] = None,
     llm_consult: Annotated[LLMConsult | None, _setting("llm_consult")] = None,
     llm_threads: Annotated[int | None, _setting("llm_threads")] = None,
+    llm_busy_wait: Annotated[bool | None, _setting("llm_busy_wait")] = None,
+    nice: Annotated[int | None, _setting("nice")] = None,
     stale_evals: Annotated[int | None, _setting("stale_evals")] = None,
     rules_config: Annotated[Path | None, _setting("rules_config")] = None,
     cooldown_steps: Annotated[int | None, _setting("cooldown_steps")] = None,
@@ -183,6 +186,8 @@ def daemon(
         llm_mode=llm_mode,
         llm_consult=llm_consult,
         llm_threads=llm_threads,
+        llm_busy_wait=llm_busy_wait,
+        nice=nice,
         stale_evals=stale_evals,
         rules_config=rules_config,
         cooldown_steps=cooldown_steps,
@@ -201,6 +206,7 @@ def daemon(
         workers=settings.workers,
         signing_key=settings.key(),
         experiments=settings.experiments,
+        nice=settings.nice,
     )
     if once:
         report = runner.run_once()
@@ -333,6 +339,7 @@ def attach(
                 knobs=[derive_knob(name, value) for name, value in values.items()],
             )
             tracker.write_json(run_id, SPEC_PATH, spec.model_dump(mode="json"))
+            tracker.set_tags(run_id, {TAG_SPEC_DIGEST: spec.digest()})
     tracker.set_tags(run_id, {TAG_MANAGED: "true", TAG_OBJECTIVE: str(parsed)})
     mode = "active" if TAG_CLIENT_HEARTBEAT in run.tags else "advisory (no client seen yet)"
     console.print(f"attached {run_id} ({run.name}), objective {parsed}, mode {mode}")

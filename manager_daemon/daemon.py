@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -23,6 +24,22 @@ from manager_daemon.policies.base import Policy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 
 log = logging.getLogger(__name__)
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread the nice value ``nice`` (never a higher priority than it has).
+
+    The decision work (policies, the embedded model) runs on the daemon's worker threads, which
+    call this first: Linux keeps a nice value per thread and the threads a worker starts (the
+    embedded model's OpenMP team) inherit it, so training beside the daemon keeps the cores.
+    """
+    if nice <= 0:
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, max(nice, os.getpriority(os.PRIO_PROCESS, thread)))
+    except OSError as exc:
+        log.warning("cannot lower the daemon's CPU priority: %s", exc)
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Daemon:
         workers: int = 4,
         signing_key: str | None = None,
         experiments: list[str] | None = None,
+        nice: int = 0,
     ) -> None:
         self.tracker = tracker
         self.experiments = experiments or None
@@ -52,7 +70,12 @@ class Daemon:
         self.config = config or SupervisorConfig()
         self.audit = AuditLog(tracker, signing_key)
         self.supervisors: dict[str, RunSupervisor] = {}
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atm-run")
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="atm-run",
+            initializer=lower_priority,
+            initargs=(nice,),
+        )
         self._tracker_down = False
         self._lock = threading.Lock()
         self._in_flight: dict[str, Future[AuditRecord | None]] = {}

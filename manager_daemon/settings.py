@@ -71,8 +71,24 @@ class DaemonSettings(TrackerSettings):
         description="How the endpoint is held to the answer's schema: json_schema, "
         "json_object, a forced tool call, or auto (the first the server accepts)",
     )
-    llm_threads: int | None = Field(
-        None, ge=1, description="Threads of the embedded model (default: llama.cpp's own choice)"
+    llm_threads: int = Field(
+        1,
+        ge=0,
+        description="Threads of the embedded model; one leaves the other cores to training "
+        "beside it (0: llama.cpp's own choice, for a machine of the daemon's own)",
+    )
+    llm_busy_wait: bool = Field(
+        False,
+        description="Let the embedded model's threads spin between operations (OpenMP's active "
+        "wait): a little faster on a machine of the daemon's own, but it takes cores from "
+        "training beside it",
+    )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How far below training the daemon's decision work runs (a Linux nice "
+        "value): it gets the CPU training leaves; 0 on a machine of its own",
     )
     rules_config: Path | None = Field(None, description="A YAML file of the rules' thresholds")
     cooldown_steps: int = _same_as(ValidationConfig, "cooldown_steps")

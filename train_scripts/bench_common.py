@@ -64,6 +64,7 @@ def daemons(
                 config_of[name],
                 experiments=[experiment_of[name]],
                 signing_key=settings.key(),
+                nice=settings.nice,
             )
         )
     with in_background(running, DAEMON_INTERVAL_S):

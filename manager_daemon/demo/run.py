@@ -75,6 +75,7 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
             stale_evals=8,
         ),
         signing_key=settings.key(),
+        nice=settings.nice,
     )
     with in_background([daemon], DAEMON_INTERVAL_S):
         variants = _train_side_by_side(workdir, uri, tracker, console)

