@@ -21,11 +21,14 @@ def free_port() -> int:
 
 @dataclass
 class MlflowServer:
-    """An ``mlflow server`` subprocess with a sqlite store and local artifacts under ``root``."""
+    """An ``mlflow server`` subprocess with local artifacts under ``root`` and a sqlite store
+    there, or the database ``backend_store_uri`` names (PostgreSQL, as teams deploy it)."""
 
     root: Path
     port: int
     cpus: set[int] | None = None
+    backend_store_uri: str | None = None
+    workers: int = 1
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -34,8 +37,7 @@ class MlflowServer:
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
-        db = self.root / "mlflow.db"
-        store = f"sqlite:///{db}"
+        store = self.backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
         # Create the schema once, before the server's workers race to create it.
         subprocess.run(
             [sys.executable, "-m", "mlflow", "db", "upgrade", store],
@@ -58,7 +60,7 @@ class MlflowServer:
                 "--port",
                 str(self.port),
                 "--workers",
-                "1",
+                str(self.workers),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import tempfile
+import time
+from pathlib import Path
 
 import mlflow
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from integrations.hf import ManagerCallback
 from manager_daemon.demo.lm import DEMO_RECIPE, prepare, training_arguments
@@ -34,7 +36,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=DEMO_RECIPE.seed)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--step-times", default=None, help="write each training step's seconds to this JSON file"
+    )
     return parser.parse_args(argv)
+
+
+class StepTimes(TrainerCallback):
+    """The wall time of each optimizer step, evaluations left out."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.seconds.append(time.perf_counter() - self._started)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -59,7 +78,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     with mlflow.start_run(run_name=args.run_name) as run, tempfile.TemporaryDirectory() as out:
         print(f"ATM_DEMO_RUN {run.info.run_id}", flush=True)
         mlflow.set_tags({"demo.variant": "managed" if args.managed else "unmanaged"})
-        callbacks = [ManagerCallback(poll_interval=args.poll_interval)] if args.managed else []
+        callbacks: list[TrainerCallback] = (
+            [ManagerCallback(poll_interval=args.poll_interval)] if args.managed else []
+        )
+        timer = StepTimes()
+        if args.step_times:
+            callbacks.append(timer)
         trainer = Trainer(
             model=data.model,
             args=training_arguments(recipe, out, report_to=["mlflow"], run_name=args.run_name),
@@ -77,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "steps": trainer.state.global_step,
             "stopped_early": trainer.state.global_step < recipe.max_steps,
         }
+    if args.step_times:
+        Path(args.step_times).write_text(json.dumps(timer.seconds))
     print(json.dumps(summary), flush=True)
     return summary
 
