@@ -41,7 +41,14 @@ from pathlib import Path
 
 import mlflow
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from manager_daemon.demo.lm import LMRecipe, prepare_texts, training_arguments
 from manager_daemon.demo.stories import generate_stories
@@ -401,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             args=_arguments(recipe, args, str(args.output_dir or tmp)),
             train_dataset=data.train_dataset,
             eval_dataset=data.eval_dataset,
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=5)] if args.plateau else [],
+            callbacks=_plateau_callbacks(recipe) if args.plateau else [],
         )
         metrics = trainer.train().metrics
         curve = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
@@ -417,6 +424,37 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         mlflow.log_metric("final_eval_loss", final, step=trainer.state.global_step)
     print(json.dumps(summary), flush=True)
     return summary
+
+
+class _Warmup(TrainerCallback):
+    """The fixed recipe's linear warmup, for ``ReduceLROnPlateau``, which transformers starts
+    at the full learning rate: without it the careful engineer's run would begin from a
+    different trajectory than the fixed one it is compared with."""
+
+    def __init__(self, learning_rate: float, steps: int) -> None:
+        self.learning_rate, self.steps = learning_rate, steps
+
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: object,
+    ) -> None:
+        if optimizer is None or state.global_step > self.steps:
+            return
+        # As ``constant_with_warmup``: step s trains at s / steps of the learning rate.
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate * state.global_step / self.steps
+
+
+def _plateau_callbacks(recipe: LMRecipe) -> list[TrainerCallback]:
+    """Stop after five evaluations without improvement; warm up as the fixed recipe does."""
+    callbacks: list[TrainerCallback] = [EarlyStoppingCallback(early_stopping_patience=5)]
+    if recipe.warmup_steps:
+        callbacks.append(_Warmup(recipe.learning_rate, recipe.warmup_steps))
+    return callbacks
 
 
 def _arguments(recipe: LMRecipe, args: argparse.Namespace, output_dir: str) -> TrainingArguments:
