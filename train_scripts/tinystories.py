@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     return summary
 
 
-class _Warmup(TrainerCallback):
+class PlateauWarmup(TrainerCallback):
     """The fixed recipe's linear warmup, for ``ReduceLROnPlateau``, which transformers starts
     at the full learning rate: without it the careful engineer's run would begin from a
     different trajectory than the fixed one it is compared with."""
@@ -454,7 +454,7 @@ def _plateau_callbacks(recipe: LMRecipe) -> list[TrainerCallback]:
     """Stop after five evaluations without improvement; warm up as the fixed recipe does."""
     callbacks: list[TrainerCallback] = [EarlyStoppingCallback(early_stopping_patience=5)]
     if recipe.warmup_steps:
-        callbacks.append(_Warmup(recipe.learning_rate, recipe.warmup_steps))
+        callbacks.append(PlateauWarmup(recipe.learning_rate, recipe.warmup_steps))
     return callbacks
 
 
