@@ -52,7 +52,7 @@ from train_scripts.bench_common import (
     tracking_uri,
 )
 from train_scripts.bench_common import mean_sd as _ms
-from train_scripts.tinystories import PRESETS
+from train_scripts.tinystories import PRESETS, SOURCES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -106,7 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sweep: starting lrs as factors of the preset's (empty: no sweep)",
     )
     parser.add_argument("--parallel", type=int, default=2, help="runs at once, one thread each")
-    parser.add_argument("--source", default="generated", help="tinystories.py --source")
+    parser.add_argument(
+        "--source",
+        choices=["auto", *SOURCES],
+        default="auto",
+        help="tinystories.py --source (auto: --data if given, else the preset's own data)",
+    )
     parser.add_argument("--data", type=Path, help="tinystories.py --data")
     parser.add_argument("--llm-base-url", help="an OpenAI-compatible endpoint for the llm variant")
     parser.add_argument("--llm-model", help="the endpoint's model name")
