@@ -82,14 +82,16 @@ class MlflowTracker:
         with _translated():
             experiment_ids = [
                 e.experiment_id
-                for e in self._client.search_experiments()
+                for e in _all_pages(self._client.search_experiments)
                 if experiments is None or e.name in experiments
             ]
             runs = []
-            # search_runs takes a bounded number of experiments per call.
+            # search_runs takes a bounded number of experiments per call, and pages.
             for i in range(0, len(experiment_ids), 100):
-                runs += self._client.search_runs(
-                    experiment_ids[i : i + 100], filter_string=_MANAGED_FILTER, max_results=1000
+                runs += _all_pages(
+                    self._client.search_runs,
+                    experiment_ids[i : i + 100],
+                    filter_string=_MANAGED_FILTER,
                 )
         return [_run_info(r) for r in runs]
 
@@ -212,6 +214,18 @@ class MlflowTracker:
         with _translated(run_id):
             files = self._client.list_artifacts(run_id, directory or None)
         return [f.path for f in files if not f.is_dir]
+
+
+def _all_pages(search: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    """Every result of an MLflow search, page by page (a page holds at most 1,000)."""
+    found: list[Any] = []
+    token = None
+    while True:
+        page = search(*args, max_results=1000, page_token=token, **kwargs)
+        found += page
+        token = page.token
+        if not token:
+            return found
 
 
 def _reads_ranges(store: object) -> bool:
