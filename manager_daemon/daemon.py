@@ -18,12 +18,16 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from integrations.protocol import AuditRecord
-from integrations.trackers import Tracker, TrackerError
+from integrations.trackers import Cursor, MetricPoint, PointsRead, RunInfo, Tracker, TrackerError
 from manager_daemon.audit import AuditLog
 from manager_daemon.policies.base import Policy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
+from manager_daemon.telemetry import METRIC_WINDOW
 
 log = logging.getLogger(__name__)
+
+# Runs whose new points one worker reads together.
+_READ_CHUNK = 100
 
 
 def lower_priority(nice: int) -> None:
@@ -110,6 +114,7 @@ class Daemon:
             for gone in set(self.supervisors) - live - set(self._in_flight):
                 del self.supervisors[gone]
             report.runs = len(runs)
+            news: list[tuple[RunSupervisor, RunInfo]] = []
             for run in runs:
                 if run.run_id in self._in_flight:
                     report.busy.append(run.run_id)
@@ -117,13 +122,46 @@ class Daemon:
                 supervisor = self.supervisors.setdefault(
                     run.run_id, RunSupervisor(run.run_id, self.tracker, self.audit, self.config)
                 )
-                self._in_flight[run.run_id] = self._pool.submit(supervisor.tick, self.policy, run)
+                # A run whose listing shows nothing new costs this tick nothing more.
+                if supervisor.has_news(run):
+                    news.append((supervisor, run))
+            read = self._read_together(news)
+            for supervisor, run in news:
+                self._in_flight[run.run_id] = self._pool.submit(
+                    supervisor.tick, self.policy, run, read.get(run.run_id)
+                )
             if wait:
                 for future in list(self._in_flight.values()):
                     with contextlib.suppress(Exception):
                         future.result()
                 self._collect(report)
         return report
+
+    def _read_together(
+        self, news: list[tuple[RunSupervisor, RunInfo]]
+    ) -> dict[str, tuple[list[MetricPoint], Cursor]]:
+        """The new points of the runs with news, read in batches (one request per metric for
+        many runs, where the tracker has a batch read) on the worker threads. A batch that
+        fails is left to each run's own read, so that one run's error stays its own."""
+        pending: list[tuple[str, PointsRead]] = []
+        for supervisor, run in news:
+            request = supervisor.pending_read(run)
+            if request is not None:
+                pending.append((run.run_id, request))
+        chunks = [pending[i : i + _READ_CHUNK] for i in range(0, len(pending), _READ_CHUNK)]
+        futures = [
+            self._pool.submit(
+                self.tracker.read_new_points_many, [r for _, r in chunk], window=METRIC_WINDOW
+            )
+            for chunk in chunks
+        ]
+        read: dict[str, tuple[list[MetricPoint], Cursor]] = {}
+        for chunk, future in zip(chunks, futures, strict=True):
+            try:
+                read.update(zip([run_id for run_id, _ in chunk], future.result(), strict=True))
+            except TrackerError as exc:
+                log.debug("a batched read failed (%s); each run reads its own", exc)
+        return read
 
     def _collect(self, report: TickReport) -> None:
         for run_id, future in list(self._in_flight.items()):

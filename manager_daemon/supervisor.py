@@ -28,7 +28,14 @@ from integrations.protocol import (
     RunSpec,
     Source,
 )
-from integrations.trackers import CorruptArtifact, Cursor, RunInfo, Tracker
+from integrations.trackers import (
+    CorruptArtifact,
+    Cursor,
+    MetricPoint,
+    PointsRead,
+    RunInfo,
+    Tracker,
+)
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
 from manager_daemon.policies.base import Policy, PolicyAnswer
 from manager_daemon.telemetry import (
@@ -129,8 +136,23 @@ class RunSupervisor:
         read = self.telemetry.evals[-1][0] if self.telemetry.evals else -1
         return latest is not None and latest > read
 
-    def refresh(self, run: RunInfo | None = None) -> RunInfo:
-        """Read the run and its new metric points."""
+    def pending_read(self, run: RunInfo) -> PointsRead | None:
+        """The read of new points the next refresh would make, when that is all it would do
+        (nothing to load, the same objective and spec), for the daemon to batch across runs."""
+        if self.telemetry is None or self.cursor is None:
+            return None
+        objective = run.tags.get(TAG_OBJECTIVE)
+        if objective and objective != str(self.telemetry.objective):
+            return None
+        if run.tags.get(TAG_SPEC_DIGEST) != self.spec_digest:
+            return None
+        return self.run_id, self.telemetry.keys_to_read(run.latest_metrics), self.cursor
+
+    def refresh(
+        self, run: RunInfo | None = None, read: tuple[list[MetricPoint], Cursor] | None = None
+    ) -> RunInfo:
+        """Read the run and its new metric points (or take ``read``, made for this refresh's
+        ``pending_read``)."""
         run = run or self.tracker.get_run(self.run_id)
         objective = run.tags.get(TAG_OBJECTIVE)
         if self.telemetry is None or (objective and str(self.telemetry.objective) != objective):
@@ -138,10 +160,12 @@ class RunSupervisor:
         elif run.tags.get(TAG_SPEC_DIGEST) != self.spec_digest:
             self._load_spec(run)  # a client (re)started and published its knobs
         assert self.telemetry is not None
-        keys = self.telemetry.keys_to_read(run.latest_metrics)
-        points, self.cursor = self.tracker.read_new_points(
-            self.run_id, keys, self.cursor, window=self.telemetry.window
-        )
+        if read is None:
+            keys = self.telemetry.keys_to_read(run.latest_metrics)
+            read = self.tracker.read_new_points(
+                self.run_id, keys, self.cursor, window=self.telemetry.window
+            )
+        points, self.cursor = read
         self.telemetry.add(points)
         for item in self.history:
             if item.applied_step is None:
@@ -151,12 +175,17 @@ class RunSupervisor:
 
     # ---- deciding -----------------------------------------------------------------------
 
-    def tick(self, policy: Policy, run: RunInfo | None = None) -> AuditRecord | None:
+    def tick(
+        self,
+        policy: Policy,
+        run: RunInfo | None = None,
+        read: tuple[list[MetricPoint], Cursor] | None = None,
+    ) -> AuditRecord | None:
         """One decision cycle: decide when a new evaluation of the objective arrived."""
         run = run or self.tracker.get_run(self.run_id)
         if not self.has_news(run):
             return None
-        run = self.refresh(run)
+        run = self.refresh(run, read)
         assert self.telemetry is not None
         if self.spec is None or not self.telemetry.evals:
             return None

@@ -367,3 +367,26 @@ def test_reads_return_what_is_new_and_a_first_read_is_bounded(backend: Backend) 
     assert [(p.key, p.step) for p in again] == [(p.key, p.step) for p in new], "cursor unchanged"
     nothing, _ = tracker.read_new_points(run_id, keys, after, window=50)
     assert nothing == []
+
+
+def test_a_batched_read_gives_each_run_its_own_new_points(backend: Backend) -> None:
+    tracker = backend.tracker
+    runs = [backend.new_run() for _ in range(3)]
+    for i, run_id in enumerate(runs):
+        backend.log_history(run_id, [(s, {"loss": 10.0 * i + s}) for s in range(20 * (i + 1))])
+    first = tracker.read_new_points_many([(r, ["loss"], None) for r in runs], window=5)
+    assert [[p.step for p in points] for points, _ in first] == [
+        list(range(15, 20)),
+        list(range(35, 40)),
+        list(range(55, 60)),
+    ]
+    # Each run moves on by a different amount; one run has nothing new.
+    backend.log_history(runs[0], [(20, {"loss": 0.5}), (21, {"loss": 0.4})])
+    backend.log_history(runs[2], [(60, {"loss": 0.3})])
+    reads = [(r, ["loss"], cursor) for r, (_, cursor) in zip(runs, first, strict=True)]
+    second = tracker.read_new_points_many(reads, window=5)
+    assert [[(p.step, p.value) for p in points] for points, _ in second] == [
+        [(20, 0.5), (21, 0.4)],
+        [],
+        [(60, 0.3)],
+    ]

@@ -9,6 +9,7 @@ logs to; ``integrations.trackers`` picks the backend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -60,6 +61,10 @@ class Cursor:
     the backend that returned it."""
 
 
+# One run's read: the run, the metric keys, and the cursor (None: a first read).
+PointsRead = tuple[str, list[str], Cursor | None]
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """The operations the manager and the client need from an experiment tracker."""
@@ -81,6 +86,13 @@ class Tracker(Protocol):
         (``cursor`` is left as it was). A key the cursor has not seen is read from its start,
         or, with ``window``, only its last ``window`` points: a restart reads a bounded
         recent window, not whole histories. The cost of a read follows what is new."""
+        ...
+
+    def read_new_points_many(
+        self, reads: Sequence[PointsRead], *, window: int | None = None
+    ) -> list[tuple[list[MetricPoint], Cursor]]:
+        """``read_new_points`` for several runs at once, in the order of ``reads``: one request
+        per metric for many runs where the tracker has a batch read."""
         ...
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from integrations.trackers.base import (
     CorruptArtifact,
     Cursor,
     MetricPoint,
+    PointsRead,
     RunBinding,
     RunInfo,
     RunNotFound,
@@ -114,6 +115,11 @@ class MemoryTracker:
         self.points_read += len(new)
         new.sort(key=lambda p: (p.timestamp, p.step))
         return new, _Seen(len(log), seen.keys | set(keys))
+
+    def read_new_points_many(
+        self, reads: Sequence[PointsRead], *, window: int | None = None
+    ) -> list[tuple[list[MetricPoint], Cursor]]:
+        return [self.read_new_points(r, keys, c, window=window) for r, keys, c in reads]
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self._call("set_tags", run_id)

@@ -12,7 +12,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from integrations.trackers.base import (
     CorruptArtifact,
     Cursor,
     MetricPoint,
+    PointsRead,
     RunBinding,
     RunInfo,
     RunNotFound,
@@ -98,20 +100,40 @@ class MlflowTracker:
     def read_new_points(
         self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
-        # Step-range reads: a tick costs what is new, not what the history holds.
-        read = _Steps(cursor.last if isinstance(cursor, _Steps) else None)
-        points: list[MetricPoint] = []
-        with _translated(run_id):
+        return self.read_new_points_many([(run_id, keys, cursor)], window=window)[0]
+
+    def read_new_points_many(
+        self, reads: Sequence[PointsRead], *, window: int | None = None
+    ) -> list[tuple[list[MetricPoint], Cursor]]:
+        # Runs that read a key from about the same step share one request for it (the server
+        # takes up to 100 runs per range read); first reads of a key go one by one.
+        cursors = [_Steps(c.last if isinstance(c, _Steps) else None) for _, _, c in reads]
+        found: list[list[MetricPoint]] = [[] for _ in reads]
+        shared: dict[str, list[int]] = {}
+        for i, (run_id, keys, _) in enumerate(reads):
             for key in keys:
-                if key in read.last:
-                    new = self._range(run_id, key, read.last[key] + 1, _LAST_STEP)
+                if key in cursors[i].last:
+                    shared.setdefault(key, []).append(i)
                 else:
-                    new = self._first_read(run_id, key, window)
-                if new:
-                    read.last[key] = max(p.step for p in new)
-                points += new
-        points.sort(key=lambda p: (p.timestamp, p.step))
-        return points, read
+                    with _translated(run_id):
+                        found[i] += self._first_read(run_id, key, window)
+        for key, members in shared.items():
+            for group in _neighbours({i: cursors[i].last[key] for i in members}):
+                start = min(cursors[i].last[key] for i in group) + 1
+                ids = [reads[i][0] for i in group]
+                with _translated():
+                    points = self._range_many(ids, key, start, _LAST_STEP)
+                for i in group:
+                    after = cursors[i].last[key]
+                    found[i] += [p for p in points.get(reads[i][0], []) if p.step > after]
+        results = []
+        for i, (_, keys, _) in enumerate(reads):
+            for key in keys:
+                steps = [p.step for p in found[i] if p.key == key]
+                if steps:
+                    cursors[i].last[key] = max(steps)
+            results.append((sorted(found[i], key=lambda p: (p.timestamp, p.step)), cursors[i]))
+        return results
 
     def _first_read(self, run_id: str, key: str, window: int | None) -> list[MetricPoint]:
         """A key's whole history, or its last ``window`` points: a few bounded reads that
@@ -142,25 +164,40 @@ class MlflowTracker:
     def _range(
         self, run_id: str, key: str, start: int, end: int, *, limit: int = _RANGE_MAX
     ) -> list[MetricPoint]:
+        return self._range_many([run_id], key, start, end, limit=limit).get(run_id, [])
+
+    def _range_many(
+        self, run_ids: list[str], key: str, start: int, end: int, *, limit: int = _RANGE_MAX
+    ) -> dict[str, list[MetricPoint]]:
+        """Points of ``key`` at steps ``start``..``end`` of each run, in step order (at most
+        ``limit`` per run, sampled evenly by the server beyond that)."""
         start, end = min(start, _LAST_STEP), min(end, _LAST_STEP)
         if start > end:
-            return []
+            return {}
         if isinstance(self._store, RestStore):
             body = message_to_json(
                 GetMetricHistoryBulkInterval(
-                    run_ids=[run_id],
+                    run_ids=run_ids,
                     metric_key=key,
                     start_step=start,
                     end_step=end,
                     max_results=limit,
                 )
             )
-            response = self._store._call_endpoint(GetMetricHistoryBulkInterval, body)
-            return _in_order(_point(m) for m in response.metrics)
-        if _reads_ranges(self._store):  # a database store (sqlite:///…) read directly
-            found = self._store.get_metric_history_bulk_interval([run_id], key, limit, start, end)
-            return _in_order(_point(m) for m in found)
-        return [p for p in self._history(run_id, key) if start <= p.step <= end][-limit:]
+            found = self._store._call_endpoint(GetMetricHistoryBulkInterval, body).metrics
+        elif _reads_ranges(self._store):  # a database store (sqlite:///…) read directly
+            found = self._store.get_metric_history_bulk_interval(run_ids, key, limit, start, end)
+        else:
+            found = [
+                _WithRun(run_id, m)
+                for run_id in run_ids
+                for m in self._client.get_metric_history(run_id, key)
+                if start <= m.step <= end
+            ]
+        by_run: dict[str, list[MetricPoint]] = {}
+        for m in found:
+            by_run.setdefault(m.run_id, []).append(_point(m))
+        return {r: _in_order(points) for r, points in by_run.items()}
 
     def _history(self, run_id: str, key: str) -> list[MetricPoint]:
         return [_point(m) for m in self._client.get_metric_history(run_id, key)]
@@ -214,6 +251,40 @@ class MlflowTracker:
         with _translated(run_id):
             files = self._client.list_artifacts(run_id, directory or None)
         return [f.path for f in files if not f.is_dir]
+
+
+@dataclass(frozen=True)
+class _WithRun:
+    """A metric point and its run, as the range read returns them."""
+
+    run_id: str
+    metric: Metric
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
+# Runs that share one range read: at most this many, read from steps at most this far apart
+# (the points before a run's own cursor are read and dropped).
+_SHARED_READ_RUNS = 100
+_SHARED_READ_SPREAD = 1000
+
+
+def _neighbours(steps: dict[int, int]) -> list[list[int]]:
+    """The reads in ``steps`` (read index → the step it reads after) in groups of runs that
+    read from about the same step."""
+    groups: list[list[int]] = []
+    for i in sorted(steps, key=steps.__getitem__):
+        group = groups[-1] if groups else None
+        if (
+            group
+            and len(group) < _SHARED_READ_RUNS
+            and steps[i] - steps[group[0]] <= _SHARED_READ_SPREAD
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _all_pages(search: Any, *args: Any, **kwargs: Any) -> list[Any]:
