@@ -237,15 +237,6 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
     # a policy may roll back only after a sustained regression, and stop only after a sustained
     # lack of progress.
     gated = set()
-    if source is not Source.HUMAN:
-        gated.add(Command.CHECKPOINT)
-        if state.regressed_evals < config.rollback_after_evals:
-            gated.add(Command.ROLLBACK_TO_BEST)
-            if Command.ROLLBACK_TO_BEST in state.spec.commands:
-                menu.blocked[Command.ROLLBACK_TO_BEST.value] = (
-                    f"offered after {config.rollback_after_evals} evaluations in a row at least "
-                    f"{config.rollback_min_regression:.0%} worse than the best"
-                )
     if state.stop_issued:
         gated.add(Command.STOP)
         menu.blocked[Command.STOP.value] = "a stop was already issued"
@@ -254,6 +245,18 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
         menu.blocked[Command.STOP.value] = (
             f"offered after {config.stop_after_evals} evaluations without improvement"
         )
+    if source is not Source.HUMAN:
+        gated.add(Command.CHECKPOINT)
+        # A run may end where it stands only if that is its best: once stop is on the menu
+        # and the last evaluation is not the best, so is going back to the best.
+        ending = Command.STOP not in gated and state.evals_since_best > 0
+        if state.regressed_evals < config.rollback_after_evals and not ending:
+            gated.add(Command.ROLLBACK_TO_BEST)
+            if Command.ROLLBACK_TO_BEST in state.spec.commands:
+                menu.blocked[Command.ROLLBACK_TO_BEST.value] = (
+                    f"offered after {config.rollback_after_evals} evaluations in a row at least "
+                    f"{config.rollback_min_regression:.0%} worse than the best, or with stop"
+                )
     menu.commands = [c for c in state.spec.commands if c not in gated]
     return menu
 

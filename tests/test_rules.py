@@ -6,7 +6,7 @@ import math
 
 from integrations.protocol import Command, KnobSpec, Objective, RunSpec, Source
 from integrations.trackers import MetricPoint
-from manager_daemon.policies import RulesPolicy
+from manager_daemon.policies import RulesConfig, RulesPolicy
 from manager_daemon.telemetry import Intervention, RunTelemetry
 from manager_daemon.validation import RunState, ValidationConfig, build_menu
 from tests.helpers import snapshot_and_menu, telemetry
@@ -140,7 +140,11 @@ RL_SPEC = RunSpec(
 
 
 def rl_decide(
-    evals: list[float], signals: dict[str, float], training_collisions: list[float] = ()
+    evals: list[float],
+    signals: dict[str, float],
+    training_collisions: list[float] = (),
+    config: RulesConfig | None = None,
+    history: list[Intervention] | None = None,
 ) -> object:
     t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
     points = [MetricPoint("eval/safe_success", 100 * (i + 1), v, i) for i, v in enumerate(evals)]
@@ -150,7 +154,8 @@ def rl_decide(
         for i, v in enumerate(training_collisions)
     ]
     t.add(sorted(points, key=lambda p: p.timestamp))
-    return RulesPolicy().decide(*snapshot_and_menu(t, RL_SPEC, Source.RULES))
+    snapshot, menu = snapshot_and_menu(t, RL_SPEC, Source.RULES, history=history)
+    return RulesPolicy(config).decide(snapshot, menu)
 
 
 def test_unsafe_exploration_calms_the_policy_and_raises_the_penalty() -> None:
@@ -206,3 +211,58 @@ def test_nothing_learned_explores_more_and_is_bolder_when_timid() -> None:
     assert p.changes["n_epochs"] == 6
     q = rl_decide([0.0, 0.0, 0.01], {"eval/collision": 0.0, "train/approx_kl": 0.01})
     assert q.reason.startswith("nothing learned") and "n_epochs" not in q.changes
+
+
+# A cautious PPO run that left its floor and then crawls: 0.01 or so per evaluation.
+CRAWL = [0.0, 0.0, 0.0, 0.24, 0.29, 0.34, 0.4, 0.42, 0.46, 0.46, 0.46]
+AIMED = RulesConfig(progress_target=0.9)
+
+
+def test_slow_steady_progress_far_below_the_target_gets_a_bolder_learning_rate() -> None:
+    p = rl_decide(CRAWL, {"eval/collision": 0.0, "train/approx_kl": 0.004}, config=AIMED)
+    assert p.reason.startswith("slow progress"), p.reason
+    assert p.changes == {"learning_rate": 6e-5}
+
+
+def test_progress_is_not_a_crawl_without_a_target_fast_or_near_the_target() -> None:
+    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
+    assert rl_decide(CRAWL, signals).action == "no_action", "no target named: no such rule"
+    rising = [0.0, 0.1, 0.2, 0.35, 0.5, 0.62, 0.75]
+    assert rl_decide(rising, signals, config=AIMED).action == "no_action"
+    converged = [0.5, 0.8, 0.9, 0.93, 0.94, 0.94, 0.95]
+    assert rl_decide(converged, signals, config=AIMED).action == "no_action"
+
+
+def test_a_crawl_waits_for_the_last_change_to_show_its_effect() -> None:
+    recent = Intervention(
+        version=1,
+        decision_id=1,
+        decision_step=900,
+        source="rules",
+        changes={"learning_rate": (3e-5, 6e-5)},
+        commands=[],
+    )
+    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
+    p = rl_decide(CRAWL, signals, config=AIMED, history=[recent])
+    assert p.action == "no_action", p.reason
+
+
+def test_a_stop_away_from_the_best_goes_back_to_it() -> None:
+    spec = SPEC.model_copy(update={"commands": [Command.STOP, Command.ROLLBACK_TO_BEST]})
+    evals = [2.0, 1.5, 1.52, 1.55, 1.53, 1.56, 1.54, 1.55, 1.56]
+    history = [
+        Intervention(
+            version=i,
+            decision_id=i,
+            decision_step=30 + 10 * i,
+            source="rules",
+            changes={"learning_rate": (1e-3, 5e-4)},
+            commands=[],
+        )
+        for i in (1, 2)
+    ]
+    t = telemetry(falling(90, 3.0, 0.5), evals)
+    p = RulesPolicy().decide(*snapshot_and_menu(t, spec, Source.RULES, None, history))
+    # Under 5 % above the best: no rollback would be offered for the regression alone.
+    assert p.commands == ["stop", "rollback_to_best"], p
+    assert "back to the best state" in p.reason

@@ -13,9 +13,12 @@
 - nothing learned (a maximised objective still at its first value after a few evaluations) →
   raise the learning rate, the entropy coefficient and the reward weights that pull towards the
   goal;
+- slow progress (a maximised objective improving, but too slowly to reach the target the run
+  names) → raise the learning rate;
 - plateau (no improvement for a while) → lower the learning rate;
 - nothing more plausible (no improvement long after several interventions, or the knobs a
-  diagnosis needs are at their bounds) → stop.
+  diagnosis needs are at their bounds) → stop, back at the best state when the run is not
+  there.
 """
 
 from __future__ import annotations
@@ -64,6 +67,16 @@ class RulesConfig(BaseModel):
         default_factory=lambda: ["progress_scale", "success_bonus"],
         description="reward weights raised when nothing is learned (as the script names them)",
     )
+    progress_target: float | None = Field(
+        None,
+        description="what good is for a maximised objective (a success rate of 0.9, say): "
+        "slow, steady progress below it gets a bolder learning rate (unset: no such rule)",
+    )
+    crawl_window: int = Field(4, ge=1, description="evaluations over which progress is measured")
+    crawl_gain: float = Field(
+        0.1, gt=0, description="progress slower than this share of the target over the window"
+    )
+    crawl_lr_factor: float = Field(2.0, gt=1, description="lr factor for slow progress")
     stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
     stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
 
@@ -94,13 +107,15 @@ class RulesPolicy:
                 why += f"; timid updates: approx_kl {timid[0]:.2g} below {timid[1]:.2g}"
             return _proposal(explore, why, f"{obj.metric} leaves its floor")
         if self._should_stop(snap, menu):
+            back = _rollback(menu)
             return Proposal(
                 action="command",
-                commands=[Command.STOP.value],
+                commands=[Command.STOP.value, *back],
                 reason=f"no improvement of {obj.metric} for {stale} evaluations after "
                 f"{len(snap.interventions)} interventions; "
-                f"best {_g(obj.best)} at step {obj.best_step}",
-                expected_effect="training ends near the best objective",
+                f"best {_g(obj.best)} at step {obj.best_step}"
+                + ("; back to the best state" if back else ""),
+                expected_effect="training ends at the best objective",
             )
         # The train loss says "diverging" only where the objective is a loss too: an RL loss
         # (PPO's value loss, say) rises and jumps as returns grow.
@@ -165,6 +180,13 @@ class RulesPolicy:
                 f"{obj.metric} stops rising; the gap narrows",
                 _rollback(menu),
             )
+        if (gain := self._crawl(snap)) is not None:
+            return _proposal(
+                _scaled(menu, Knob.LEARNING_RATE, cfg.crawl_lr_factor),
+                f"slow progress: {obj.metric} rose {gain:.3g} over the last {cfg.crawl_window} "
+                f"evaluations, to {_g(obj.last)}, far below {cfg.progress_target:g}",
+                f"{obj.metric} rises faster",
+            )
         if stale >= cfg.plateau_patience:
             return _proposal(
                 _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut),
@@ -202,6 +224,21 @@ class RulesPolicy:
         for name in self.config.explore_knobs:
             changes |= _scaled(menu, name, 2.0)
         return changes
+
+    def _crawl(self, snap: Snapshot) -> float | None:
+        """How little a maximised objective gained over the last evaluations, when it keeps
+        improving too slowly to reach its target, and the last change has had time to act."""
+        cfg, obj = self.config, snap.objective
+        target = cfg.progress_target
+        if target is None or obj.direction != "maximize" or obj.last is None:
+            return None
+        recent = [v for _, v in obj.recent]
+        if obj.last >= target or len(recent) <= cfg.crawl_window:
+            return None
+        if snap.interventions and snap.interventions[-1].evaluations_after < cfg.crawl_window:
+            return None
+        gain = recent[-1] - recent[-1 - cfg.crawl_window]
+        return gain if 0 <= gain < cfg.crawl_gain * target else None
 
     def _at_floor(self, snap: Snapshot) -> bool:
         """A maximised objective that has not moved off its first value for a while."""
