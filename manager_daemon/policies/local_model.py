@@ -1,8 +1,12 @@
 """The embedded model: Gemma 3 270M (GGUF, shipped on PyPI) run in-process by llama.cpp.
 
-It needs no network and no key. Answers are constrained by the decision's JSON schema, so
-they always parse; whether the choice is good is the menu's and validation's business. Two
-ways to honour a schema:
+It needs no network and no key. The packaged model is Gemma 3's pretrained base model, not the
+instruction-tuned one (its GGUF carries no chat template): it continues text, it does not
+follow chat turns. So it is prompted as a base model is, with a plain-text document (the
+system text, the prompt, then ``Answer:``), in both ways of answering below.
+
+Answers are constrained by the decision's JSON schema, so they always parse; whether the
+choice is good is the menu's and validation's business. Two ways to honour a schema:
 
 - a schema that lists its answers (``{"enum": [...]}``) is answered by scoring: each answer's
   mean token log-likelihood after the prompt, the highest wins. A 270M model reads a list of
@@ -130,8 +134,7 @@ class LocalChat:
         """The answer with the highest mean token log-likelihood after the prompt."""
         deadline = time.monotonic() + timeout
         llm = self.llm
-        text = "\n\n".join(str(m["content"]) for m in messages) + "\n\nAnswer: "
-        prompt = llm.tokenize(text.encode(), add_bos=True)
+        prompt = llm.tokenize(_document(messages).encode(), add_bos=True)
         scores: list[float] = []
         with self._lock:
             try:
@@ -185,20 +188,23 @@ class LocalChat:
     def _generate(
         self, messages: list[dict[str, Any]], schema: dict[str, Any], *, timeout: float
     ) -> ChatResult:
+        from llama_cpp import LlamaGrammar
+
         deadline = time.monotonic() + timeout
         parts: list[str] = []
         with self._lock:
             try:
+                grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
                 # Streamed, so that generation can be abandoned at the deadline.
-                chunks: Any = self.llm.create_chat_completion(
-                    messages=messages,  # type: ignore[arg-type]
-                    response_format={"type": "json_object", "schema": schema},
+                chunks: Any = self.llm.create_completion(
+                    prompt=_document(messages),
+                    grammar=grammar,
                     temperature=0.0,
                     max_tokens=self.max_tokens,
                     stream=True,
                 )
                 for chunk in chunks:
-                    parts.append(chunk["choices"][0]["delta"].get("content") or "")
+                    parts.append(chunk["choices"][0].get("text") or "")
                     if time.monotonic() > deadline:
                         chunks.close()
                         raise ChatError("timeout", f"no complete answer within {timeout:g} s")
@@ -215,6 +221,11 @@ class LocalChat:
             prompt_tokens=prompt,
             completion_tokens=completion,
         )
+
+
+def _document(messages: list[dict[str, Any]]) -> str:
+    """The chat as the plain-text document a base model continues."""
+    return "\n\n".join(str(m["content"]) for m in messages) + "\n\nAnswer: "
 
 
 if __name__ == "__main__":
