@@ -86,7 +86,7 @@ class Result:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/mujoco"))
     parser.add_argument("--recipes", default="cautious,reckless", help="comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     return results
 
 
+# The safe success a rescued cautious run reaches (the benchmark's target).
+SAFE_SUCCESS_TARGET = 0.9
+
+
 def supervisor_config(preset: str, variant: str = "rules") -> SupervisorConfig:
     """One decision per evaluation at most; the rules' answers are stale a whole evaluation
     later, the LLM's after four.
@@ -145,11 +149,16 @@ def supervisor_config(preset: str, variant: str = "rules") -> SupervisorConfig:
 
 
 def run_all(args: argparse.Namespace, uri: str) -> list[Result]:
+    # What good is here, so the rules can tell slow progress from enough of it.
+    rules = args.out / "rules.yaml"
+    rules.parent.mkdir(parents=True, exist_ok=True)
+    rules.write_text(f"progress_target: {SAFE_SUCCESS_TARGET}\n")
     policies = {
         v: DaemonSettings.from_options(
             policy="rules" if v == "rules" else "llm",
             llm_base_url=args.llm_base_url,
             llm_model=args.llm_model,
+            rules_config=rules,
         )
         for v in MANAGED
         if v in args.variants

@@ -18,7 +18,7 @@ and ``OUT/eval_loss.png`` / ``OUT/lr_sweep.png`` (eval-loss curves with interven
 and logs them to a ``summary`` run in the benchmark's MLflow experiment. Run from the repository
 root::
 
-    python train_scripts/bench_tinystories.py --preset cpu --seeds 3 --out bench/tinystories
+    python train_scripts/bench_tinystories.py --preset cpu --seeds 5 --out bench/tinystories
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Result:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/tinystories"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument(
