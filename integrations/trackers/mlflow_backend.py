@@ -21,6 +21,8 @@ import requests
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.service_pb2 import GetMetricHistoryBulkInterval
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking import MlflowClient
@@ -66,6 +68,16 @@ class MlflowTracker:
         self.uri = uri
         self._client = MlflowClient(tracking_uri=uri)
         self._store = self._client._tracking_client.store
+        self._repositories: dict[str, ArtifactRepository] = {}
+
+    def _artifacts(self, run_id: str) -> ArtifactRepository:
+        """The run's artifact store, looked up once per run (a run's artifact URI is fixed)."""
+        repository = self._repositories.get(run_id)
+        if repository is None:
+            uri = self._client.get_run(run_id).info.artifact_uri
+            repository = get_artifact_repository(uri, tracking_uri=self.uri)
+            self._repositories[run_id] = repository
+        return repository
 
     def ping(self) -> bool:
         if not self.uri.startswith(("http://", "https://")):
@@ -225,17 +237,24 @@ class MlflowTracker:
 
     def read_json(self, run_id: str, path: str) -> Any | None:
         with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "artifact.json"
+            with _translated(run_id):
+                repository = self._artifacts(run_id)
             try:
-                with _translated(run_id):
-                    raw = Path(
-                        self._client.download_artifacts(run_id, path, dst_path=tmp)
-                    ).read_bytes()
-            except (TrackerError, OSError):
-                # One request on the usual path; a listing tells "absent" from "failed".
+                # One request: the file itself, from the run's artifact store.
+                repository._download_file(path, str(local))
+            except requests.HTTPError as exc:
+                if exc.response is not None and exc.response.status_code == 404:
+                    return None
+                raise TrackerUnavailable(f"tracker unreachable: {exc}") from exc
+            except (MlflowException, requests.RequestException, OSError) as exc:
+                # A store that reports a missing file some other way: a listing tells
+                # "absent" from "failed".
                 parent = path.rsplit("/", 1)[0] if "/" in path else ""
                 if path not in self.list_artifacts(run_id, parent):
                     return None
-                raise
+                raise TrackerError(f"cannot read artifact {path} of run {run_id}: {exc}") from exc
+            raw = local.read_bytes()
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -249,7 +268,7 @@ class MlflowTracker:
 
     def list_artifacts(self, run_id: str, directory: str) -> list[str]:
         with _translated(run_id):
-            files = self._client.list_artifacts(run_id, directory or None)
+            files = self._artifacts(run_id).list_artifacts(directory or None)
         return [f.path for f in files if not f.is_dir]
 
 
