@@ -28,6 +28,8 @@ from integrations.protocol import (
 )
 from integrations.trackers import CorruptArtifact, Cursor, RunInfo, Tracker
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
+from manager_daemon.leases import LeaseLost
+from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy, PolicyAnswer
 from manager_daemon.telemetry import EVALS_FOR_OUTCOME, Intervention, RunTelemetry, Snapshot
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu, validate
@@ -52,12 +54,23 @@ class RunSupervisor:
     """Decision cycles for one run."""
 
     def __init__(
-        self, run_id: str, tracker: Tracker, audit: AuditLog, config: SupervisorConfig | None = None
+        self,
+        run_id: str,
+        tracker: Tracker,
+        audit: AuditLog,
+        config: SupervisorConfig | None = None,
+        *,
+        guard: Callable[[], None] | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
+        """``guard`` raises ``LeaseLost`` when this process may no longer write a decision
+        for the run (another daemon replica supervises it now)."""
         self.run_id = run_id
         self.tracker = tracker
         self.audit = audit
         self.config = config or SupervisorConfig()
+        self.guard = guard
+        self.metrics = metrics
         self.spec: RunSpec | None = None
         self.spec_error: str | None = None
         self.telemetry: RunTelemetry | None = None
@@ -145,6 +158,8 @@ class RunSupervisor:
         started = time.monotonic()
         answer: PolicyAnswer = propose(snapshot, menu)
         decided = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.policy_answered(answer, llm_policy=source == Source.LLM)
         stale = self._staleness(snapshot, decided)
         proposal = answer.proposal
         if proposal.action == "no_action" and not answer.error and not self.config.audit_no_action:
@@ -192,10 +207,17 @@ class RunSupervisor:
                 values=result.values,
                 commands=result.commands,
                 issue=status == "issued",
+                guard=self.guard,
             )
         except VersionConflict as exc:
             record = record.model_copy(update={"status": "stale", "error": str(exc)})
             self.audit.write_record(record)
+        except LeaseLost as exc:
+            # Another replica supervises the run now: it writes the run's decisions.
+            log.warning("%s; decision dropped unwritten (%s)", exc, record.summary())
+            return None
+        if self.metrics is not None:
+            self.metrics.decided(record)
         self.records[record.decision_id] = record
         if record.params_version:
             self.history.append(_intervention(record))
