@@ -280,7 +280,10 @@ def daemon(
         console.print(f"{report.runs} managed run(s), {len(report.decisions)} decision(s)")
         console.print(runner.totals_line())
         if report.elsewhere:
-            console.print(f"{report.elsewhere} managed run(s) supervised by another replica")
+            console.print(
+                f"{report.elsewhere} managed run(s) left alone: another replica holds their "
+                "lease, or this pass could not confirm it"
+            )
         if "*" in report.errors:
             raise TrackerUnavailable(report.errors["*"])
         return
