@@ -5,7 +5,7 @@ a lease is taken with Fischer's timed mutual exclusion: read the tag and see the
 write our lease within ``write_bound_s`` of that read, wait ``settle_s`` (longer than the
 bound), read it back. Of several replicas that saw it free, only the last writer reads its own
 lease back, and every write lands before any of them reads back. The owner renews the lease
-every third of its TTL; the others judge expiry by their own clocks (the tag's value unchanged
+every quarter of its TTL; the others judge expiry by their own clocks (the tag's value unchanged
 for the TTL since they first saw it), so no clocks need to agree. A stable hash of the run id
 orders the replicas for each run (rendezvous hashing): the first in that order takes a free
 lease at once, the k-th only ``k`` steps later, so replicas rarely contend and a dead
@@ -102,7 +102,7 @@ class Leases:
         if ttl_s < 3 * interval_s:
             raise ValueError(
                 f"lease_ttl ({ttl_s:g} s) must be at least three ticks ({3 * interval_s:g} s): "
-                "a lease is renewed at ticks, every third of its TTL"
+                "a lease is renewed at ticks, every quarter of its TTL"
             )
         self.tracker = tracker
         self.replica = replica
@@ -143,9 +143,10 @@ class Leases:
         return self.held()
 
     def renew(self) -> None:
-        """Renew the leases a third of whose TTL has passed since their last renewal."""
+        """Renew the leases a quarter of whose TTL has passed since their last renewal (well
+        before the last third, in which the replica stops writing decisions)."""
         with self._lock:
-            due = [r for r, h in self._held.items() if self._clock() >= h.renewed + self.ttl_s / 3]
+            due = [r for r, h in self._held.items() if self._clock() >= h.renewed + self.ttl_s / 4]
         list(self._io.map(self._renew, due))
 
     def _confirm(self, run_id: str, value: str | None, read_started: float) -> None:

@@ -78,6 +78,8 @@ class RunSupervisor:
         self.records: dict[int, AuditRecord] = {}
         self.history: list[Intervention] = []
         self.last_decision_step = -1
+        # Where to start again when a decision could not be written (the lease was short).
+        self._undecided_step = -1
         self._ticks = 0
         self._values_cache: tuple[int, dict[str, float]] | None = None
 
@@ -137,6 +139,7 @@ class RunSupervisor:
         latest_eval_step = self.telemetry.evals[-1][0]
         if latest_eval_step <= self.last_decision_step:
             return None
+        self._undecided_step = self.last_decision_step
         self.last_decision_step = latest_eval_step
         if any(Command.STOP.value in item.commands for item in self.history):
             return None  # the run is ending: nothing a policy issues now would take effect
@@ -215,6 +218,7 @@ class RunSupervisor:
         except LeaseLost as exc:
             # Another replica supervises the run now: it writes the run's decisions.
             log.warning("%s; decision dropped unwritten (%s)", exc, record.summary())
+            self.last_decision_step = self._undecided_step  # decided again while held
             return None
         if self.metrics is not None:
             self.metrics.decided(record)

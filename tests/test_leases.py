@@ -174,9 +174,14 @@ def test_a_replica_that_lost_the_lease_while_deciding_writes_nothing(memory: Bac
     leases = Leases(tracker, Replica("atm-0", 0, 1), ttl_s=TTL, settle_s=0.05, interval_s=1.0)
 
     class TakenOverWhileThinking(RulesPolicy):
-        """Another replica takes the run while this one's policy decides."""
+        """Another replica takes the run while this one's policy decides (the first time)."""
+
+        taken_over = False
 
         def propose(self, snapshot, menu):
+            if self.taken_over:
+                return super().propose(snapshot, menu)
+            self.taken_over = True
             other = Lease(owner="atm-1.abc", renewed_at=time.time(), ttl_s=TTL)
             tracker.set_tags(run, {TAG_DAEMON_LEASE: other.tag_value()})
             now = time.monotonic()
@@ -191,7 +196,8 @@ def test_a_replica_that_lost_the_lease_while_deciding_writes_nothing(memory: Bac
     assert TAG_PARAMS_VERSION not in tracker.get_run(run).tags
     assert tracker.read_json(run, params_path(1)) is None
     assert daemon.audit.records(run) == []
+    # The other replica lets go: this one takes the run again and makes the dropped decision.
+    tracker.delete_tag(run, TAG_DAEMON_LEASE)
+    report = daemon.run_once()
+    assert [(r.step, r.params_version) for r in report.decisions] == [(70, 1)]
     daemon.close()
-    # The same decision with the lease kept is written: the policy does decide here.
-    kept = Daemon(tracker, RulesPolicy(), experiments=[memory.experiment]).run_once()
-    assert [r.params_version for r in kept.decisions] == [1]
