@@ -2,15 +2,16 @@
 
 The tracker is the only store the replicas share, and its tags have no compare-and-set, so
 a lease is taken with Fischer's timed mutual exclusion: read the tag and see the lease free,
-write our lease within ``write_bound_s`` of that read, wait ``settle_s`` (longer than the
-bound), read it back. Of several replicas that saw it free, only the last writer reads its own
-lease back, and every write lands before any of them reads back. The owner renews the lease
-every quarter of its TTL; the others judge expiry by their own clocks (the tag's value unchanged
-for the TTL since they first saw it), so no clocks need to agree. A stable hash of the run id
-orders the replicas for each run (rendezvous hashing): the first in that order takes a free
-lease at once, the k-th only ``k`` steps later, so replicas rarely contend and a dead
-replica's runs spread over the living. A decision is written only while the lease has a third
-of its TTL left (``check``); the audit's version check stays the last guard.
+write our lease within ``write_bound_s`` of the start of that read, wait ``settle_s``
+(longer than the bound), read it back. Of several replicas that saw it free, only the last
+writer reads its own lease back, and every write lands before any of them reads back. The
+owner renews the lease every quarter of its TTL; the others judge expiry by their own clocks
+(the tag's value unchanged for the TTL since they first saw it), so no clocks need to agree.
+A stable hash of the run id orders the replicas for each run (rendezvous hashing): the first
+in that order takes a free lease at once, the k-th only ``k`` steps later, so replicas rarely
+contend and a dead replica's runs spread over the living. A decision is written only while
+the lease has a third of its TTL left (``check``); the audit's version check stays the last
+guard.
 """
 
 from __future__ import annotations
@@ -137,9 +138,9 @@ class Leases:
                     # read_done, not read_started: no later than the value's landing + ttl.
                     self._seen[run_id] = (value, read_done)
                 self._confirm(run_id, value, read_started)
-            take = [r for r, v in listed.items() if self._may_take(r, v)]
+            take = [(r, v) for r, v in listed.items() if self._may_take(r, v)]
         self.renew()
-        list(self._io.map(lambda run_id: self._take(run_id, read_started), take))
+        list(self._io.map(lambda item: self._take(*item), take))
         return self.held()
 
     def renew(self) -> None:
@@ -198,12 +199,15 @@ class Leases:
                 del self._held[run_id]
                 self._count("lost")
 
-    def _take(self, run_id: str, read_started: float) -> None:
-        if self._clock() - read_started > self.write_bound_s / 2:
-            return  # too long since the read that saw it free: next tick
-        value = self._lease_value()
-        started = self._clock()
+    def _take(self, run_id: str, listed: str | None) -> None:
+        # Read the one tag again just before writing: Fischer's bound then covers two small
+        # requests, not a listing of every run.
+        read_started = self._clock()
         try:
+            if self.tracker.get_run(run_id).tags.get(TAG_DAEMON_LEASE) != listed:
+                return  # changed since the listing: judged again next tick
+            value = self._lease_value()
+            started = self._clock()
             self.tracker.set_tags(run_id, {TAG_DAEMON_LEASE: value})
         except TrackerError as exc:
             log.warning("run %s: cannot take the lease: %s", run_id, exc)
@@ -213,7 +217,11 @@ class Leases:
         if done - read_started > self.write_bound_s:
             # Fischer's bound broken: another replica may have taken it meanwhile. Claim
             # nothing; our lease expires untouched and is taken again later.
-            log.info("run %s: lease write took %.1f s; not claiming it", run_id, done - started)
+            log.info(
+                "run %s: reading and writing the lease took %.1f s; not claiming it",
+                run_id,
+                done - read_started,
+            )
             return
         with self._lock:
             self._pending[run_id] = _Pending(value, started, done)

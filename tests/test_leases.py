@@ -83,18 +83,42 @@ def test_replicas_split_the_runs_each_to_its_first_choice(memory: Backend) -> No
 def test_two_replicas_that_both_see_a_run_free_never_both_hold_it(memory: Backend) -> None:
     # Both think they are the only replica (a scale change under way): both are first choice.
     tracker, clock = memory.tracker, Clock()
-    runs = managed_runs(memory, 8)
+    (run,) = managed_runs(memory, 1)
+    a, b = replica(tracker, clock, 0, 1), replica(tracker, clock, 0, 1)
+
+    interleaved: list[str] = []
+
+    def b_reads_and_writes_before_a_writes(operation: str, run_id: str | None) -> None:
+        if operation == "set_tags" and not interleaved:
+            interleaved.append(operation)
+            b._take(run, None)  # b reads the lease free too, and writes first
+
+    tracker.fault = b_reads_and_writes_before_a_writes
+    a._take(run, None)  # a read the lease free, then b did, b wrote, a wrote
+    tracker.fault = None
+    assert a.pending == b.pending == 1  # both wrote a lease after seeing it free
+    clock.now += SETTLE
+    assert tick(b, tracker, clock) == set()
+    assert tick(a, tracker, clock) == {run}  # the last writer, alone
+    for _ in range(3 * int(TTL)):  # and it stays that way while a renews
+        clock.now += INTERVAL
+        assert tick(b, tracker, clock) == set()
+        assert tick(a, tracker, clock) == {run}
+
+
+def test_a_replica_that_sees_the_lease_taken_since_its_listing_does_not_write(
+    memory: Backend,
+) -> None:
+    tracker, clock = memory.tracker, Clock()
+    runs = managed_runs(memory, 4)
     a, b = replica(tracker, clock, 0, 1), replica(tracker, clock, 0, 1)
     listing = tracker.find_managed_runs()
     a.refresh(listing, clock(), clock())
-    b.refresh(listing, clock(), clock())  # saw them free too, and wrote last
+    b.refresh(listing, clock(), clock())  # its listing is stale: a wrote since
+    assert b.pending == 0
     clock.now += SETTLE
-    assert tick(a, tracker, clock) == set()
-    assert tick(b, tracker, clock) == set(runs)
-    for _ in range(3 * int(TTL)):  # and it stays that way while b renews
-        clock.now += INTERVAL
-        assert tick(a, tracker, clock) == set()
-        assert tick(b, tracker, clock) == set(runs)
+    assert tick(a, tracker, clock) == set(runs)
+    assert tick(b, tracker, clock) == set()
 
 
 def test_the_runs_of_a_dead_replica_are_taken_after_the_ttl(memory: Backend) -> None:
