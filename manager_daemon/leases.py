@@ -119,6 +119,7 @@ class Leases:
         self._held: dict[str, _Held] = {}
         self._pending: dict[str, _Pending] = {}
         self._seen: dict[str, tuple[str | None, float]] = {}
+        self._stamp = 0.0
         self._io = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="atm-lease")
 
     # ---- each tick ----------------------------------------------------------------------
@@ -235,7 +236,12 @@ class Leases:
             self._metrics.lease_events.labels(event).inc()
 
     def _lease_value(self) -> str:
-        return Lease(owner=self.owner, renewed_at=time.time(), ttl_s=self.ttl_s).tag_value()
+        # Every renewal must change the tag (others see an unchanged value as expiring), even
+        # two within one millisecond of each other.
+        with self._lock:
+            self._stamp = max(round(time.time(), 3), self._stamp + 0.001)
+            stamp = self._stamp
+        return Lease(owner=self.owner, renewed_at=stamp, ttl_s=self.ttl_s).tag_value()
 
     # ---- queries ------------------------------------------------------------------------
 
