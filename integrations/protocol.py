@@ -31,6 +31,8 @@ TAG_LAST_INTERVENTION = "atm.last_intervention"
 # The digest of the spec in force: a reader notices a newly published spec from the run's
 # tags, which the run listing carries, without reading the spec each time.
 TAG_SPEC_DIGEST = "atm.spec.digest"
+# The daemon replica that supervises the run, while it holds the lease (see ``Lease``).
+TAG_DAEMON_LEASE = "atm.daemon.lease"
 
 # Artifacts (JSON, UTF-8).
 SPEC_PATH = "atm/spec.json"
@@ -62,6 +64,35 @@ def parse_audit_path(path: str) -> int | None:
     if name.startswith("d") and name.endswith(".json") and name[1:-5].isdigit():
         return int(name[1:-5])
     return None
+
+
+class Lease(BaseModel):
+    """A daemon replica's claim on a run: ``OWNER RENEWED_AT TTL_S`` in ``TAG_DAEMON_LEASE``.
+
+    Only the owner decides for the run. Other replicas judge expiry by their own clocks (the
+    value unchanged for ``ttl_s`` seconds), so ``renewed_at`` (unix seconds) is for people and
+    for telling one renewal from the next, not a deadline that needs synchronised clocks.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    owner: str = Field(pattern=r"^\S+$")
+    renewed_at: float
+    ttl_s: float = Field(gt=0)
+
+    def tag_value(self) -> str:
+        return f"{self.owner} {self.renewed_at:.3f} {self.ttl_s:g}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> Lease | None:
+        """The lease in a tag value; None for no tag or one that is not a lease."""
+        parts = (text or "").split()
+        if len(parts) != 3:
+            return None
+        try:
+            return cls(owner=parts[0], renewed_at=float(parts[1]), ttl_s=float(parts[2]))
+        except ValueError:
+            return None
 
 
 class Scale(StrEnum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
@@ -76,10 +77,13 @@ class AuditLog:
         values: dict[str, float],
         commands: list[Command],
         issue: bool,
+        guard: Callable[[], None] | None = None,
     ) -> AuditRecord:
         """Write a decision: params version (when ``issue``), then audit record, then the tag.
 
         Raises VersionConflict when the run's version tag moved past ``expected_version``.
+        ``guard``, called before the first write, raises when this writer may not write
+        (a daemon replica that lost the run's lease); nothing is written then.
         """
         run_id = record.run_id
         latest = current_version(self.tracker.get_run(run_id).tags)
@@ -87,6 +91,8 @@ class AuditLog:
             raise VersionConflict(
                 f"params version moved from {expected_version} to {latest} during the decision"
             )
+        if guard is not None:
+            guard()
         params = None
         if issue:
             params = ParamsVersion(

@@ -53,7 +53,7 @@ from manager_daemon.audit import AuditLog
 from manager_daemon.policies import PolicyAnswer
 from manager_daemon.policies.llm import LLMConsult, LLMFallback, LLMMode
 from manager_daemon.policies.openai_chat import ResponseMode
-from manager_daemon.settings import DaemonSettings, PolicyName
+from manager_daemon.settings import DaemonSettings, LogFormat, PolicyName
 from manager_daemon.supervisor import RunSupervisor, human_proposal
 
 app = typer.Typer(
@@ -104,11 +104,18 @@ def _one_line_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, as_json: bool = False) -> None:
+    if as_json:
+        from manager_daemon.jsonlog import JsonFormatter
+
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=True)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+        handlers=[handler],
         force=True,
     )
     for noisy in ("apscheduler", "urllib3", "mlflow", "alembic", "httpx"):
@@ -167,13 +174,27 @@ def daemon(
     audit_no_action: Annotated[bool | None, _setting("audit_no_action")] = None,
     workers: Annotated[int | None, _setting("workers")] = None,
     experiment: Annotated[list[str] | None, _setting("experiments", "--experiment")] = None,
+    ops_port: Annotated[int | None, _setting("ops_port")] = None,
+    ops_host: Annotated[str | None, _setting("ops_host")] = None,
+    log_format: Annotated[LogFormat | None, _setting("log_format")] = None,
+    replica_name: Annotated[str | None, _setting("replica_name")] = None,
+    replica: Annotated[int | None, _setting("replica")] = None,
+    replicas: Annotated[int | None, _setting("replicas")] = None,
+    lease_ttl: Annotated[float | None, _setting("lease_ttl")] = None,
+    lease_settle: Annotated[float | None, _setting("lease_settle")] = None,
+    drain_timeout: Annotated[float | None, _setting("drain_timeout")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Supervise every managed run on the tracker (or on the experiments named)."""
+    """Supervise every managed run on the tracker (or on the experiments named).
+
+    Replicas share the runs: each supervises those whose lease it holds (see --replicas).
+    """
     from manager_daemon.daemon import Daemon
+    from manager_daemon.leases import Leases, Replica
+    from manager_daemon.metrics import DaemonMetrics
+    from manager_daemon.ops import OpsServer
     from manager_daemon.policies.factory import make_policy
 
-    _setup_logging(verbose)
     settings = _settings(
         tracking_uri=tracking_uri,
         interval=interval,
@@ -195,10 +216,40 @@ def daemon(
         audit_no_action=audit_no_action,
         workers=workers,
         experiments=experiment or None,
+        ops_port=ops_port,
+        ops_host=ops_host,
+        log_format=log_format,
+        replica_name=replica_name,
+        replica=replica,
+        replicas=replicas,
+        lease_ttl=lease_ttl,
+        lease_settle=lease_settle,
+        drain_timeout=drain_timeout,
     )
+    _setup_logging(verbose, as_json=settings.log_format is LogFormat.JSON)
+    metrics = DaemonMetrics()
+    ops = None
+    if settings.ops_port is not None and not once:
+        # Bound first: a port in use is a one-line error before anything else starts.
+        ops = OpsServer(
+            settings.ops_host,
+            settings.ops_port,
+            metrics,
+            lambda: runner.health(),
+            lambda: runner.ready(),
+        )
     tracker = _tracker(settings.tracking_uri)
     chosen, why = make_policy(settings)
     logging.getLogger("manager_daemon").info(why)
+    replica_id = Replica.from_name(settings.replica_name, settings.replica, settings.replicas)
+    leases = Leases(
+        tracker,
+        replica_id,
+        ttl_s=settings.lease_ttl_s(),
+        settle_s=settings.lease_settle,
+        interval_s=settings.interval,
+        metrics=metrics,
+    )
     runner = Daemon(
         tracker,
         chosen,
@@ -207,18 +258,48 @@ def daemon(
         signing_key=settings.key(),
         experiments=settings.experiments,
         nice=settings.nice,
+        leases=leases,
+        metrics=metrics,
+        interval_s=settings.interval,
+    )
+    metrics.info.info(
+        {
+            "replica": leases.owner,
+            "ordinal": str(replica_id.ordinal),
+            "replicas": str(replica_id.count),
+            "policy": chosen.name,
+        }
+    )
+    logging.getLogger("manager_daemon").info(
+        "replica %s: ordinal %d of %d, lease TTL %g s",
+        leases.owner,
+        replica_id.ordinal,
+        replica_id.count,
+        leases.ttl_s,
     )
     if once:
         report = runner.run_once()
+        leases.release()
         runner.close()
         for record in report.decisions:
             console.print(f"{record.run_id[:8]}  {record.summary()}")
         console.print(f"{report.runs} managed run(s), {len(report.decisions)} decision(s)")
         console.print(runner.totals_line())
+        if report.elsewhere:
+            console.print(
+                f"{report.elsewhere} managed run(s) left alone: another replica holds their "
+                "lease, or this pass could not confirm it"
+            )
         if "*" in report.errors:
             raise TrackerUnavailable(report.errors["*"])
         return
-    runner.serve(settings.interval)
+    if ops is not None:
+        ops.start()
+    try:
+        runner.serve(settings.interval, settings.drain_timeout)
+    finally:
+        if ops is not None:
+            ops.stop()
 
 
 def _settings(**given: Any) -> DaemonSettings:
@@ -228,7 +309,9 @@ def _settings(**given: Any) -> DaemonSettings:
         return DaemonSettings.from_options(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a check across settings: its message names them
+            raise CliError(str(first["msg"]).removeprefix("Value error, ")) from None
+        name = str(first["loc"][0])
         got = "" if "key" in name else f" (got {first.get('input')!r})"
         raise CliError(f"{name}: {first['msg']}{got}") from None
 

@@ -20,6 +20,8 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from integrations.protocol import AuditRecord
 from integrations.trackers import Cursor, MetricPoint, PointsRead, RunInfo, Tracker, TrackerError
 from manager_daemon.audit import AuditLog
+from manager_daemon.leases import Leases
+from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.telemetry import METRIC_WINDOW
@@ -52,10 +54,24 @@ class TickReport:
     decisions: list[AuditRecord] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     busy: list[str] = field(default_factory=list)
+    # Managed runs another replica supervises (or whose lease this one is still taking).
+    elsewhere: int = 0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The answer of a health or readiness probe."""
+
+    ok: bool
+    detail: str
 
 
 class Daemon:
-    """Supervises every managed run on one tracker with one policy."""
+    """Supervises every managed run on one tracker with one policy.
+
+    With ``leases`` it supervises only the runs whose lease it holds, sharing the tracker's
+    runs with other replicas; without, every managed run (one daemon, or tests in-process).
+    """
 
     def __init__(
         self,
@@ -67,6 +83,9 @@ class Daemon:
         signing_key: str | None = None,
         experiments: list[str] | None = None,
         nice: int = 0,
+        leases: Leases | None = None,
+        metrics: DaemonMetrics | None = None,
+        interval_s: float = 10.0,
     ) -> None:
         self.tracker = tracker
         self.experiments = experiments or None
@@ -85,6 +104,13 @@ class Daemon:
         self._in_flight: dict[str, Future[AuditRecord | None]] = {}
         self.totals: Counter[str] = Counter()
         self._ticks = 0
+        self.leases = leases
+        self.metrics = metrics or DaemonMetrics()
+        self.interval_s = interval_s
+        self._started = time.monotonic()
+        self._last_tick: float | None = None
+        self._last_tracker_ok: float | None = None
+        self._tracker_problem = "no tick yet"
 
     def run_once(self, wait: bool = True) -> TickReport:
         """One pass over every managed run. Never raises for one run's failure.
@@ -93,6 +119,7 @@ class Daemon:
         run never holds up the others or the scheduler. With ``wait`` the pass waits for the
         cycles it started; otherwise their results are collected by later passes.
         """
+        started = time.monotonic()
         report = TickReport()
         with self._lock:
             self._ticks += 1
@@ -105,11 +132,24 @@ class Daemon:
                 if not self._tracker_down:
                     log.warning("tracker unreachable: %s; retrying every tick", exc)
                 self._tracker_down = True
+                self._tracker_problem = str(exc)
+                self.metrics.tracker_errors.labels("list").inc()
                 report.errors["*"] = str(exc)
+                self._tick_done(started)
                 return report
+            listed = time.monotonic()
+            self._last_tracker_ok = listed
             if self._tracker_down:
                 log.warning("tracker reachable again")
                 self._tracker_down = False
+            self.metrics.tracker_runs.set(len(runs))
+            if self.leases is not None:
+                mine = self.leases.refresh(runs, started, listed)
+                if wait and self.leases.pending:
+                    mine = self._settle_leases(mine)
+                report.elsewhere = sum(1 for r in runs if r.run_id not in mine)
+                runs = [r for r in runs if r.run_id in mine]
+            self.metrics.managed_runs.set(len(runs))
             live = {r.run_id for r in runs}
             for gone in set(self.supervisors) - live - set(self._in_flight):
                 del self.supervisors[gone]
@@ -118,23 +158,23 @@ class Daemon:
             for run in runs:
                 if run.run_id in self._in_flight:
                     report.busy.append(run.run_id)
+                    self.metrics.busy.inc()
                     continue
-                supervisor = self.supervisors.setdefault(
-                    run.run_id, RunSupervisor(run.run_id, self.tracker, self.audit, self.config)
-                )
+                supervisor = self.supervisors.get(run.run_id) or self._supervisor(run.run_id)
                 # A run whose listing shows nothing new costs this tick nothing more.
                 if supervisor.has_news(run):
                     news.append((supervisor, run))
             read = self._read_together(news)
             for supervisor, run in news:
                 self._in_flight[run.run_id] = self._pool.submit(
-                    supervisor.tick, self.policy, run, read.get(run.run_id)
+                    self._cycle, supervisor, run, read.get(run.run_id)
                 )
             if wait:
                 for future in list(self._in_flight.values()):
                     with contextlib.suppress(Exception):
                         future.result()
                 self._collect(report)
+            self._tick_done(started)
         return report
 
     def _read_together(
@@ -163,6 +203,67 @@ class Daemon:
                 log.debug("a batched read failed (%s); each run reads its own", exc)
         return read
 
+    def _supervisor(self, run_id: str) -> RunSupervisor:
+        leases = self.leases
+        guard = (lambda: leases.check(run_id)) if leases is not None else None
+        supervisor = RunSupervisor(
+            run_id, self.tracker, self.audit, self.config, guard=guard, metrics=self.metrics
+        )
+        self.supervisors[run_id] = supervisor
+        return supervisor
+
+    def _cycle(
+        self,
+        supervisor: RunSupervisor,
+        run: RunInfo,
+        read: tuple[list[MetricPoint], Cursor] | None,
+    ) -> AuditRecord | None:
+        with self.metrics.cycle_duration.time():
+            return supervisor.tick(self.policy, run, read)
+
+    def _settle_leases(self, mine: set[str]) -> set[str]:
+        """For a single pass (``--once``): wait until the leases just written can be read
+        back, and read them back."""
+        assert self.leases is not None
+        deadline = self.leases.settle_deadline()
+        if deadline is not None:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        started = time.monotonic()
+        try:
+            runs = self.tracker.find_managed_runs(self.experiments)
+        except TrackerError as exc:
+            log.warning("cannot read back the leases just taken: %s", exc)
+            return mine
+        return self.leases.refresh(runs, started, time.monotonic())
+
+    def _tick_done(self, started: float) -> None:
+        self._last_tick = time.monotonic()
+        self.metrics.tick_duration.observe(self._last_tick - started)
+        self.metrics.last_tick.set_to_current_time()
+
+    def health(self) -> Probe:
+        """Alive: the scheduler ticked recently (or the daemon is just starting)."""
+        limit = self._stale_after()
+        since = time.monotonic() - (self._last_tick or self._started)
+        if since > limit:
+            what = "last tick" if self._last_tick else "start, and no tick yet"
+            return Probe(False, f"{since:.0f} s since the {what} (limit {limit:.0f} s)")
+        return Probe(True, f"ticking: last tick {since:.1f} s ago, every {self.interval_s:g} s")
+
+    def ready(self) -> Probe:
+        """Ready: the tracker answered the last tick's listing, recently. Answers from what
+        the ticks saw: a probe costs the tracker nothing."""
+        if self._last_tracker_ok is None or self._tracker_down:
+            return Probe(False, f"tracker not answering: {self._tracker_problem}")
+        since = time.monotonic() - self._last_tracker_ok
+        if since > self._stale_after():
+            return Probe(False, f"tracker last answered {since:.0f} s ago")
+        return Probe(True, f"tracker answered {since:.1f} s ago")
+
+    def _stale_after(self) -> float:
+        # Three missed ticks, and at least a minute: a slow tracker listing is no death.
+        return max(3 * self.interval_s, 60.0)
+
     def _collect(self, report: TickReport) -> None:
         for run_id, future in list(self._in_flight.items()):
             if not future.done():
@@ -172,6 +273,8 @@ class Daemon:
                 record = future.result()
             except Exception as exc:  # one run's failure must not stop the others
                 quiet = isinstance(exc, TrackerError)
+                if quiet:
+                    self.metrics.tracker_errors.labels("cycle").inc()
                 log.warning("run %s: decision cycle failed: %s", run_id, exc, exc_info=not quiet)
                 report.errors[run_id] = str(exc)
                 # Rebuild from the tracker next tick rather than trust partial state.
@@ -220,8 +323,10 @@ class Daemon:
             id=f"atm-tick-{id(self)}",
         )
 
-    def serve(self, interval_s: float) -> None:
-        """Run ``run_once`` every ``interval_s`` seconds until interrupted."""
+    def serve(self, interval_s: float, drain_timeout: float = 90.0) -> None:
+        """Run ``run_once`` every ``interval_s`` seconds until SIGTERM or Ctrl-C; then let the
+        decisions in flight finish (up to ``drain_timeout`` seconds), release this replica's
+        leases so that the others take its runs at once, and return."""
         scheduler = BlockingScheduler()
         self.schedule(scheduler, interval_s)
         log.info(
@@ -238,14 +343,26 @@ class Daemon:
         except (KeyboardInterrupt, SystemExit):
             pass
         finally:
+            log.info("stopping: %d decision(s) in flight", len(self._in_flight))
+            self.drain(drain_timeout)
+            if self.leases is not None:
+                released = self.leases.release()
+                log.info("released %d lease(s)", released)
             self.close()
 
     def drain(self, timeout: float) -> TickReport:
-        """Wait up to ``timeout`` seconds for decisions in flight; collect what finished."""
+        """Wait up to ``timeout`` seconds for decisions in flight, renewing the leases they
+        need meanwhile; collect what finished."""
         deadline = time.monotonic() + timeout
+        step = self.leases.ttl_s / 6 if self.leases is not None else timeout
         for future in list(self._in_flight.values()):
-            with contextlib.suppress(Exception):
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            while time.monotonic() < deadline:
+                with contextlib.suppress(Exception):
+                    future.result(timeout=max(0.0, min(step, deadline - time.monotonic())))
+                if future.done():
+                    break
+                if self.leases is not None:
+                    self.leases.renew()
         report = TickReport()
         with self._lock:
             self._collect(report)

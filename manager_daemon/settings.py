@@ -10,12 +10,13 @@ them reads the environment.
 from __future__ import annotations
 
 import copy
+import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from integrations.settings import TrackerSettings
@@ -39,6 +40,13 @@ def _same_as(model: type[Any], name: str) -> Any:
     that configures it: one definition, two places."""
     info: FieldInfo = model.model_fields[name]
     return copy.copy(info)
+
+
+class LogFormat(StrEnum):
+    """How the daemon writes its logs: for people, or one JSON object per line."""
+
+    TEXT = "text"
+    JSON = "json"
 
 
 class DaemonSettings(TrackerSettings):
@@ -102,6 +110,62 @@ class DaemonSettings(TrackerSettings):
     experiments: list[str] = Field(
         default_factory=list, description="Only runs of these experiments (default: all)"
     )
+    ops_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the operations endpoints: /healthz, /readyz and /metrics "
+        "(Prometheus); unset: not served",
+    )
+    ops_host: str = Field("0.0.0.0", description="Address the operations endpoints listen on")
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="Logs for people (text) or one JSON object per line (json)"
+    )
+    replica_name: str = Field(
+        default_factory=socket.gethostname,
+        description="This replica's name, in the leases it writes (default: the host name, a "
+        "StatefulSet pod's name)",
+    )
+    replica: int | None = Field(
+        None,
+        ge=0,
+        description="This replica's ordinal among the replicas (default: the -N suffix of its "
+        "name, else 0)",
+    )
+    replicas: int = Field(
+        1, ge=1, description="How many daemon replicas share the managed runs of this tracker"
+    )
+    lease_ttl: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds a replica's lease on a run lasts unrenewed: how long the runs of "
+        "a replica that died wait before another takes them; at least three intervals "
+        "(default: 60, or three intervals if longer)",
+    )
+    lease_settle: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds between writing a lease and reading it back to confirm it (a "
+        "lease write must land within half of this)",
+    )
+    drain_timeout: float = Field(
+        90.0,
+        ge=0,
+        description="Seconds a stopping daemon (SIGTERM) waits for the decisions in flight",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_ticks(self) -> DaemonSettings:
+        if self.lease_ttl is not None and self.lease_ttl < 3 * self.interval:
+            raise ValueError(
+                f"lease_ttl ({self.lease_ttl:g} s) must be at least three intervals "
+                f"({3 * self.interval:g} s): leases are renewed at ticks"
+            )
+        return self
+
+    def lease_ttl_s(self) -> float:
+        """The lease TTL in force: the setting, else 60 s or three intervals if longer."""
+        return self.lease_ttl if self.lease_ttl is not None else max(60.0, 3 * self.interval)
 
     @classmethod
     def from_options(cls, **given: Any) -> DaemonSettings:

@@ -37,6 +37,8 @@ from integrations.trackers import (
     Tracker,
 )
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
+from manager_daemon.leases import LeaseLost
+from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy, PolicyAnswer
 from manager_daemon.telemetry import (
     EVALS_FOR_OUTCOME,
@@ -66,12 +68,23 @@ class RunSupervisor:
     """Decision cycles for one run."""
 
     def __init__(
-        self, run_id: str, tracker: Tracker, audit: AuditLog, config: SupervisorConfig | None = None
+        self,
+        run_id: str,
+        tracker: Tracker,
+        audit: AuditLog,
+        config: SupervisorConfig | None = None,
+        *,
+        guard: Callable[[], None] | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
+        """``guard`` raises ``LeaseLost`` when this process may no longer write a decision
+        for the run (another daemon replica supervises it now)."""
         self.run_id = run_id
         self.tracker = tracker
         self.audit = audit
         self.config = config or SupervisorConfig()
+        self.guard = guard
+        self.metrics = metrics
         self.spec: RunSpec | None = None
         self.spec_error: str | None = None
         self.spec_digest: str | None = None
@@ -80,6 +93,8 @@ class RunSupervisor:
         self.records: dict[int, AuditRecord] = {}
         self.history: list[Intervention] = []
         self.last_decision_step = -1
+        # Where to start again when a decision could not be written (the lease was short).
+        self._undecided_step = -1
         self._values_cache: tuple[int, dict[str, float]] | None = None
 
     # ---- loading ------------------------------------------------------------------------
@@ -132,8 +147,10 @@ class RunSupervisor:
             return True
         if not run.latest_steps:
             return True  # a listing without latest steps: only a read can tell
-        latest = run.latest_steps.get(self.telemetry.objective.metric)
         read = self.telemetry.evals[-1][0] if self.telemetry.evals else -1
+        if read > self.last_decision_step:
+            return True  # read, but its decision could not be written yet
+        latest = run.latest_steps.get(self.telemetry.objective.metric)
         return latest is not None and latest > read
 
     def pending_read(self, run: RunInfo) -> PointsRead | None:
@@ -192,6 +209,7 @@ class RunSupervisor:
         latest_eval_step = self.telemetry.evals[-1][0]
         if latest_eval_step <= self.last_decision_step:
             return None
+        self._undecided_step = self.last_decision_step
         self.last_decision_step = latest_eval_step
         if any(Command.STOP.value in item.commands for item in self.history):
             return None  # the run is ending: nothing a policy issues now would take effect
@@ -213,6 +231,8 @@ class RunSupervisor:
         started = time.monotonic()
         answer: PolicyAnswer = propose(snapshot, menu)
         decided = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.policy_answered(answer, llm_policy=source == Source.LLM)
         stale = self._staleness(snapshot, decided)
         proposal = answer.proposal
         if proposal.action == "no_action" and not answer.error and not self.config.audit_no_action:
@@ -260,10 +280,18 @@ class RunSupervisor:
                 values=result.values,
                 commands=result.commands,
                 issue=status == "issued",
+                guard=self.guard,
             )
         except VersionConflict as exc:
             record = record.model_copy(update={"status": "stale", "error": str(exc)})
             self.audit.write_record(record)
+        except LeaseLost as exc:
+            # Another replica supervises the run now: it writes the run's decisions.
+            log.warning("%s; decision dropped unwritten (%s)", exc, record.summary())
+            self.last_decision_step = self._undecided_step  # decided again while held
+            return None
+        if self.metrics is not None:
+            self.metrics.decided(record)
         self.records[record.decision_id] = record
         if record.params_version:
             self.history.append(_intervention(record))
