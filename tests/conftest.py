@@ -152,3 +152,10 @@ def mlflow_backend(request: pytest.FixtureRequest) -> Backend:
 def memory() -> Backend:
     """A fresh in-memory tracker, for fast tests of what sits above the seam."""
     return _memory_backend()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A benchmark is slow too: ``-m "not slow"`` leaves it out as ``-m "not bench"`` does."""
+    for item in items:
+        if item.get_closest_marker("bench") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
