@@ -442,7 +442,8 @@ def test_faults_are_retried_until_the_call_succeeds(
 
     run.load(force=True)
 
-    assert wandb_server.requests == {"Run": requests}
+    # Only the Run query: the SDK's own telemetry posts (otel) come when they will.
+    assert wandb_server.requests["Run"] == requests
     assert time.monotonic() - started >= least_seconds
     assert run.state == "finished"
 
