@@ -141,7 +141,8 @@ class ManagerCallback(TrainerCallback, ManagedTraining):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.client is not None or not state.is_world_process_zero:
+        # Every rank: rank 0 manages, the others follow it (integrations.ranks).
+        if self.client is not None:
             return
         session.claim(self.framework)
         self.args = args
