@@ -28,8 +28,8 @@ from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command
 from integrations.torch_ops import (
     current_dropout,
     decaying_groups,
-    scale_learning_rate,
     set_dropout,
+    set_learning_rate,
     set_weight_decay,
 )
 
@@ -65,9 +65,7 @@ class ManagerCallback(TrainerCallback, ManagedTraining):
         KnobRow(
             Knob.LEARNING_RATE,
             lambda cb: cb.args.learning_rate,
-            lambda cb, new: scale_learning_rate(
-                cb.optimizer, cb.lr_scheduler, new / cb.value(Knob.LEARNING_RATE)
-            ),
+            lambda cb, new: set_learning_rate(cb.optimizer, cb.lr_scheduler, new),
         ),
         KnobRow(
             Knob.WEIGHT_DECAY,
