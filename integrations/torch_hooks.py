@@ -12,6 +12,10 @@ Knobs: the optimizer's ``learning_rate`` (with a scheduler's base lrs, when give
 script says it honours (``stop`` by default: read ``knobs.stop_requested``); ``checkpoint`` with
 a ``checkpoint`` function; ``rollback_to_best`` with ``keep_best=True``, when the script reports
 its evaluations with ``knobs.evaluated(metrics, step)``.
+
+Under several ranks (``torch.distributed`` initialised), create and start it on every rank and
+call ``step`` (and ``evaluated``) on every rank with the same step numbers: rank 0 manages,
+the others follow it (``integrations.ranks``).
 """
 
 from __future__ import annotations
