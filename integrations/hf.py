@@ -9,7 +9,8 @@ schedules keep the change), ``weight_decay`` (decaying groups only), ``dropout``
 dropout module), ``max_grad_norm`` and ``label_smoothing`` (the loss the Trainer computes).
 Commands: ``stop``, ``checkpoint`` and ``rollback_to_best`` (the weights and optimizer moments
 of the best evaluation so far, kept in host memory; on by default for models of up to 50M
-parameters, ``keep_best=True`` or ``False`` to decide).
+parameters, ``keep_best=True`` or ``False`` to decide). Under several ranks every rank's
+Trainer has the callback: rank 0 manages, the others follow it (``integrations.ranks``).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_a_plain_ddp_loop_under_atm_run_applies_on_every_rank_at_once(
 ) -> None:
     run_id, client = new_run(), MlflowClient(tracking_uri)
     logs, traces = tmp_path / "ranks", tmp_path / "trace"
-    script = [str(SCRIPTS / "ddp_loop.py"), str(traces), "600", "0.02"]
+    script = [str(SCRIPTS / "ddp_loop.py"), str(traces), "400", "0.02"]
     train = atm_run(
         tracking_uri, run_id, _torchrun(logs, *script), tmp_path / "train.log", cwd=tmp_path
     )
