@@ -5,8 +5,9 @@ A framework integration (transformers, stable-baselines3, a plain torch loop) is
 table of ``KnobRow``, so a new knob is one row), where the model and optimizer are, and how to
 save a checkpoint and stop. Everything else is here: the objective, finding the run the script
 logs to, the knob spec, a client start-up that can never stop training, keeping the best state,
-and applying a version in a fixed order (checkpoint, rollback, knobs, stop) on the training
-thread at the framework's boundaries.
+applying a version in a fixed order (checkpoint, rollback, knobs, stop) on the training
+thread at the framework's boundaries, and, under several ranks, rank 0 deciding for all of
+them (``integrations.ranks``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from integrations.client import ManagerClient
+from integrations.client import ManagerClient, ParamsApplier
 from integrations.knobs import BoundsOverrides, derive_knob
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
@@ -27,6 +28,7 @@ from integrations.protocol import (
     ParamsVersion,
     RunSpec,
 )
+from integrations.ranks import RanksUnreachable, RankSync, distributed_rank
 from integrations.settings import ClientSettings
 from integrations.torch_ops import BestState
 from integrations.trackers import bind_run
@@ -88,7 +90,9 @@ class ManagedTraining:
         self.keep_best = keep_best
         self.live = dict(live or {})
         self.on_live = on_live
-        self.client: ManagerClient | None = None
+        # Rank 0 (or a single process): a ManagerClient; another rank: a ParamsApplier.
+        self.client: ParamsApplier | None = None
+        self.ranks: RankSync | None = None
         self.best: BestState | None = None
         self.stop_requested = False
 
@@ -115,9 +119,18 @@ class ManagedTraining:
     # ---- shared -------------------------------------------------------------------------
 
     def start_managing(self) -> bool:
-        """Find the run, publish the knobs, start polling; True when managed. Never raises."""
+        """Find the run, publish the knobs, start polling; True when managed. Never raises.
+
+        Under several ranks, a rank other than 0 never looks for the run: it follows rank 0.
+        """
         self.client, self.stop_requested = None, False
         try:
+            settings = ClientSettings()
+            ranks = self.join_ranks()
+            if ranks is not None and not ranks.leads:
+                self.client = ParamsApplier(self.spec())
+                log.info("atm: rank %d follows rank 0's params versions", ranks.rank)
+                return True
             binding = bind_run(self.run_id, self.tracking_uri)
             if binding is None:
                 log.warning(
@@ -126,7 +139,6 @@ class ManagedTraining:
                     self.framework,
                 )
                 return False
-            settings = ClientSettings()
             self.client = ManagerClient(
                 binding.run_id,
                 self.spec(),
@@ -141,8 +153,24 @@ class ManagedTraining:
             return False
         return True
 
+    def join_ranks(self) -> RankSync | None:
+        """Under several ranks, take part in the exchanges of rank 0's versions from now on.
+
+        Every rank must join at the same point of training (``start_managing`` does).
+        """
+        if self.ranks is None and (world := distributed_rank()) is not None:
+            settings = ClientSettings()
+            self.ranks = RankSync(
+                rank=world[0],
+                world_size=world[1],
+                apply_at=self.apply_at,
+                every=settings.rank_sync_every,
+                timeout_s=settings.rank_timeout,
+            )
+        return self.ranks
+
     def stop_managing(self) -> None:
-        if self.client is not None:
+        if isinstance(self.client, ManagerClient):
             self.client.close()
 
     def spec(self) -> RunSpec:
@@ -180,9 +208,39 @@ class ManagedTraining:
 
     def apply_pending(self, boundary: Boundary, step: int) -> ParamsVersion | None:
         """Apply a staged version if this is its boundary; cheap when there is none."""
+        if self.ranks is not None:
+            return self._apply_across_ranks(boundary, step)
         if self.client is None:
             return None
         return self.client.apply_pending(boundary, step, self._apply)
+
+    def _apply_across_ranks(self, boundary: Boundary, step: int) -> ParamsVersion | None:
+        """Every rank applies rank 0's staged version at the same exchange point."""
+        ranks = self.ranks
+        assert ranks is not None
+        if not ranks.due(boundary, step):
+            return None
+        taken = None
+        if ranks.leads and self.client is not None:
+            taken = self.client.take_staged(boundary)
+        try:
+            version = ranks.exchange(taken)
+        except RanksUnreachable as exc:
+            log.warning(
+                "atm: rank %d cannot reach the other ranks (%s); it stops applying versions, "
+                "training continues",
+                ranks.rank,
+                exc,
+            )
+            self.ranks = None
+            if taken is not None and self.client is not None:
+                self.client.reject(taken, step, "not applied: the other ranks are unreachable")
+            self.stop_managing()
+            self.client = None
+            return None
+        if version is None or self.client is None:
+            return None
+        return self.client.apply_version(version, step, self._apply)
 
     def _apply(self, changed: dict[str, float], commands: list[Command]) -> None:
         assert self.client is not None

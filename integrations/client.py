@@ -62,7 +62,74 @@ class _Ack:
     rejected: str | None = None
 
 
-class ManagerClient:
+class ParamsApplier:
+    """The training-thread half of a client: the values in force, and applying a version.
+
+    A process that takes its versions from elsewhere (a rank other than 0, which follows rank
+    0) uses this alone: it never talks to the tracker and acknowledges nothing.
+    """
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.values: dict[str, float] = spec.knob_values
+        self.applied_version = 0
+        self._staged: ParamsVersion | None = None
+        self._lock = threading.Lock()
+
+    def value(self, name: str) -> float:
+        """The current value of a knob, as last applied."""
+        return self.values[name]
+
+    @property
+    def staged_version(self) -> int | None:
+        """The version waiting for its boundary, if any."""
+        staged = self._staged
+        return staged.version if staged is not None else None
+
+    def take_staged(self, boundary: Boundary) -> ParamsVersion | None:
+        """The staged version, now no longer staged, if ``boundary`` is where it applies."""
+        if self._staged is None or boundary is not self.spec.apply_at:
+            return None
+        with self._lock:
+            staged, self._staged = self._staged, None
+        return staged
+
+    def apply_pending(self, boundary: Boundary, step: int, apply: ApplyFn) -> ParamsVersion | None:
+        """Apply the staged version if this is its boundary; returns it when applied."""
+        staged = self.take_staged(boundary)
+        return self.apply_version(staged, step, apply) if staged is not None else None
+
+    def apply_version(
+        self, version: ParamsVersion, step: int, apply: ApplyFn
+    ) -> ParamsVersion | None:
+        """Apply ``version`` now, at ``step``; returns it when applied.
+
+        Only knobs whose value changes are passed to ``apply``. If ``apply`` raises, the version
+        is reported as rejected and the previous values stay in force.
+        """
+        changed = {k: v for k, v in version.values.items() if self.values.get(k) != v}
+        try:
+            apply(changed, list(version.commands))
+        except Exception as exc:  # the training run must survive a failed apply
+            reason = f"v{version.version}: could not apply: {exc}"
+            log.warning("atm: %s", reason)
+            self._acknowledge(_Ack(version.version, step, rejected=reason))
+            return None
+        self.values.update(changed)
+        self.applied_version = version.version
+        log.info("atm: applied params v%d at step %d: %s", version.version, step, changed)
+        self._acknowledge(_Ack(version.version, step))
+        return version
+
+    def reject(self, version: ParamsVersion, step: int, reason: str) -> None:
+        """Report a taken version as not applied."""
+        self._acknowledge(_Ack(version.version, step, rejected=f"v{version.version}: {reason}"))
+
+    def _acknowledge(self, ack: _Ack) -> None:
+        """Acknowledgements go nowhere here; a client sends them to the tracker."""
+
+
+class ManagerClient(ParamsApplier):
     """Connects one training run to the manager through its tracker.
 
     Args:
@@ -92,20 +159,18 @@ class ManagerClient:
             if not tracking_uri:
                 raise ValueError("ManagerClient needs a tracker or a tracking_uri")
             tracker = open_tracker(tracking_uri)
+        super().__init__(spec.model_copy(update={"poll_interval_s": poll_interval}))
         self.run_id = run_id
-        self.spec = spec.model_copy(update={"poll_interval_s": poll_interval})
         self.tracker = tracker
         self.objective = objective
         self.poll_interval = poll_interval
         self.resume = resume
         self.signing_key = signing_key or None
 
-        self.values: dict[str, float] = spec.knob_values
-        self.applied_version = 0
         self._resume_pending = resume
+        # The version re-applied on resume, until it is applied: newer ones wait behind it.
+        self._resuming: ParamsVersion | None = None
         self._seen_version = 0
-        self._staged: ParamsVersion | None = None
-        self._lock = threading.Lock()
         self._acks: list[_Ack] = []
         self._published = False
         self._stop = threading.Event()
@@ -132,48 +197,9 @@ class ManagerClient:
             self._thread.join(timeout)
             self._thread = None
 
-    # ---- training-thread API (memory only) ----------------------------------------------
-
-    def value(self, name: str) -> float:
-        """The current value of a knob, as last applied."""
-        return self.values[name]
-
-    @property
-    def staged_version(self) -> int | None:
-        """The version waiting for its boundary, if any."""
-        staged = self._staged
-        return staged.version if staged is not None else None
-
-    def apply_pending(self, boundary: Boundary, step: int, apply: ApplyFn) -> ParamsVersion | None:
-        """Apply the staged version if this is its boundary; returns it when applied.
-
-        Only knobs whose value changes are passed to ``apply``. If ``apply`` raises, the version
-        is reported as rejected and the previous values stay in force.
-        """
-        staged = self._staged
-        if staged is None or boundary is not self.spec.apply_at:
-            return None
-        with self._lock:
-            staged, self._staged = self._staged, None
-        if staged is None:
-            return None
-        changed = {k: v for k, v in staged.values.items() if self.values.get(k) != v}
-        try:
-            apply(changed, list(staged.commands))
-        except Exception as exc:  # the training run must survive a failed apply
-            reason = f"v{staged.version}: could not apply: {exc}"
-            log.warning("atm: %s", reason)
-            self._enqueue(_Ack(staged.version, step, rejected=reason))
-            return None
-        self.values.update(changed)
-        self.applied_version = staged.version
-        log.info("atm: applied params v%d at step %d: %s", staged.version, step, changed)
-        self._enqueue(_Ack(staged.version, step))
-        return staged
-
     # ---- background thread --------------------------------------------------------------
 
-    def _enqueue(self, ack: _Ack) -> None:
+    def _acknowledge(self, ack: _Ack) -> None:
         with self._lock:
             self._acks.append(ack)
         self._wake.set()
@@ -228,6 +254,8 @@ class ManagerClient:
             self._unreachable_since = None
         if self._resume_pending:
             self._stage_resume(run.tags)
+        if self._resuming is not None and self._staged is self._resuming:
+            return  # the version re-applied on resume goes first, on its own
         latest = _int_tag(run.tags.get(TAG_PARAMS_VERSION))
         if latest > max(self._seen_version, self.applied_version):
             self._fetch(latest)
@@ -283,7 +311,8 @@ class ManagerClient:
             log.warning("atm: cannot re-apply v%d on resume: %s", applied, exc)
             return
         # Values only: a command (stop, checkpoint) was meant for the earlier process.
-        self._stage(version.model_copy(update={"commands": []}))
+        self._resuming = version.model_copy(update={"commands": []})
+        self._stage(self._resuming)
         self._seen_version = max(self._seen_version, applied)
         log.info("atm: resuming run %s: re-applying params v%d", self.run_id, applied)
 

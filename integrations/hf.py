@@ -9,7 +9,8 @@ schedules keep the change), ``weight_decay`` (decaying groups only), ``dropout``
 dropout module), ``max_grad_norm`` and ``label_smoothing`` (the loss the Trainer computes).
 Commands: ``stop``, ``checkpoint`` and ``rollback_to_best`` (the weights and optimizer moments
 of the best evaluation so far, kept in host memory; on by default for models of up to 50M
-parameters, ``keep_best=True`` or ``False`` to decide).
+parameters, ``keep_best=True`` or ``False`` to decide). Under several ranks every rank's
+Trainer has the callback: rank 0 manages, the others follow it (``integrations.ranks``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command
 from integrations.torch_ops import (
     current_dropout,
     decaying_groups,
-    scale_learning_rate,
     set_dropout,
+    set_learning_rate,
     set_weight_decay,
 )
 
@@ -65,9 +66,7 @@ class ManagerCallback(TrainerCallback, ManagedTraining):
         KnobRow(
             Knob.LEARNING_RATE,
             lambda cb: cb.args.learning_rate,
-            lambda cb, new: scale_learning_rate(
-                cb.optimizer, cb.lr_scheduler, new / cb.value(Knob.LEARNING_RATE)
-            ),
+            lambda cb, new: set_learning_rate(cb.optimizer, cb.lr_scheduler, new),
         ),
         KnobRow(
             Knob.WEIGHT_DECAY,
@@ -141,7 +140,8 @@ class ManagerCallback(TrainerCallback, ManagedTraining):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.client is not None or not state.is_world_process_zero:
+        # Every rank: rank 0 manages, the others follow it (integrations.ranks).
+        if self.client is not None:
             return
         session.claim(self.framework)
         self.args = args

@@ -230,7 +230,10 @@ def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
         return
     try:
         if current.loop is None:
-            if os.environ.get("RANK", "0") != "0":
+            from integrations.ranks import distributed_rank
+
+            if distributed_rank() is None and os.environ.get("RANK", "0") != "0":
+                # Ranks training apart, with no process group to follow rank 0 through.
                 current.claim("another rank")
                 return
             current.loop = _LoopKnobs(optimizer, current)
@@ -247,23 +250,38 @@ _LOOP = "optimizer hook"
 
 
 class _LoopKnobs:
-    """A hand-written loop's first optimizer, managed from a global step hook."""
+    """A hand-written loop's first optimizer, managed from a global step hook.
+
+    Under several ranks every rank builds one at its first step and joins rank 0's exchanges
+    there; rank 0 connects to the run when it finds one, the others follow it.
+    """
 
     def __init__(self, optimizer: Any, current: session.Session) -> None:
+        from integrations.protocol import Boundary
+        from integrations.torch_hooks import TorchKnobs
+
         self.optimizer = optimizer
         self.session = current
         self.steps = 0
-        self.knobs: Any = None
+        schedulers = current.schedulers.get(optimizer) or [None]
+        # No commands: an unmodified loop has no way to be told to stop or checkpoint.
+        self.knobs = TorchKnobs(
+            optimizer=optimizer,
+            scheduler=schedulers[-1],
+            bounds=current.config.bounds,
+            apply_at=Boundary.STEP,
+            commands=[],
+        )
+        self.knobs.join_ranks()
+        self.connected = False
         self._next_look = 0
 
     def after_step(self, optimizer: Any) -> None:
         if optimizer is not self.optimizer:
             return
         self.steps += 1
-        if self.knobs is None:
+        if not self.connected:
             self._connect()
-            if self.knobs is None:
-                return
         # Applied now, the values take effect from the next step.
         self.knobs.step(self.steps + 1)
 
@@ -275,19 +293,9 @@ class _LoopKnobs:
         self._next_look = self.steps + 10
         from integrations.trackers import bind_run
 
-        if bind_run() is None:
+        ranks = self.knobs.ranks
+        if (ranks is None or ranks.leads) and bind_run() is None:
             return
-        from integrations.protocol import Boundary
-        from integrations.torch_hooks import TorchKnobs
-
         config = self.session.config
-        schedulers = self.session.schedulers.get(self.optimizer) or [None]
-        knobs = TorchKnobs(
-            optimizer=self.optimizer,
-            scheduler=schedulers[-1],
-            bounds=config.bounds,
-            apply_at=Boundary.STEP,
-            commands=[],
-        )
-        # No commands: an unmodified loop has no way to be told to stop or checkpoint.
-        self.knobs = knobs.start(objective=config.objective, poll_interval=config.poll_interval)
+        self.knobs.start(objective=config.objective, poll_interval=config.poll_interval)
+        self.connected = True

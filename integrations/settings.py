@@ -45,6 +45,18 @@ class ClientSettings(TrackerSettings):
         gt=0,
         description="Seconds between the client's polls of the params version",
     )
+    rank_sync_every: int = Field(
+        10,
+        ge=1,
+        description="Under several ranks (torchrun, DDP): rank 0 hands its staged version to "
+        "the other ranks at every step that is a multiple of this; all apply it there",
+    )
+    rank_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Under several ranks: the longest a rank waits for the others at an "
+        "exchange before it stops applying versions (training carries on)",
+    )
 
 
 def env_names(settings: type[BaseSettings], name: str) -> list[str]:

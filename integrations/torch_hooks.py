@@ -12,6 +12,10 @@ Knobs: the optimizer's ``learning_rate`` (with a scheduler's base lrs, when give
 script says it honours (``stop`` by default: read ``knobs.stop_requested``); ``checkpoint`` with
 a ``checkpoint`` function; ``rollback_to_best`` with ``keep_best=True``, when the script reports
 its evaluations with ``knobs.evaluated(metrics, step)``.
+
+Under several ranks (``torch.distributed`` initialised), create and start it on every rank and
+call ``step`` (and ``evaluated``) on every rank with the same step numbers: rank 0 manages,
+the others follow it (``integrations.ranks``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from integrations.adapter import KnobRow, ManagedTraining
 from integrations.knobs import BoundsOverrides, Knob
 from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command, Objective, ParamsVersion
 from integrations.torch_ops import (
+    base_learning_rate,
     current_dropout,
     decaying_groups,
-    scale_learning_rate,
     set_dropout,
+    set_learning_rate,
     set_weight_decay,
 )
 
@@ -41,8 +46,7 @@ log = logging.getLogger(__name__)
 def _lr(knobs: TorchKnobs) -> float | None:
     if knobs.optimizer is None:
         return None
-    base = getattr(knobs.scheduler, "base_lrs", None)
-    return float(base[0] if base else knobs.optimizer.param_groups[0]["lr"])
+    return base_learning_rate(knobs.optimizer, knobs.scheduler)
 
 
 def _weight_decay(knobs: TorchKnobs) -> float | None:
@@ -60,9 +64,7 @@ class TorchKnobs(ManagedTraining):
         KnobRow(
             Knob.LEARNING_RATE,
             _lr,
-            lambda k, new: scale_learning_rate(
-                k.optimizer, k.scheduler, new / k.value(Knob.LEARNING_RATE)
-            ),
+            lambda k, new: set_learning_rate(k.optimizer, k.scheduler, new),
         ),
         KnobRow(
             Knob.WEIGHT_DECAY,

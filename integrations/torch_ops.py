@@ -119,6 +119,24 @@ def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
+def base_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any) -> float:
+    """The learning rate as a knob: the schedule's base lr (what it scales), or the first
+    group's lr when there is no schedule."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    base = getattr(scheduler, "base_lrs", None)
+    return float(base[0] if base else optimizer.param_groups[0]["lr"])
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, value: float) -> None:
+    """Make ``value`` the base learning rate, scaling what the optimizer and schedule hold now.
+
+    Relative to the state as it is, not to the value last set: a state loaded from a
+    checkpoint already holds the learning rate of the version it was saved under, and
+    re-applying that version must leave it as it is.
+    """
+    scale_learning_rate(optimizer, scheduler, value / base_learning_rate(optimizer, scheduler))
+
+
 def set_weight_decay(optimizer: torch.optim.Optimizer, groups: list[int], value: float) -> None:
     for i in groups:
         optimizer.param_groups[i]["weight_decay"] = value

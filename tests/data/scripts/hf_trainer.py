@@ -1,11 +1,18 @@
 """A transformers ``Trainer`` script that reports to MLflow (``report_to=["mlflow"]``).
 
 Test data: an unmodified training script that knows nothing of the manager. A one-layer
-GPT-2 learns random token sequences. Usage: ``python hf_trainer.py OUTPUT_DIR [STEPS] [SLEEP_S]``.
+GPT-2 learns random token sequences. Usage: ``python hf_trainer.py OUTPUT_DIR [STEPS] [SLEEP_S]
+[--save-steps N] [--resume] [--trace DIR]``: ``--resume`` continues from the last checkpoint in
+OUTPUT_DIR; ``--trace`` writes each rank's learning rate after every step to DIR/rankN.jsonl.
+Runs under ``torchrun`` as it is (the Trainer sets up the ranks).
 """
 
-import sys
+import argparse
+import json
+import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -16,9 +23,16 @@ from transformers import (
     TrainingArguments,
 )
 
-output_dir = sys.argv[1]
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-sleep_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
+parser = argparse.ArgumentParser()
+parser.add_argument("output_dir")
+parser.add_argument("steps", nargs="?", type=int, default=200)
+parser.add_argument("sleep_s", nargs="?", type=float, default=0.05)
+parser.add_argument("--save-steps", type=int, default=0)
+parser.add_argument("--resume", action="store_true")
+parser.add_argument("--trace", type=Path)
+options = parser.parse_args()
+output_dir, steps, sleep_s = options.output_dir, options.steps, options.sleep_s
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 torch.manual_seed(0)
 torch.set_num_threads(1)
 
@@ -42,6 +56,19 @@ class Pace(TrainerCallback):
         time.sleep(sleep_s)
 
 
+class Trace(TrainerCallback):
+    """Records this rank's learning rate after every optimizer step."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = (folder / f"rank{os.environ.get('RANK', '0')}.jsonl").open("a")
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        lr = optimizer.param_groups[0]["lr"]
+        self.file.write(json.dumps({"step": state.global_step, "lr": lr}) + "\n")
+        self.file.flush()
+
+
 model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
 args = TrainingArguments(
     output_dir=output_dir,
@@ -53,7 +80,8 @@ args = TrainingArguments(
     eval_strategy="steps",
     eval_steps=10,
     logging_steps=5,
-    save_strategy="no",
+    save_strategy="steps" if options.save_steps else "no",
+    save_steps=options.save_steps or 500,
     report_to=["mlflow"],
     use_cpu=True,
     disable_tqdm=True,
@@ -63,6 +91,6 @@ trainer = Trainer(
     args=args,
     train_dataset=Tokens(256, 0),
     eval_dataset=Tokens(32, 1),
-    callbacks=[Pace()],
+    callbacks=[Pace()] + ([Trace(options.trace)] if options.trace else []),
 )
-trainer.train()
+trainer.train(resume_from_checkpoint=options.resume or None)
