@@ -470,19 +470,10 @@ def test_wandb_uris_name_the_report_project() -> None:
 
 
 @pytest.mark.bench
-def test_bench_report_renders_a_small_run(repo_root: Path) -> None:
-    import subprocess
-    import sys
+def test_bench_report_renders_a_small_run(tmp_path: Path) -> None:
+    from train_scripts import bench_report
 
-    result = subprocess.run(
-        [sys.executable, "train_scripts/bench_report.py", "--decisions", "40"],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(repo_root)},
-    )
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["decisions"] == 40 and figures["rows"] == 40
-    assert figures["render_s"] > 0
+    figures = bench_report.main(["--decisions", "40", "--out", str(tmp_path)])
+    assert figures["decisions"] == figures["rows"] == 40
+    assert 0 < figures["issued"] <= 40 and figures["render_s"] > 0
+    assert png_size((tmp_path / "objective.png").read_bytes()) == (1200, 520)

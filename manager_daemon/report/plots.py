@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 from matplotlib.axes import Axes
@@ -129,10 +130,11 @@ def _knobs_plot(data: RunData, table: list[Row]) -> Plot:
         line, changes, advisory = _knob_series(data, table, name)
         steps, values = _xy([*line, (last_step, line[-1][1])] if line else [])
         ax.step(steps, values, where="post", color="black", linewidth=1.5)
-        for step, value, source in changes:
-            ax.plot(step, value, marker="o", color=COLOURS.get(source, "black"), linestyle="")
-        for step, value in advisory:
-            ax.plot(step, value, marker="o", markerfacecolor="none", color=ADVISORY, ls="")
+        for source in sorted({c[2] for c in changes}):
+            mine = [(step, value) for step, value, by in changes if by == source]
+            ax.plot(*_xy(mine), marker="o", color=COLOURS.get(source, "black"), linestyle="")
+        if advisory:
+            ax.plot(*_xy(advisory), marker="o", markerfacecolor="none", color=ADVISORY, ls="")
         knob = data.spec.knob(name) if data.spec else None
         if knob is not None and knob.scale is Scale.LOG and all(v > 0 for v in values):
             ax.set_yscale("log")
@@ -170,7 +172,11 @@ def _knob_series(
 
 
 def _mark_interventions(ax: Axes, table: list[Row], *, labels: bool) -> None:
+    # Lines and markers of a kind are drawn as one collection each: a run with hundreds of
+    # interventions draws as fast as one with a few.
     top = ax.get_xaxis_transform()  # x in data, y in axes coordinates
+    lines: dict[tuple[str, str], list[int]] = defaultdict(list)  # (colour, style) → steps
+    marks: dict[str, list[int]] = defaultdict(list)  # command → steps
     interventions = [r for r in table if r.intervention]
     near = max(ax.dataLim.width, 1.0) / 40  # labels closer than this go on two levels
     last_label, level = -math.inf, 0
@@ -178,26 +184,37 @@ def _mark_interventions(ax: Axes, table: list[Row], *, labels: bool) -> None:
         colour = ADVISORY if row.status == "advisory" else COLOURS.get(row.source, "black")
         issued = row.step or 0
         if row.status == "advisory":
-            ax.axvline(issued, color=colour, linestyle="--", linewidth=1, alpha=0.8)
+            lines[(colour, "--")].append(issued)
             continue
-        ax.axvline(issued, color=colour, linestyle=":", linewidth=1, alpha=0.9)
-        applied = row.applied_step
-        if applied is not None:
-            ax.axvline(applied, color=colour, linestyle="-", linewidth=1.2, alpha=0.7)
-        at = applied if applied is not None else issued
-        if Command.ROLLBACK_TO_BEST.value in row.commands:
-            ax.plot(at, 0.96, marker="<", markersize=11, color=ROLLBACK, transform=top, ls="")
-        if Command.STOP.value in row.commands:
-            ax.plot(at, 0.96, marker="s", markersize=10, color=STOP, transform=top, ls="")
+        lines[(colour, ":")].append(issued)
+        if row.applied_step is not None:
+            lines[(colour, "-")].append(row.applied_step)
+        at = row.applied_step if row.applied_step is not None else issued
+        for command in row.commands:
+            marks[command].append(at)
         if labels and len(interventions) <= MAX_LABELS and row.version:
             level = 1 - level if at - last_label < near else 0
             last_label = at
             ax.text(at, 1.01 + 0.04 * level, f"v{row.version}", transform=top, color=colour,
                     fontsize=8, ha="center", va="bottom")  # fmt: skip
+    a = 0.8 if len(interventions) <= MAX_LABELS else 0.35  # with many lines, the curve shows
+    for (colour, style), steps in lines.items():
+        width = 1.2 if style == "-" else 1.0
+        ax.vlines(steps, 0, 1, transform=top, colors=colour, linestyles=style, lw=width, alpha=a)
+    for command, (shape, colour, size) in _COMMAND_MARKS.items():
+        if marks[command]:
+            ax.plot(marks[command], [0.96] * len(marks[command]), marker=shape, color=colour,
+                    markersize=size, transform=top, ls="")  # fmt: skip
     rejected = [r.step or 0 for r in table if r.status == "rejected"]
     if rejected:
         ax.plot(rejected, [0.03] * len(rejected), marker="x", color=REJECTED, ls="", ms=8,
                 transform=top)  # fmt: skip
+
+
+_COMMAND_MARKS = {
+    Command.ROLLBACK_TO_BEST.value: ("<", ROLLBACK, 11),
+    Command.STOP.value: ("s", STOP, 10),
+}
 
 
 def _legend(ax: Axes, table: list[Row]) -> list[Line2D]:
