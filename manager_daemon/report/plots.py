@@ -24,8 +24,8 @@ from manager_daemon.report.decisions import Row
 
 DPI = 100
 WIDTH = 1200
-OBJECTIVE_HEIGHT = 520
-PANEL_HEIGHT = 240
+OBJECTIVE_HEIGHT = 440
+PANEL_HEIGHT = 190
 # Versions are labelled on the plot up to this many interventions; past it, labels would
 # only hide the curve.
 MAX_LABELS = 30
@@ -158,8 +158,8 @@ def _knob_series(
     advisory: Series = []
     for row in table:
         value = records[row.decision_id].values.get(name)
-        if value is None or not row.intervention:
-            continue
+        if value is None or not row.intervention or row.superseded:
+            continue  # a superseded version's values reached the run with the next one
         if row.status == "advisory":
             advisory.append((row.step or 0, value))
             continue
@@ -172,6 +172,8 @@ def _knob_series(
 
 
 def _mark_interventions(ax: Axes, table: list[Row], *, labels: bool) -> None:
+    """Every intervention on ``ax``; with ``labels`` (the objective's plot) their versions and
+    the rejected proposals too."""
     # Lines and markers of a kind are drawn as one collection each: a run with hundreds of
     # interventions draws as fast as one with a few.
     top = ax.get_xaxis_transform()  # x in data, y in axes coordinates
@@ -206,7 +208,7 @@ def _mark_interventions(ax: Axes, table: list[Row], *, labels: bool) -> None:
             ax.plot(marks[command], [0.96] * len(marks[command]), marker=shape, color=colour,
                     markersize=size, transform=top, ls="")  # fmt: skip
     rejected = [r.step or 0 for r in table if r.status == "rejected"]
-    if rejected:
+    if rejected and labels:
         ax.plot(rejected, [0.03] * len(rejected), marker="x", color=REJECTED, ls="", ms=8,
                 transform=top)  # fmt: skip
 
