@@ -722,7 +722,9 @@ def report(
         )
         if target is not None:
             saved = wandb_report.save(
-                wandb_report.build([d for d, _ in compared.runs], *target, title=experiment)
+                wandb_report.build(
+                    [d for d, _ in compared.runs], *target, title=experiment, budget=settings.budget
+                )
             )
             console.print(f"W&B report: {saved}")
         return
@@ -736,7 +738,9 @@ def report(
     if out is not None:
         console.print(f"written to {out / 'index.html'}")
     if target is not None:
-        saved = wandb_report.save(wandb_report.build([made.data], *target, title=made.data.name))
+        saved = wandb_report.save(
+            wandb_report.build([made.data], *target, title=made.data.name, budget=settings.budget)
+        )
         console.print(f"W&B report: {saved}")
 
 

@@ -234,6 +234,22 @@ def test_a_run_without_decisions_gets_a_report_that_says_so(memory: Backend) -> 
     assert memory.read_file(run_id, REPORT_PAGE_PATH) == report.html.encode()
 
 
+def test_other_evaluated_metrics_get_a_plot_and_run_text_is_escaped(memory: Backend) -> None:
+    run_id = memory.new_run('<b onmouseover="x()">run</b>')
+    memory.log_history(
+        run_id,
+        [(s, {"eval_loss": 3.0 / s, "eval_accuracy": 0.1 * s, "loss": 1.0}) for s in (1, 2, 3)]
+        + [(s, {"grad_norm": 1.0}) for s in (1, 2, 3)],
+    )
+    report = build_run_report(memory.tracker, run_id)
+    assert [p.name for p in report.plots] == ["objective", "metrics"]
+    assert report.data.other_metrics == ["eval_accuracy"], "only evaluations, not grad_norm"
+    page = check_page(report.html, {})
+    assert [(a["width"], a["height"]) for a in page.images][1] == ("1200", "230")
+    assert not [a for _, a in page.tags if "onmouseover" in a], "the run's name is text"
+    assert "&lt;b onmouseover=&#34;x()&#34;&gt;run&lt;/b&gt;" in report.html
+
+
 def test_the_summary_counts_interventions_by_source_and_verdict(
     memory: Backend, replay: ReplayServer
 ) -> None:

@@ -29,6 +29,8 @@ __all__ = [
     "build_experiment_report",
     "build_run_report",
     "publish_run_report",
+    "report_from",
+    "write_local",
 ]
 
 log = logging.getLogger(__name__)
