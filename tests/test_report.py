@@ -329,6 +329,18 @@ def test_the_daemon_reports_a_run_once_it_has_ended(memory: Backend) -> None:
     assert memory.read_file(detached, REPORT_PAGE_PATH) is None
 
 
+def test_atm_daemon_once_with_report_every_logs_the_report(memory: Backend) -> None:
+    run_id = overfitting_run(memory)
+    flags = ["--once", "--policy", "rules", "--report-every", "1", "--lease-settle", "0.1"]
+    result = runner.invoke(
+        app,
+        ["daemon", *flags, "--experiment", memory.experiment, "--tracking-uri", memory.uri],
+    )
+    assert result.exit_code == 0, result.output
+    page = Page((memory.read_file(run_id, REPORT_PAGE_PATH) or b"").decode())
+    assert [row["status"] for row in page.rows.values()] == ["issued"]
+
+
 def test_report_settings_reach_the_daemon_and_the_chart(monkeypatch: pytest.MonkeyPatch) -> None:
     from manager_daemon.settings import DaemonSettings
 
