@@ -198,7 +198,6 @@ def daemon(
     from manager_daemon.metrics import DaemonMetrics
     from manager_daemon.ops import OpsServer
     from manager_daemon.policies.factory import make_policy
-    from manager_daemon.report.keeper import ReportKeeper
 
     settings = _settings(
         tracking_uri=tracking_uri,
@@ -259,6 +258,8 @@ def daemon(
     )
     reports = None
     if settings.report_every or settings.report_at_end:
+        from manager_daemon.report.keeper import ReportKeeper
+
         reports = ReportKeeper(
             tracker,
             every=settings.report_every,

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
@@ -23,9 +24,11 @@ from manager_daemon.audit import AuditLog
 from manager_daemon.leases import Leases
 from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy
-from manager_daemon.report.keeper import ReportKeeper
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.telemetry import METRIC_WINDOW
+
+if TYPE_CHECKING:  # the report package (matplotlib) loads only when reports are asked for
+    from manager_daemon.report.keeper import ReportKeeper
 
 log = logging.getLogger(__name__)
 
