@@ -38,6 +38,9 @@ TAG_DAEMON_LEASE = "atm.daemon.lease"
 SPEC_PATH = "atm/spec.json"
 PARAMS_DIR = "atm/params"
 AUDIT_DIR = "atm/audit"
+# The run's report (``atm report``): a self-contained HTML page and its plots as PNG files.
+REPORT_DIR = "atm/report"
+REPORT_PAGE_PATH = f"{REPORT_DIR}/index.html"
 
 # Metric logged by the client at the step a version was applied.
 METRIC_PARAMS_VERSION = "atm.params_version"
@@ -56,6 +59,11 @@ def params_path(version: int) -> str:
 def audit_path(decision_id: int) -> str:
     """Artifact path of the audit record of decision ``decision_id``."""
     return f"{AUDIT_DIR}/d{decision_id:06d}.json"
+
+
+def report_plot_path(name: str) -> str:
+    """Artifact path of the report's plot ``name`` (``objective``, ``knobs``…)."""
+    return f"{REPORT_DIR}/{name}.png"
 
 
 def parse_audit_path(path: str) -> int | None:

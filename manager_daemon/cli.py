@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
+    REPORT_DIR,
     SPEC_PATH,
     TAG_CLIENT_APPLIED_STEP,
     TAG_CLIENT_APPLIED_VERSION,
@@ -183,13 +185,15 @@ def daemon(
     lease_ttl: Annotated[float | None, _setting("lease_ttl")] = None,
     lease_settle: Annotated[float | None, _setting("lease_settle")] = None,
     drain_timeout: Annotated[float | None, _setting("drain_timeout")] = None,
+    report_every: Annotated[int | None, _setting("report_every")] = None,
+    report_at_end: Annotated[bool | None, _setting("report_at_end")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Supervise every managed run on the tracker (or on the experiments named).
 
     Replicas share the runs: each supervises those whose lease it holds (see --replicas).
     """
-    from manager_daemon.daemon import Daemon
+    from manager_daemon.daemon import Daemon, lower_priority
     from manager_daemon.leases import Leases, Replica
     from manager_daemon.metrics import DaemonMetrics
     from manager_daemon.ops import OpsServer
@@ -225,6 +229,8 @@ def daemon(
         lease_ttl=lease_ttl,
         lease_settle=lease_settle,
         drain_timeout=drain_timeout,
+        report_every=report_every,
+        report_at_end=report_at_end,
     )
     _setup_logging(verbose, as_json=settings.log_format is LogFormat.JSON)
     metrics = DaemonMetrics()
@@ -250,6 +256,17 @@ def daemon(
         interval_s=settings.interval,
         metrics=metrics,
     )
+    reports = None
+    if settings.report_every or settings.report_at_end:
+        from manager_daemon.report.keeper import ReportKeeper
+
+        reports = ReportKeeper(
+            tracker,
+            every=settings.report_every,
+            at_end=settings.report_at_end,
+            budget=settings.budget,
+            initializer=functools.partial(lower_priority, settings.nice),
+        )
     runner = Daemon(
         tracker,
         chosen,
@@ -261,6 +278,7 @@ def daemon(
         leases=leases,
         metrics=metrics,
         interval_s=settings.interval,
+        reports=reports,
     )
     metrics.info.info(
         {
@@ -658,6 +676,77 @@ def _outcome_text(r: AuditRecord) -> str:
 
 def _g(x: Any) -> str:
     return "?" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+@app.command()
+@_one_line_errors
+def report(
+    run_id: Annotated[str | None, typer.Argument(help="Run id.", show_default=False)] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            "--experiment",
+            help="Compare the managed and unmanaged runs of this experiment instead of "
+            "reporting one run (written under --out, default atm-report-NAME).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the page and the plots into this folder.", show_default=False
+        ),
+    ] = None,
+    budget: Annotated[int | None, _setting("budget")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """What the manager did to a run: plots, every decision, a summary.
+
+    The page (self-contained HTML) and its plots are logged into the run under atm/report/;
+    on W&B a W&B Report is saved to the project too, and its address printed.
+    """
+    from manager_daemon import report as reports
+    from manager_daemon.report import wandb_report
+
+    if (run_id is None) == (experiment is None):
+        raise CliError("name a run (atm report RUN) or an experiment (--experiment NAME)")
+    settings = _settings(tracking_uri=tracking_uri, budget=budget)
+    tracker = _tracker(settings.tracking_uri)
+    target = wandb_report.target(tracker.uri)
+    if experiment is not None:
+        compared = reports.build_experiment_report(tracker, experiment, budget=settings.budget)
+        folder = out or Path(f"atm-report-{_slug(experiment)}")
+        for name, content in compared.files().items():
+            reports.write_local(folder, name, content)
+        console.print(
+            f"compared {len(compared.runs)} run(s) of {experiment}: {folder / 'index.html'}"
+        )
+        if target is not None:
+            saved = wandb_report.save(
+                wandb_report.build(
+                    [d for d, _ in compared.runs], *target, title=experiment, budget=settings.budget
+                )
+            )
+            console.print(f"W&B report: {saved}")
+        return
+    assert run_id is not None
+    made = reports.publish_run_report(tracker, run_id, budget=settings.budget, out=out)
+    s = made.summary
+    console.print(
+        f"report of {made.data.name}: {s.decisions} decision(s), {s.issued} issued; "
+        f"logged to the run under {REPORT_DIR}/ ({len(made.files())} files)"
+    )
+    if out is not None:
+        console.print(f"written to {out / 'index.html'}")
+    if target is not None:
+        saved = wandb_report.save(
+            wandb_report.build([made.data], *target, title=made.data.name, budget=settings.budget)
+        )
+        console.print(f"W&B report: {saved}")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "experiment"
 
 
 @app.command()

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import BaseScheduler
@@ -25,6 +26,9 @@ from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.telemetry import METRIC_WINDOW
+
+if TYPE_CHECKING:  # the report package (matplotlib) loads only when reports are asked for
+    from manager_daemon.report.keeper import ReportKeeper
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,9 @@ class Daemon:
         leases: Leases | None = None,
         metrics: DaemonMetrics | None = None,
         interval_s: float = 10.0,
+        reports: ReportKeeper | None = None,
     ) -> None:
+        """``reports`` keeps the runs' reports current, on a thread of its own."""
         self.tracker = tracker
         self.experiments = experiments or None
         self.policy = policy
@@ -111,6 +117,7 @@ class Daemon:
         self._last_tick: float | None = None
         self._last_tracker_ok: float | None = None
         self._tracker_problem = "no tick yet"
+        self.reports = reports
 
     def run_once(self, wait: bool = True) -> TickReport:
         """One pass over every managed run. Never raises for one run's failure.
@@ -153,6 +160,8 @@ class Daemon:
             live = {r.run_id for r in runs}
             for gone in set(self.supervisors) - live - set(self._in_flight):
                 del self.supervisors[gone]
+                if self.reports is not None:
+                    self.reports.gone(gone)
             report.runs = len(runs)
             news: list[tuple[RunSupervisor, RunInfo]] = []
             for run in runs:
@@ -283,6 +292,8 @@ class Daemon:
             if record is not None:
                 report.decisions.append(record)
                 self._count(record)
+                if self.reports is not None:
+                    self.reports.decided(record)
 
     def _count(self, record: AuditRecord) -> None:
         self.totals["decisions"] += 1
@@ -368,10 +379,13 @@ class Daemon:
             self._collect(report)
         return report
 
-    def close(self) -> None:
+    def close(self, reports_timeout: float | None = 60.0) -> None:
+        """Stop; the reports asked for are finished first (up to ``reports_timeout``)."""
         if self.totals:
             log.info(self.totals_line())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.reports is not None:
+            self.reports.close(reports_timeout)
 
 
 @contextlib.contextmanager

@@ -153,6 +153,13 @@ class DaemonSettings(TrackerSettings):
         ge=0,
         description="Seconds a stopping daemon (SIGTERM) waits for the decisions in flight",
     )
+    report_every: int = Field(
+        0,
+        ge=0,
+        description="Log a run's report (atm/report/) after every N of its decisions, on a "
+        "thread of its own; 0: never",
+    )
+    report_at_end: bool = Field(False, description="Log a run's report when the run ends")
 
     @model_validator(mode="after")
     def _lease_outlasts_ticks(self) -> DaemonSettings:

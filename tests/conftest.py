@@ -4,6 +4,7 @@ and each tracker backend in turn."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,6 +76,8 @@ class Backend:
 
     # Many steps' metrics at once, in as few requests as the tracker allows.
     log_history: Callable[[str, list[tuple[int, dict[str, float]]]], None]
+    # An artifact's bytes as a person downloading it gets them (None if absent).
+    read_file: Callable[[str, str], bytes | None]
 
     def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
         """Metrics logged at ``step``, as the script logs them."""
@@ -98,6 +101,7 @@ def _memory_backend() -> Backend:
         lambda name="": tracker.create_run(name, experiment),
         tracker.put_text,
         log_history,
+        tracker.read_file,
     )
 
 
@@ -128,7 +132,16 @@ def _mlflow_backend(request: pytest.FixtureRequest) -> Backend:
         make,
         lambda run_id, path, text: client.log_text(run_id, text, path),
         log_history,
+        lambda run_id, path: _download(client, run_id, path),
     )
+
+
+def _download(client: MlflowClient, run_id: str, path: str) -> bytes | None:
+    parent = path.rpartition("/")[0] or None
+    if path not in {f.path for f in client.list_artifacts(run_id, parent)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
 
 
 BACKENDS = ["memory", "mlflow"]

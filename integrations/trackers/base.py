@@ -1,10 +1,10 @@
 """The seam between the manager and an experiment tracker.
 
 A ``Tracker`` is a handful of operations on runs: metric points since a cursor, tags, small
-JSON artifacts, and the list of managed runs. Everything else in the project talks to a
-tracker only through this protocol and never asks which backend it has. A ``TrackerBackend``
-says how one kind of tracker is opened from a URI and how a training process finds the run it
-logs to; ``integrations.trackers`` picks the backend.
+JSON artifacts (and files, for reports), and the lists of runs. Everything else in the project
+talks to a tracker only through this protocol and never asks which backend it has. A
+``TrackerBackend`` says how one kind of tracker is opened from a URI and how a training process
+finds the run it logs to; ``integrations.trackers`` picks the backend.
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ class Tracker(Protocol):
         """Running runs tagged as managed (in the named experiments, when given)."""
         ...
 
+    def list_runs(self, experiment: str) -> list[RunInfo]:
+        """Every run of the experiment named, managed or not, whatever its status (none when
+        there is no such experiment)."""
+        ...
+
     def read_new_points(
         self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
@@ -117,6 +122,11 @@ class Tracker(Protocol):
         ...
 
     def write_json(self, run_id: str, path: str, payload: Any) -> None: ...
+
+    def write_file(self, run_id: str, path: str, data: bytes) -> None:
+        """Store ``data`` as the artifact at ``path`` (a report's page or plot), replacing
+        what was there."""
+        ...
 
     def list_artifacts(self, run_id: str, directory: str) -> list[str]:
         """Paths of the artifacts directly under ``directory`` (empty if none)."""

@@ -40,7 +40,7 @@ _SCHEME = "memory://"
 class _Run:
     info: RunInfo
     points: list[MetricPoint] = field(default_factory=list)
-    artifacts: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
 class _Seen(Cursor):
@@ -101,6 +101,13 @@ class MemoryTracker:
                 and (experiments is None or r.info.experiment_id in experiments)
             ]
 
+    def list_runs(self, experiment: str) -> list[RunInfo]:
+        self._call("list_runs")
+        with self._lock:
+            return [
+                _copy(r.info) for r in self._runs.values() if r.info.experiment_id == experiment
+            ]
+
     def read_new_points(
         self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
@@ -147,12 +154,12 @@ class MemoryTracker:
     def read_json(self, run_id: str, path: str) -> Any | None:
         self._call("read_json", run_id)
         with self._lock:
-            text = self._run(run_id).artifacts.get(path)
-        if text is None:
+            raw = self._run(run_id).artifacts.get(path)
+        if raw is None:
             return None
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptArtifact(
                 f"artifact {path} of run {run_id} is not valid JSON: {exc}"
             ) from exc
@@ -160,6 +167,11 @@ class MemoryTracker:
     def write_json(self, run_id: str, path: str, payload: Any) -> None:
         self._call("write_json", run_id)
         self.put_text(run_id, path, json.dumps(payload, allow_nan=False))
+
+    def write_file(self, run_id: str, path: str, data: bytes) -> None:
+        self._call("write_file", run_id)
+        with self._lock:
+            self._run(run_id).artifacts[path] = bytes(data)
 
     def list_artifacts(self, run_id: str, directory: str) -> list[str]:
         self._call("list_artifacts", run_id)
@@ -173,7 +185,12 @@ class MemoryTracker:
     def put_text(self, run_id: str, path: str, text: str) -> None:
         """Store an artifact's raw text, valid JSON or not (a tampered file, say)."""
         with self._lock:
-            self._run(run_id).artifacts[path] = text
+            self._run(run_id).artifacts[path] = text.encode("utf-8")
+
+    def read_file(self, run_id: str, path: str) -> bytes | None:
+        """An artifact's bytes, as a person downloading it would get them; None if absent."""
+        with self._lock:
+            return self._run(run_id).artifacts.get(path)
 
     def _call(self, operation: str, run_id: str | None = None) -> None:
         self.calls[operation] += 1

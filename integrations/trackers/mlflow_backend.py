@@ -109,6 +109,14 @@ class MlflowTracker:
                 )
         return [_run_info(r) for r in runs]
 
+    def list_runs(self, experiment: str) -> list[RunInfo]:
+        with _translated():
+            found = self._client.get_experiment_by_name(experiment)
+            if found is None:
+                return []
+            runs = _all_pages(self._client.search_runs, [found.experiment_id])
+        return [_run_info(r) for r in runs]
+
     def read_new_points(
         self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
     ) -> tuple[list[MetricPoint], Cursor]:
@@ -265,6 +273,14 @@ class MlflowTracker:
     def write_json(self, run_id: str, path: str, payload: Any) -> None:
         with _translated(run_id):
             self._client.log_dict(run_id, payload, path)
+
+    def write_file(self, run_id: str, path: str, data: bytes) -> None:
+        directory, _, name = path.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(data)
+            with _translated(run_id):
+                self._artifacts(run_id).log_artifact(str(local), directory or None)
 
     def list_artifacts(self, run_id: str, directory: str) -> list[str]:
         with _translated(run_id):

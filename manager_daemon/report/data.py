@@ -1,0 +1,127 @@
+"""What a report shows, read from the tracker: the run, its metrics and its audit trail.
+
+Everything here goes through the ``Tracker`` seam, so a report reads the same from any
+backend; the rest of the package works on these plain values and never asks a tracker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from integrations.protocol import (
+    DEFAULT_OBJECTIVE,
+    METRIC_PARAMS_VERSION,
+    SPEC_PATH,
+    TAG_MANAGED,
+    TAG_OBJECTIVE,
+    AuditRecord,
+    Objective,
+    RunSpec,
+)
+from integrations.trackers import CorruptArtifact, RunInfo, Tracker
+from manager_daemon.audit import AuditLog
+from manager_daemon.telemetry import TRAIN_LOSS_KEYS
+
+# Metric keys that hold evaluations: ``eval_loss``, ``eval/success``, ``val_acc``, ``test/…``.
+_EVALUATED = re.compile(r"^(eval|evaluation|val|valid|validation|test)([_/.\-]|$)")
+# Other evaluated metrics a report plots at most, besides the objective.
+MAX_OTHER_METRICS = 6
+
+Series = list[tuple[int, float]]
+
+
+@dataclass
+class RunData:
+    """One run as a report sees it."""
+
+    run: RunInfo
+    objective: Objective
+    managed: bool
+    spec: RunSpec | None
+    records: list[AuditRecord]
+    # Metric key → (step, value) in step order: the objective, the other evaluated metrics,
+    # and the train loss where the run logs one.
+    series: dict[str, Series] = field(default_factory=dict)
+    # Params version → the step at which the client applied it (its acknowledgement).
+    applied: dict[int, int] = field(default_factory=dict)
+    train_key: str | None = None
+    spec_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run.name or self.run.run_id
+
+    @property
+    def objective_series(self) -> Series:
+        return self.series.get(self.objective.metric, [])
+
+    @property
+    def other_metrics(self) -> list[str]:
+        skip = {self.objective.metric, self.train_key}
+        return [k for k in self.series if k not in skip]
+
+    @property
+    def knob_names(self) -> list[str]:
+        """Knobs of the spec, then any other knob a decision changed."""
+        names = [k.name for k in self.spec.knobs] if self.spec else []
+        for record in self.records:
+            for value in record.values:
+                if value not in names:
+                    names.append(value)
+        return names
+
+
+def evaluated_metrics(keys: list[str]) -> list[str]:
+    """The keys of ``keys`` that hold evaluations, by their names."""
+    return sorted(k for k in keys if _EVALUATED.match(k))
+
+
+def collect_run(tracker: Tracker, run_id: str, audit: AuditLog | None = None) -> RunData:
+    """Read one run's report data; raises RunNotFound for a run the tracker does not have."""
+    run = tracker.get_run(run_id)
+    objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
+    audit = audit or AuditLog(tracker)
+    records = audit.records(run_id)
+    spec, spec_error = _spec(tracker, run_id)
+    available = list(run.latest_metrics)
+    train_key = next((k for k in TRAIN_LOSS_KEYS if k in available), None)
+    others = [k for k in evaluated_metrics(available) if k != objective.metric]
+    keys = [objective.metric, *others[:MAX_OTHER_METRICS]]
+    keys += [k for k in (train_key, METRIC_PARAMS_VERSION) if k is not None and k in available]
+    points, _ = tracker.read_new_points(run_id, keys, None)
+    series: dict[str, Series] = {k: [] for k in keys if k != METRIC_PARAMS_VERSION}
+    applied: dict[int, int] = {}
+    for point in sorted(points, key=lambda p: (p.step, p.timestamp)):
+        if point.key == METRIC_PARAMS_VERSION:
+            applied.setdefault(int(point.value), point.step)
+        else:
+            series[point.key].append((point.step, point.value))
+    return RunData(
+        run=run,
+        objective=objective,
+        managed=run.tags.get(TAG_MANAGED) == "true" or bool(records),
+        spec=spec,
+        records=records,
+        series={k: v for k, v in series.items() if v or k == objective.metric},
+        applied=applied,
+        train_key=train_key,
+        spec_error=spec_error,
+    )
+
+
+def collect_experiment(tracker: Tracker, experiment: str) -> list[RunData]:
+    """Report data of every run of an experiment, managed or not, oldest first."""
+    runs = sorted(tracker.list_runs(experiment), key=lambda r: r.start_time or 0)
+    audit = AuditLog(tracker)
+    return [collect_run(tracker, r.run_id, audit) for r in runs]
+
+
+def _spec(tracker: Tracker, run_id: str) -> tuple[RunSpec | None, str | None]:
+    try:
+        raw = tracker.read_json(run_id, SPEC_PATH)
+        return (None if raw is None else RunSpec.model_validate(raw)), None
+    except (ValidationError, CorruptArtifact) as exc:
+        return None, f"unreadable {SPEC_PATH}: {exc}"
