@@ -259,6 +259,8 @@ class ManagerClient:
                 if ack.rejected:
                     self.tracker.set_tags(self.run_id, {TAG_CLIENT_REJECTED: ack.rejected})
                     continue
+                # The marker first: a reader that sees the ack finds the marker too.
+                self.tracker.log_metric(self.run_id, METRIC_PARAMS_VERSION, ack.version, ack.step)
                 self.tracker.set_tags(
                     self.run_id,
                     {
@@ -266,7 +268,6 @@ class ManagerClient:
                         TAG_CLIENT_APPLIED_STEP: str(ack.step),
                     },
                 )
-                self.tracker.log_metric(self.run_id, METRIC_PARAMS_VERSION, ack.version, ack.step)
             except TrackerError:
                 with self._lock:
                     self._acks[:0] = acks[i:]
