@@ -197,7 +197,9 @@ def _wandb_backend(request: pytest.FixtureRequest) -> Backend:
     )
 
 
-BACKENDS = ["memory", "mlflow", "wandb"]
+# W&B's runs are real SDK runs (a service process, an upload every second): its share of the
+# contract runs with the slow tests.
+BACKENDS = ["memory", "mlflow", pytest.param("wandb", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(params=BACKENDS)

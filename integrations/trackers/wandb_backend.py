@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -73,11 +72,12 @@ from integrations.trackers.base import (
 log = logging.getLogger(__name__)
 
 SCHEME = "wandb://"
+HOSTED_URL = "https://api.wandb.ai"
+HOSTED_POLL_INTERVAL_S = 30.0
 # Each API call waits at most this long (W&B's service retries 429 and 5xx within it).
 API_TIMEOUT_S = 30
-# How long a tag write waits for the client's summary keys written before it to reach the
-# server (the live SDK uploads its summary every few seconds): a daemon that sees the managed
-# tag sees the heartbeat too.
+# How long a summary write waits to show on the server (the live SDK uploads it every few
+# seconds).
 SUMMARY_VISIBLE_TIMEOUT_S = 60.0
 _STATUS = {
     "running": "RUNNING",
@@ -95,6 +95,13 @@ mutation UpsertBucket($id: String!, $tags: [String!]) {
 # A scan reads the steps of one key in pages of this many steps.
 _PAGE = 1000
 _METADATA_FIELDS = ("version", "parent_version", "source", "values", "decision_id", "status")
+
+
+def suited_poll_interval() -> float | None:
+    """The client's poll interval against W&B's hosted service (its read limits are per user
+    and project); None for a server of one's own."""
+    base = os.environ.get("WANDB_BASE_URL", HOSTED_URL)
+    return HOSTED_POLL_INTERVAL_S if base.rstrip("/") == HOSTED_URL else None
 
 
 def parse_uri(uri: str) -> tuple[str | None, str]:
@@ -141,14 +148,6 @@ def live_run(run_id: str) -> Any | None:
     return next((r for r in reversed(runs) if r.id == run_id), None)
 
 
-@dataclass
-class _Pending:
-    """Summary keys this process wrote that the server may not show yet."""
-
-    values: dict[str, Any]
-    since: float
-
-
 class WandbTracker:
     """A ``Tracker`` over a W&B project: one ``wandb.Api`` for reads and tag updates, the
     training process's live run for what it owns, a writer run for the daemon's artifacts."""
@@ -157,8 +156,7 @@ class WandbTracker:
         self.uri = uri
         self._entity, self.project = parse_uri(uri)
         self._runs: dict[str, Any] = {}
-        self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()
+        self._tags_lock = threading.Lock()
 
     # ---- where things are ---------------------------------------------------------------
 
@@ -195,7 +193,7 @@ class WandbTracker:
     # ---- reads --------------------------------------------------------------------------
 
     def ping(self) -> bool:
-        base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+        base = os.environ.get("WANDB_BASE_URL", HOSTED_URL).rstrip("/")
         try:
             response = requests.post(
                 f"{base}/graphql",
@@ -339,6 +337,7 @@ class WandbTracker:
             summary_key = wandb_key(key)
             if summary_key in dict(run.summary):
                 del run.summary[summary_key]
+            self._await_summary(run_id, {summary_key: None})
             return
         self._update_run_tags(run_id, delete=key)
 
@@ -346,10 +345,7 @@ class WandbTracker:
         run = self._own_run(run_id, next(iter(values)))
         converted = {wandb_key(k): _number(v) for k, v in values.items()}
         run.summary.update(converted)
-        with self._lock:
-            pending = self._pending.get(run_id)
-            merged = {**(pending.values if pending else {}), **converted}
-            self._pending[run_id] = _Pending(merged, time.monotonic())
+        self._await_summary(run_id, converted)
 
     def _own_run(self, run_id: str, key: str) -> Any:
         run = live_run(run_id)
@@ -360,27 +356,34 @@ class WandbTracker:
             )
         return run
 
-    def _summary_visible(self, run_id: str) -> None:
-        """Wait until the server shows the summary keys this process wrote (bounded)."""
-        with self._lock:
-            pending = self._pending.pop(run_id, None)
-        if pending is None:
-            return
-        deadline = pending.since + SUMMARY_VISIBLE_TIMEOUT_S
-        while time.monotonic() < deadline:
+    def _await_summary(self, run_id: str, expected: dict[str, Any]) -> None:
+        """Wait until the server shows the summary keys just written (None: removed).
+
+        The live SDK uploads its summary every few seconds; waiting makes a write here
+        complete as a tag write is: a reader that sees what is written after it (the managed
+        tag after the heartbeat, an ack after its marker) sees it too."""
+        deadline = time.monotonic() + SUMMARY_VISIBLE_TIMEOUT_S
+        while True:
             summary = self._run(run_id).summary_metrics or {}
-            if all(summary.get(k) == v for k, v in pending.values.items()):
+            if all(summary.get(k) == v for k, v in expected.items()):
                 return
-            time.sleep(0.5)
-        log.warning("run %s: the summary written here is not visible on W&B yet", run_id)
+            if time.monotonic() > deadline:
+                log.warning("run %s: its summary is not on W&B yet; going on", run_id)
+                return
+            time.sleep(0.25)
 
     def _update_run_tags(
         self, run_id: str, *, values: dict[str, str] | None = None, delete: str | None = None
     ) -> None:
-        """Change the run's tags in one tags-only update (config and summary untouched)."""
-        self._summary_visible(run_id)
+        """Change the run's tags in one tags-only update (config and summary untouched).
+
+        The update sends the whole list: writes from this process go one at a time, so none
+        undoes another (a renewed lease and a new version, say)."""
+        with self._tags_lock:
+            self._replace_tags(run_id, values or {}, delete)
+
+    def _replace_tags(self, run_id: str, changed: dict[str, str], delete: str | None) -> None:
         run = self._run(run_id)
-        changed = dict(values or {})
         names = {*changed, *([delete] if delete else [])}
         kept = [t for t in run.tags or [] if not _names_tag(t, names)]
         for name, value in changed.items():
@@ -464,15 +467,13 @@ class WandbTracker:
 
     def list_artifacts(self, run_id: str, directory: str) -> list[str]:
         kind, name = self._artifact(run_id, directory)
+        qualified = f"{self.entity}/{self.project}/{name}"
         with _translated(run_id):
-            try:
-                versions = list(
-                    shared_api().artifacts(kind, f"{self.entity}/{self.project}/{name}")
-                )
-            except (CommError, ValueError) as exc:
-                if _is_missing(exc):
-                    return []
-                raise
+            api = shared_api()
+            # A listing of an artifact never logged fails to parse instead of being empty.
+            if not api.artifact_collection_exists(qualified, kind):
+                return []
+            versions = list(api.artifacts(kind, qualified))
         prefix = directory.rstrip("/") + "/"
         paths = {
             path
@@ -483,15 +484,19 @@ class WandbTracker:
         return sorted(paths)
 
     def _mark_used(self, run_id: str, version: int) -> None:
-        """Record in lineage that the training run applied params ``version``."""
+        """Record in the training run the params ``version`` it applied: the version as an
+        input of the run (lineage) and its values in the run's config."""
         run = live_run(run_id)
         if run is None:
             return
         path = params_path(version)
         _, name = self._artifact(run_id, path)
         try:
-            run.use_artifact(f"{self.entity}/{self.project}/{name}:{wandb_alias(path)}")
-        except Exception as exc:  # lineage is a courtesy; the ack stands without it
+            used = run.use_artifact(f"{self.entity}/{self.project}/{name}:{wandb_alias(path)}")
+            values = (used.metadata or {}).get("values")
+            if isinstance(values, dict):
+                run.config.update(values, allow_val_change=True)
+        except Exception as exc:  # a record for people; the ack stands without it
             log.warning("run %s: could not record params v%d as used: %s", run_id, version, exc)
 
 
@@ -573,7 +578,9 @@ def _millis(created: Any) -> int | None:
 
 def _is_missing(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return "not found" in text or "does not exist" in text or "no such" in text
+    return any(
+        words in text for words in ("not found", "could not find", "does not exist", "no such")
+    )
 
 
 @contextmanager
@@ -613,7 +620,7 @@ class WandbBackend:
         uri = uri or self.default_uri()
         if uri is None or run_id is None:
             return None
-        return RunBinding(WandbTracker(uri), run_id)
+        return RunBinding(WandbTracker(uri), run_id, poll_interval=suited_poll_interval())
 
     def launch_env(self, uri: str, run_id: str | None) -> dict[str, str]:
         entity, project = parse_uri(uri)
