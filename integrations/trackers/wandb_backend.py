@@ -407,12 +407,13 @@ class WandbTracker:
         if METRIC_PARAMS_VERSION in values:
             row[WANDB_METRIC_APPLIED_STEP] = step
         with _translated(run_id):
-            if run.step > 0:
-                # The script logs to this run itself: join the row it is building rather
-                # than move its steps (W&B's steps only go forward).
-                run.log(row, commit=False)
-            else:
+            if METRIC_PARAMS_VERSION in values and run.step == 0:
+                # Nothing logged yet: the marker's own row, at the step it was applied.
                 run.log(row, step=step, commit=True)
+            else:
+                # Join the row the script is building rather than move its steps (W&B's
+                # steps only go forward, and a step logged ahead would drop the script's).
+                run.log(row, commit=False)
 
     # ---- artifacts ----------------------------------------------------------------------
 
