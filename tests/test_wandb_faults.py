@@ -81,7 +81,9 @@ def test_training_never_waits_and_each_version_is_applied_once(
     assert loop.error is None
     assert applied == [1, 2], "each version applied once, in order"
     assert len(during) > 100, "training kept stepping while W&B did not answer"
-    assert max(during) < 0.25, f"a training step waited {max(during):.3f} s"
+    # A step that waited on W&B would take the retry or outage's seconds; the bound leaves
+    # room for a busy machine's scheduling, far below that.
+    assert max(during) < 2.0, f"a training step waited {max(during):.3f} s"
 
 
 def test_a_daemon_through_an_outage_issues_nothing_twice(

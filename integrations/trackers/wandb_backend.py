@@ -94,6 +94,8 @@ mutation UpsertBucket($id: String!, $tags: [String!]) {
 """
 # A scan reads the steps of one key in pages of this many steps.
 _PAGE = 1000
+# Marks the continuation of a value too long for one run tag: NAME~1=…
+_CONTINUED = "~"
 _METADATA_FIELDS = ("version", "parent_version", "source", "values", "decision_id", "status")
 
 
@@ -184,10 +186,11 @@ class WandbTracker:
         with _translated(run_id):
             run = self._runs.get(run_id)
             if run is None:
+                # The API keeps the runs it was asked for; another tracker of this process
+                # may have had this one loaded long ago.
                 run = shared_api().run(self._path(run_id))
                 self._runs[run_id] = run
-            else:
-                run.load(force=True)
+            run.load(force=True)
         return run
 
     # ---- reads --------------------------------------------------------------------------
@@ -289,13 +292,9 @@ class WandbTracker:
         return points
 
     def _info(self, run: Any) -> RunInfo:
-        tags: dict[str, str] = {}
-        for tag in run.tags or []:
-            name, sep, value = tag.partition("=")
-            if tag == WANDB_TAG_MANAGED:
-                tags[TAG_MANAGED] = "true"
-            elif sep and name.startswith("atm."):
-                tags[name] = value
+        tags = _decode_tags(list(run.tags or []))
+        if WANDB_TAG_MANAGED in (run.tags or []):
+            tags[TAG_MANAGED] = "true"
         summary = dict(run.summary_metrics or {})
         for name in WANDB_CLIENT_TAGS:
             if (value := summary.get(wandb_key(name))) is not None:
@@ -390,7 +389,7 @@ class WandbTracker:
             if name == TAG_MANAGED and value == "true":
                 kept.append(WANDB_TAG_MANAGED)
             else:
-                kept.append(_encode_tag(name, value))
+                kept += _encode_tags(name, value)
         with _translated(run_id):
             shared_api()._service_api.execute_graphql(
                 _TAGS_ONLY, {"id": run.storage_id, "tags": kept}
@@ -530,20 +529,34 @@ def _file_name(path: str) -> str:
 def _names_tag(tag: str, names: set[str]) -> bool:
     if TAG_MANAGED in names and tag == WANDB_TAG_MANAGED:
         return True
-    name, sep, _ = tag.partition("=")
-    return bool(sep) and name in names
+    key, sep, _ = tag.partition("=")
+    return bool(sep) and key.partition(_CONTINUED)[0] in names
 
 
-def _encode_tag(name: str, value: str) -> str:
-    tag = f"{name}={value}"
-    if len(tag) <= WANDB_TAG_MAX:
-        return tag
-    if name.endswith("last_intervention"):
-        # One human-readable line for the runs table; the audit record has it all.
-        return tag[: WANDB_TAG_MAX - 1] + "…"
-    raise TrackerError(
-        f"tag {name}={value!r} is longer than the {WANDB_TAG_MAX} characters W&B allows a tag"
-    )
+def _encode_tags(name: str, value: str) -> list[str]:
+    """``NAME=VALUE`` as W&B run tags: a value longer than one tag holds goes on in tags
+    ``NAME~1=…``, ``NAME~2=…``."""
+    tags, rest, part = [], value, 0
+    while True:
+        head = f"{name}=" if part == 0 else f"{name}{_CONTINUED}{part}="
+        room = WANDB_TAG_MAX - len(head)
+        if room < 1:
+            raise TrackerError(f"tag name {name!r} leaves no room for a value in a W&B tag")
+        tags.append(head + rest[:room])
+        rest, part = rest[room:], part + 1
+        if not rest:
+            return tags
+
+
+def _decode_tags(tags: list[str]) -> dict[str, str]:
+    """The ``NAME=VALUE`` tags of the contract (``_encode_tags`` reversed)."""
+    parts: dict[str, dict[int, str]] = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        name, _, part = key.partition(_CONTINUED)
+        if sep and name.startswith("atm.") and (part == "" or part.isdigit()):
+            parts.setdefault(name, {})[int(part or 0)] = value
+    return {name: "".join(p[i] for i in sorted(p)) for name, p in parts.items()}
 
 
 def _text(value: Any) -> str:
