@@ -138,16 +138,29 @@ def shared_api() -> Any:
         return _api
 
 
+def _active_runs() -> list[Any]:
+    """The runs this process started and has not finished, newest last (``wandb.run`` is
+    only one of them when some were started with ``reinit="create_new"``)."""
+    setup = wandb_setup.singleton()
+    with setup._active_runs_lock:
+        return list(setup._active_runs)
+
+
 def live_run(run_id: str) -> Any | None:
     """The run ``run_id`` if this process owns it (started it with ``wandb.init``)."""
     current = wandb.run
     if current is not None and current.id == run_id:
         return current
-    # Runs started with reinit="create_new" are live without being wandb.run.
-    setup = wandb_setup.singleton()
-    with setup._active_runs_lock:
-        runs = list(setup._active_runs)
-    return next((r for r in reversed(runs) if r.id == run_id), None)
+    return next((r for r in reversed(_active_runs()) if r.id == run_id), None)
+
+
+def script_run() -> Any | None:
+    """The run this process's script logs to: ``wandb.run``, else its newest active run
+    that is not a writer of the manager's own."""
+    if wandb.run is not None:
+        return wandb.run
+    runs = [r for r in _active_runs() if r.job_type != WANDB_WRITER_JOB_TYPE]
+    return runs[-1] if runs else None
 
 
 class WandbTracker:
@@ -625,7 +638,7 @@ class WandbBackend:
         return WandbTracker(uri)
 
     def current_run(self, run_id: str | None, uri: str | None) -> RunBinding | None:
-        run = wandb.run if run_id is None else live_run(run_id)
+        run = script_run() if run_id is None else live_run(run_id)
         if run is None and run_id is None:
             return None
         if run is not None:
