@@ -39,6 +39,7 @@ import requests
 import wandb
 from wandb.errors import CommError
 from wandb.sdk import wandb_setup
+from wandb.sdk.lib.service.service_connection import WandbApiFailedError
 
 from integrations.protocol import (
     METRIC_PARAMS_VERSION,
@@ -617,7 +618,13 @@ def _translated(run_id: str | None = None) -> Iterator[None]:
         yield
     except TrackerError:
         raise
-    except (CommError, requests.RequestException, ConnectionError, TimeoutError) as exc:
+    except (
+        CommError,
+        WandbApiFailedError,  # wandb-core gave up or did not answer in time
+        requests.RequestException,
+        ConnectionError,
+        TimeoutError,
+    ) as exc:
         if run_id is not None and _is_missing(exc):
             raise RunNotFound(f"no run {run_id!r} on this tracker") from exc
         raise TrackerUnavailable(f"W&B unreachable: {str(exc).splitlines()[0]}") from exc
