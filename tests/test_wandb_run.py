@@ -160,6 +160,7 @@ def loopback(server: WandbServer, tmp_path: Path) -> tuple[str, dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_plain_torch_loop_logging_to_wandb_is_supervised(
     wandb_server: WandbServer,  # noqa: F811
     replay: ReplayServer,
@@ -180,6 +181,7 @@ def test_plain_torch_loop_logging_to_wandb_is_supervised(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_transformers_trainer_reporting_to_wandb_is_supervised(
     wandb_server: WandbServer,  # noqa: F811
     replay: ReplayServer,
@@ -205,6 +207,7 @@ def test_transformers_trainer_reporting_to_wandb_is_supervised(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_stable_baselines3_ppo_logging_to_wandb_is_supervised(
     wandb_server: WandbServer,  # noqa: F811
     replay: ReplayServer,
@@ -215,7 +218,7 @@ def test_stable_baselines3_ppo_logging_to_wandb_is_supervised(
         *loopback(wandb_server, tmp_path),
         replay,
         tmp_path,
-        [sys.executable, str(SCRIPTS / "wandb_sb3_ppo.py"), "10240", "0.3"],
+        [sys.executable, str(SCRIPTS / "wandb_sb3_ppo.py"), "20480", "0.3"],
         "maximize:mean_reward",
     )
     spec = RunSpec.model_validate(seen["spec"])
