@@ -16,7 +16,11 @@ def test_a_script_logging_to_mlflow_and_wandb_is_managed_once_through_mlflow(
     tracking_uri: str, wandb_server: WandbServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    run = wandb.init(entity=wandb_server.state.default_entity, project="binding")
+    # A run of its own beside any the session's other tests left active (a plain init would
+    # hand back one of those).
+    run = wandb.init(
+        entity=wandb_server.state.default_entity, project="binding", reinit="create_new"
+    )
     try:
         with mlflow.start_run() as active:
             both = bind_run()
