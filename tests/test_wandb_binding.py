@@ -6,8 +6,9 @@ import mlflow
 import pytest
 import wandb
 
-from integrations.trackers import bind_run, default_tracking_uri, launch_env
-from integrations.trackers.wandb_backend import WandbTracker
+from integrations.settings import ClientSettings
+from integrations.trackers import RunBinding, bind_run, default_tracking_uri, launch_env
+from integrations.trackers.wandb_backend import WandbTracker, suited_poll_interval
 from tests.wandb_server import WandbServer
 
 
@@ -52,3 +53,19 @@ def test_wandb_environment_names_the_tracker_and_launches_into_it(
     }
     with pytest.raises(ValueError, match="wandb://ENTITY/PROJECT"):
         launch_env("wandb://a/b/c", None)
+
+
+def test_clients_poll_the_hosted_service_less_often_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ATM_POLL_INTERVAL", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    hosted = RunBinding(WandbTracker("wandb://team/vision"), "r1", suited_poll_interval())
+    assert hosted.poll_interval == 30.0
+    assert ClientSettings().poll_interval_for(hosted) == 30.0
+    monkeypatch.setenv("ATM_POLL_INTERVAL", "2")
+    assert ClientSettings().poll_interval_for(hosted) == 2.0
+    monkeypatch.delenv("ATM_POLL_INTERVAL")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:8080")
+    own = RunBinding(WandbTracker("wandb://team/vision"), "r1", suited_poll_interval())
+    assert ClientSettings().poll_interval_for(own) == ClientSettings().poll_interval == 5.0
