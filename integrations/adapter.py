@@ -144,7 +144,7 @@ class ManagedTraining:
                 self.spec(),
                 tracker=binding.tracker,
                 objective=self.objective,
-                poll_interval=self.poll_interval or settings.poll_interval,
+                poll_interval=self.poll_interval or settings.poll_interval_for(binding),
                 signing_key=settings.key(),
             ).start()
         except Exception as exc:  # the manager must never stop training from starting

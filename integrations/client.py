@@ -287,6 +287,8 @@ class ManagerClient(ParamsApplier):
                 if ack.rejected:
                     self.tracker.set_tags(self.run_id, {TAG_CLIENT_REJECTED: ack.rejected})
                     continue
+                # The marker first: a reader that sees the ack finds the marker too.
+                self.tracker.log_metric(self.run_id, METRIC_PARAMS_VERSION, ack.version, ack.step)
                 self.tracker.set_tags(
                     self.run_id,
                     {
@@ -294,7 +296,6 @@ class ManagerClient(ParamsApplier):
                         TAG_CLIENT_APPLIED_STEP: str(ack.step),
                     },
                 )
-                self.tracker.log_metric(self.run_id, METRIC_PARAMS_VERSION, ack.version, ack.step)
             except TrackerError:
                 with self._lock:
                     self._acks[:0] = acks[i:]

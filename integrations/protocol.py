@@ -47,6 +47,33 @@ METRIC_PARAMS_VERSION = "atm.params_version"
 
 DEFAULT_OBJECTIVE = "minimize:eval_loss"
 
+# On Weights & Biases the names above map onto W&B's own places (the W&B tracker backend):
+# the managed flag is the run tag WANDB_TAG_MANAGED; the tags the daemon and the command line
+# write are run tags "NAME=VALUE"; the tags only the training client writes (WANDB_CLIENT_TAGS)
+# are summary keys of its own run; each artifact path is a version of one artifact per run and
+# kind (WANDB_ARTIFACT_KINDS), found by an alias (``wandb_alias``). A W&B run tag holds at most
+# WANDB_TAG_MAX characters.
+WANDB_TAG_MANAGED = "atm-managed"
+WANDB_TAG_MAX = 64
+WANDB_CLIENT_TAGS = (
+    TAG_CLIENT_HEARTBEAT,
+    TAG_CLIENT_APPLIED_VERSION,
+    TAG_CLIENT_APPLIED_STEP,
+    TAG_CLIENT_REJECTED,
+)
+WANDB_ARTIFACT_KINDS = {
+    SPEC_PATH: "atm-spec",
+    PARAMS_DIR: "atm-params",
+    AUDIT_DIR: "atm-audit",
+    REPORT_DIR: "atm-report",
+}
+# The job type of the run through which a daemon (or a command) logs its artifacts.
+WANDB_WRITER_JOB_TYPE = "atm-daemon"
+# Logged beside METRIC_PARAMS_VERSION: the training step the version was applied at (W&B
+# counts its own steps, which need not be the script's).
+WANDB_METRIC_APPLIED_STEP = "atm/applied_step"
+
+
 # The signing key shared by the daemon and the client, when one is configured.
 SIGNING_KEY_ENV = "ATM_SIGNING_KEY"
 
@@ -71,6 +98,49 @@ def parse_audit_path(path: str) -> int | None:
     name = path.rsplit("/", 1)[-1]
     if name.startswith("d") and name.endswith(".json") and name[1:-5].isdigit():
         return int(name[1:-5])
+    return None
+
+
+def wandb_key(name: str) -> str:
+    """The W&B summary or history key of a contract name: ``atm.client.heartbeat`` →
+    ``atm/client/heartbeat`` (W&B groups keys by ``/`` in its charts and tables)."""
+    if name.startswith("atm."):
+        return "atm/" + name[4:].replace(".", "/")
+    return name
+
+
+def wandb_alias(path: str) -> str:
+    """The alias that names artifact ``path`` among its kind's versions on W&B: ``spec``,
+    ``params-vN``, ``decision-N`` (W&B keeps ``vN`` for its own version numbers)."""
+    if path == SPEC_PATH:
+        return "spec"
+    directory, _, name = path.rpartition("/")
+    number = name[1:-5]
+    if (
+        directory == PARAMS_DIR
+        and name.startswith("v")
+        and name.endswith(".json")
+        and number.isdigit()
+    ):
+        return f"params-v{int(number)}"
+    if directory == AUDIT_DIR and (decision := parse_audit_path(path)) is not None:
+        return f"decision-{decision}"
+    if directory == REPORT_DIR and name and "/" not in name and ":" not in name:
+        return f"report-{name}"
+    raise ValueError(f"{path!r} is not an artifact path of the contract")
+
+
+def wandb_path(alias: str) -> str | None:
+    """The artifact path an alias names (``wandb_alias`` reversed), or None."""
+    kind, _, number = alias.rpartition("-")
+    if alias == "spec":
+        return SPEC_PATH
+    if kind == "params" and number.startswith("v") and number[1:].isdigit():
+        return params_path(int(number[1:]))
+    if kind == "decision" and number.isdigit():
+        return audit_path(int(number))
+    if alias.startswith("report-") and len(alias) > len("report-"):
+        return f"{REPORT_DIR}/{alias.removeprefix('report-')}"
     return None
 
 

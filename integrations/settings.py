@@ -7,8 +7,13 @@ on ``TrackerSettings``, so both sides read the tracker and the signing key the s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from integrations.trackers.base import RunBinding
 
 # A thousand clients polling one tracker every 5 s make 200 quiet reads a second.
 DEFAULT_POLL_INTERVAL_S = 5.0
@@ -24,7 +29,8 @@ class TrackerSettings(BaseSettings):
     tracking_uri: str | None = Field(
         None,
         validation_alias=AliasChoices("ATM_TRACKING_URI", "MLFLOW_TRACKING_URI"),
-        description="The tracker: an MLflow URI (http(s)://…, sqlite:///…, databricks)",
+        description="The tracker: an MLflow URI (http(s)://…, sqlite:///…, databricks) or "
+        "wandb://ENTITY/PROJECT",
     )
     signing_key: SecretStr | None = Field(
         None,
@@ -43,7 +49,8 @@ class ClientSettings(TrackerSettings):
     poll_interval: float = Field(
         DEFAULT_POLL_INTERVAL_S,
         gt=0,
-        description="Seconds between the client's polls of the params version",
+        description="Seconds between the client's polls of the params version (default: "
+        "5, or what the tracker asks for: 30 against W&B's hosted service)",
     )
     rank_sync_every: int = Field(
         10,
@@ -57,6 +64,12 @@ class ClientSettings(TrackerSettings):
         description="Under several ranks: the longest a rank waits for the others at an "
         "exchange before it stops applying versions (training carries on)",
     )
+
+    def poll_interval_for(self, binding: RunBinding) -> float:
+        """The poll interval set for this process, else the tracker's own, else the default."""
+        if "poll_interval" in self.model_fields_set or binding.poll_interval is None:
+            return self.poll_interval
+        return binding.poll_interval
 
 
 def env_names(settings: type[BaseSettings], name: str) -> list[str]:

@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from integrations.trackers import Tracker, open_tracker
 from integrations.trackers.memory import MemoryTracker
 from manager_daemon.mlflow_server import MlflowServer, start_server
+from tests.helpers import wait_for
+from tests.wandb_fixtures import wandb_server  # noqa: F401  (a fixture)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Tests fail fast instead of waiting out MLflow's default retries against a stopped server.
@@ -144,7 +146,74 @@ def _download(client: MlflowClient, run_id: str, path: str) -> bytes | None:
         return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
 
 
-BACKENDS = ["memory", "mlflow"]
+class _WandbScript(Backend):
+    """W&B runs that a script in this process logs to with the real SDK (``wandb.init``)."""
+
+    def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+        self.log_history(run_id, [(step, values)])
+
+
+def _wandb_backend(request: pytest.FixtureRequest) -> Backend:
+    import wandb
+
+    from tests.wandb_server import WandbServer
+
+    server: WandbServer = request.getfixturevalue("wandb_server")
+    entity = server.state.default_entity
+    project = f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").strip("]")
+    project = project.replace("]", "")
+    uri = f"wandb://{entity}/{project}"
+    runs: dict[str, wandb.Run] = {}
+
+    def make(name: str | None = None) -> str:
+        run = wandb.init(
+            entity=entity,
+            project=project,
+            id=uuid.uuid4().hex[:12],
+            name=name or request.node.name[:60],
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        runs[run.id] = run
+        return run.id
+
+    def log_history(run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+        merged: dict[int, dict[str, float]] = {}
+        for step, values in rows:
+            merged.setdefault(step, {}).update(values)
+        for step in sorted(merged):
+            # Committed at once: without commit the SDK holds a row until the next step.
+            runs[run_id].log(merged[step], step=step, commit=True)
+        last = max(merged)
+        stored = server.state.runs
+
+        def arrived() -> bool:
+            record = stored.get((entity, project, run_id))
+            return record is not None and max(record.history, default=-1) >= last
+
+        wait_for(arrived, timeout=60)
+
+    def finish_all() -> None:
+        for run in runs.values():
+            run.finish()
+
+    request.addfinalizer(finish_all)
+    tracker = open_tracker(uri)
+    return _WandbScript(
+        "wandb",
+        uri,
+        tracker,
+        project,
+        make,
+        lambda run_id, path, text: tracker.put_text(run_id, path, text),  # type: ignore[attr-defined]
+        log_history,
+        lambda run_id, path: tracker._read_bytes(run_id, path),  # type: ignore[attr-defined]
+    )
+
+
+# W&B's runs are real SDK runs (a service process, an upload every second): its share of the
+# contract runs with the slow tests.
+BACKENDS = ["memory", "mlflow", pytest.param("wandb", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -152,6 +221,8 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     """Each tracker backend in turn: the contract holds on every one."""
     if request.param == "memory":
         return _memory_backend()
+    if request.param == "wandb":
+        return _wandb_backend(request)
     return _mlflow_backend(request)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from integrations.knobs import Knob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +61,21 @@ def test_no_import_cycle_inside_integrations() -> None:
     assert not cycles, f"import cycles: {cycles[:3]}"
 
 
-def test_mlflow_is_imported_only_by_its_backend() -> None:
-    allowed = {"integrations.trackers.mlflow_backend"}
+@pytest.mark.parametrize(
+    ("sdk", "backend"),
+    [
+        ("mlflow", "integrations.trackers.mlflow_backend"),
+        ("wandb", "integrations.trackers.wandb_backend"),
+    ],
+)
+def test_a_tracker_sdk_is_imported_only_by_its_backend(sdk: str, backend: str) -> None:
     offenders = [
         name
         for package in LIBRARY
         for name, path in _modules(package).items()
-        if name not in allowed
+        if name != backend
         and not str(path.relative_to(ROOT)).startswith(RECIPES)
-        and any(m == "mlflow" or m.startswith("mlflow.") for m in _imports(path))
+        and any(m == sdk or m.startswith(f"{sdk}.") for m in _imports(path))
     ]
     assert not offenders
 

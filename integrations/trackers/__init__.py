@@ -1,10 +1,11 @@
 """Tracker backends, chosen from the tracking URI.
 
-Built in: MLflow (``http(s)://``, ``sqlite://``, ``databricks``, database URIs) and an
-in-memory tracker (``memory://NAME``) for tests. A third party adds a backend through the
-entry-point group ``ai_training_manager.trackers``: the entry point's name is the URI scheme it
-serves (``neptune`` serves ``neptune://…``) and its object is a ``TrackerBackend``. A backend's
-module, and the tracker SDK it imports, load only when a URI or a running script needs it.
+Built in: MLflow (``http(s)://``, ``sqlite://``, ``databricks``, database URIs), Weights &
+Biases (``wandb://ENTITY/PROJECT``) and an in-memory tracker (``memory://NAME``) for tests. A
+third party adds a backend through the entry-point group ``ai_training_manager.trackers``: the
+entry point's name is the URI scheme it serves (``neptune`` serves ``neptune://…``) and its
+object is a ``TrackerBackend``. A backend's module, and the tracker SDK it imports, load only
+when a URI or a running script needs it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ _BUILTIN = (
         run_env=("MLFLOW_RUN_ID",),
         uri_env=("MLFLOW_TRACKING_URI",),
     ),
+    _Entry(
+        "integrations.trackers.wandb_backend:BACKEND",
+        ("wandb://",),
+        sdk_modules=("wandb",),
+        run_env=("WANDB_RUN_ID",),
+        uri_env=("WANDB_PROJECT",),
+    ),
     _Entry("integrations.trackers.memory:BACKEND", ("memory://",)),
 )
 
@@ -115,7 +123,7 @@ def open_tracker(uri: str, *, fail_fast: bool = False) -> Tracker:
 
 def default_tracking_uri() -> str | None:
     """The tracker named by the environment: ``ATM_TRACKING_URI``, else a tracker's own
-    variables (``MLFLOW_TRACKING_URI``)."""
+    variables (``MLFLOW_TRACKING_URI``, then ``WANDB_PROJECT`` with ``WANDB_ENTITY``)."""
     if uri := os.environ.get("ATM_TRACKING_URI"):
         return uri
     for entry in _entries():

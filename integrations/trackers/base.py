@@ -143,6 +143,9 @@ class RunBinding:
 
     tracker: Tracker
     run_id: str
+    # The client's poll interval suited to this tracker (a hosted service asks for fewer
+    # requests), unless the process sets its own; None: the client's default.
+    poll_interval: float | None = None
 
 
 class TrackerBackend(Protocol):
