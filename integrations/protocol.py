@@ -185,6 +185,8 @@ class KnobSpec(BaseModel):
             raise ValueError(
                 f"knob {self.name!r}: value {self.value} outside [{self.min}, {self.max}]"
             )
+        if self.type == "int" and self.value != int(self.value):
+            raise ValueError(f"knob {self.name!r}: an int knob's value {self.value} is not whole")
         return self
 
     def step_limits(self, current: float) -> tuple[float, float]:
