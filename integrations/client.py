@@ -8,15 +8,13 @@ the network: if the tracker is slow or down, training does not notice.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
+from integrations.chain import ParamsRejected, chain_problem, load
 from integrations.protocol import (
     METRIC_PARAMS_VERSION,
     SPEC_PATH,
@@ -32,10 +30,9 @@ from integrations.protocol import (
     Command,
     ParamsVersion,
     RunSpec,
-    params_path,
 )
 from integrations.settings import DEFAULT_POLL_INTERVAL_S
-from integrations.trackers import CorruptArtifact, Tracker, TrackerError, open_tracker
+from integrations.trackers import Tracker, TrackerError, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +46,6 @@ JITTER = 0.2
 
 # Applies changed knob values and commands in the training process; raises if it cannot.
 ApplyFn = Callable[[dict[str, float], list[Command]], None]
-
-
-class ParamsRejected(ValueError):
-    """A params version failed the client's own checks."""
 
 
 @dataclass
@@ -179,6 +172,8 @@ class ManagerClient(ParamsApplier):
         self._unreachable_since: float | None = None
         self._last_heartbeat = 0.0
         self.rejections: list[str] = []
+        # Versions this process refused: a later version may skip them (``chain_problem``).
+        self._refused: set[int] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -201,6 +196,8 @@ class ManagerClient(ParamsApplier):
 
     def _acknowledge(self, ack: _Ack) -> None:
         with self._lock:
+            if ack.rejected:
+                self._refused.add(ack.version)
             self._acks.append(ack)
         self._wake.set()
 
@@ -322,6 +319,7 @@ class ManagerClient(ParamsApplier):
             params = self._load(version, check_parent=True)
         except ParamsRejected as exc:
             self._seen_version = version
+            self._refused.add(version)
             reason = f"v{version}: {exc}"
             self.rejections.append(reason)
             log.warning("atm: refused params %s", reason)
@@ -340,47 +338,14 @@ class ManagerClient(ParamsApplier):
             self._staged = params
 
     def _load(self, version: int, *, check_parent: bool) -> ParamsVersion:
-        try:
-            raw = self.tracker.read_json(self.run_id, params_path(version))
-        except CorruptArtifact as exc:
-            raise ParamsRejected(f"malformed params file: {exc}") from exc
-        if raw is None:
-            raise ParamsRejected(
-                f"tag names version {version} but {params_path(version)} is missing"
+        params = load(self.tracker, self.run_id, version, self.spec, self.signing_key)
+        if check_parent:
+            problem = chain_problem(
+                self.tracker, self.run_id, params, self.spec, self.signing_key, self._refused
             )
-        try:
-            params = ParamsVersion.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ParamsRejected(f"invalid params file ({where}: {first['msg']})") from exc
-        self._verify(params, version, check_parent=check_parent)
+            if problem:
+                raise ParamsRejected(problem)
         return params
-
-    def _verify(self, params: ParamsVersion, version: int, *, check_parent: bool) -> None:
-        if params.version != version:
-            raise ParamsRejected(f"file claims version {params.version}, expected {version}")
-        if check_parent and params.parent_version != version - 1:
-            raise ParamsRejected(
-                f"parent version {params.parent_version} does not continue the chain "
-                f"(expected {version - 1})"
-            )
-        problem = params.signature_problem(self.signing_key)
-        if problem:
-            raise ParamsRejected(problem)
-        for name, value in params.values.items():
-            knob = self.spec.knob(name)
-            if knob is None:
-                raise ParamsRejected(f"unknown knob {name!r}")
-            if not math.isfinite(value):
-                raise ParamsRejected(f"{name}={value} is not finite")
-            if not knob.min <= value <= knob.max:
-                raise ParamsRejected(f"{name}={value} outside [{knob.min}, {knob.max}]")
-            if knob.type == "int" and value != int(value):
-                raise ParamsRejected(f"{name}={value} is not an integer")
-        for command in params.commands:
-            if command not in self.spec.commands:
-                raise ParamsRejected(f"command {command.value!r} is not supported by this run")
 
 
 def _int_tag(text: str | None) -> int:

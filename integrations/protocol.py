@@ -78,6 +78,14 @@ WANDB_METRIC_APPLIED_STEP = "atm/applied_step"
 SIGNING_KEY_ENV = "ATM_SIGNING_KEY"
 
 
+def rejected_version(tag_value: str | None) -> int | None:
+    """The version named by an ``atm.client.rejected`` value (``vN: reason``), if any."""
+    head = (tag_value or "").partition(":")[0]
+    if head.startswith("v") and head[1:].isdigit():
+        return int(head[1:])
+    return None
+
+
 def params_path(version: int) -> str:
     """Artifact path of params version ``version``."""
     return f"{PARAMS_DIR}/v{version:06d}.json"
@@ -255,6 +263,8 @@ class KnobSpec(BaseModel):
             raise ValueError(
                 f"knob {self.name!r}: value {self.value} outside [{self.min}, {self.max}]"
             )
+        if self.type == "int" and self.value != int(self.value):
+            raise ValueError(f"knob {self.name!r}: an int knob's value {self.value} is not whole")
         return self
 
     def step_limits(self, current: float) -> tuple[float, float]:
@@ -292,6 +302,23 @@ class RunSpec(BaseModel):
     @property
     def knob_values(self) -> dict[str, float]:
         return {k.name: k.value for k in self.knobs}
+
+    def values_problem(self, values: dict[str, float], commands: list[Command]) -> str | None:
+        """Why ``values`` and ``commands`` do not fit this spec, or None when they do."""
+        for name, value in values.items():
+            knob = self.knob(name)
+            if knob is None:
+                return f"unknown knob {name!r}"
+            if not math.isfinite(value):
+                return f"{name}={value} is not finite"
+            if not knob.min <= value <= knob.max:
+                return f"{name}={value} outside [{knob.min}, {knob.max}]"
+            if knob.type == "int" and value != int(value):
+                return f"{name}={value} is not an integer"
+        for command in commands:
+            if command not in self.commands:
+                return f"command {command.value!r} is not supported by this run"
+        return None
 
     def digest(self) -> str:
         """A short digest of this spec's content, for ``atm.spec.digest``."""
@@ -347,6 +374,24 @@ class ParamsVersion(BaseModel):
         if not hmac.compare_digest(expected, self.signature):
             return "signature does not match the content (tampered or corrupted)"
         return None
+
+    def problem(self, version: int, spec: RunSpec | None, key: str | None) -> str | None:
+        """Why this file cannot be params version ``version`` of a run with ``spec``, or None.
+
+        The checks both sides make before trusting a version: it names itself, it comes after
+        its parent, its signature verifies, and every value and command fits the spec. Where
+        its parent sits in the chain is ``chain_problem``'s business.
+        """
+        if self.version != version:
+            return f"file claims version {self.version}, expected {version}"
+        if self.parent_version >= version:
+            return (
+                f"parent version {self.parent_version} does not continue the chain "
+                f"(a parent comes before v{version})"
+            )
+        if problem := self.signature_problem(key):
+            return problem
+        return None if spec is None else spec.values_problem(self.values, self.commands)
 
 
 Verdict = Literal["accepted", "clamped", "rejected", "noop"]

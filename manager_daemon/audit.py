@@ -13,16 +13,20 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from integrations.chain import ParamsMissing, ParamsRejected, chain_problem, load, trusted_head
 from integrations.protocol import (
     AUDIT_DIR,
+    TAG_CLIENT_REJECTED,
     TAG_LAST_INTERVENTION,
     TAG_PARAMS_VERSION,
     AuditRecord,
     Command,
     ParamsVersion,
+    RunSpec,
     audit_path,
     params_path,
     parse_audit_path,
+    rejected_version,
 )
 from integrations.trackers import Tracker, TrackerError
 
@@ -34,10 +38,17 @@ class VersionConflict(RuntimeError):
 
 
 def current_version(tags: dict[str, str]) -> int:
+    """The version tag: the number the next version goes above, trusted or not."""
     try:
-        return int(tags.get(TAG_PARAMS_VERSION, "0") or 0)
+        return max(0, int(tags.get(TAG_PARAMS_VERSION, "0") or 0))
     except ValueError:
         return 0
+
+
+def refused_versions(tags: dict[str, str]) -> set[int]:
+    """The version the client last refused, as a set for ``integrations.chain``."""
+    refused = rejected_version(tags.get(TAG_CLIENT_REJECTED))
+    return set() if refused is None else {refused}
 
 
 class AuditLog:
@@ -69,18 +80,42 @@ class AuditLog:
         raw = self.tracker.read_json(run_id, params_path(version))
         return None if raw is None else ParamsVersion.model_validate(raw)
 
+    def trusted(
+        self, run_id: str, tags: dict[str, str], spec: RunSpec | None
+    ) -> ParamsVersion | None:
+        """The run's newest trusted params version (None: the spec's values are in force).
+
+        Only a version that verifies, continues the chain and was not refused by the client
+        counts: a forged one must never be the base a later change is measured against.
+        """
+        head, skipped = trusted_head(
+            self.tracker,
+            run_id,
+            current_version(tags),
+            spec,
+            self.signing_key,
+            refused_versions(tags),
+        )
+        for why in skipped:
+            log.warning("run %s: params %s; not built on", run_id, why)
+        return head
+
     def commit(
         self,
         record: AuditRecord,
         *,
         expected_version: int,
+        parent: int,
         values: dict[str, float],
         commands: list[Command],
         issue: bool,
         guard: Callable[[], None] | None = None,
-    ) -> AuditRecord:
+    ) -> tuple[AuditRecord, ParamsVersion | None]:
         """Write a decision: params version (when ``issue``), then audit record, then the tag.
 
+        The new version is numbered above the tag (``expected_version``) and continues from
+        ``parent``, the run's trusted version (``trusted``): versions between them are skipped.
+        Returns the record as written and the version issued, if any.
         Raises VersionConflict when the run's version tag moved past ``expected_version``.
         ``guard``, called before the first write, raises when this writer may not write
         (a daemon replica that lost the run's lease); nothing is written then.
@@ -97,7 +132,7 @@ class AuditLog:
         if issue:
             params = ParamsVersion(
                 version=latest + 1,
-                parent_version=latest,
+                parent_version=parent,
                 issued_at=time.time(),
                 source=record.source,
                 decision_id=record.decision_id,
@@ -119,21 +154,30 @@ class AuditLog:
                     TAG_LAST_INTERVENTION: record.summary()[:500],
                 },
             )
-        return record
+        return record, params
 
     def write_record(self, record: AuditRecord) -> None:
         """Write (or rewrite, to add its measured outcome) one audit record."""
         payload = record.model_dump(mode="json")
         self.tracker.write_json(record.run_id, audit_path(record.decision_id), payload)
 
-    def recover(self, run_id: str, tags: dict[str, str]) -> int | None:
+    def recover(self, run_id: str, tags: dict[str, str], spec: RunSpec | None = None) -> int | None:
         """Complete a decision whose params file was written but whose tag was not.
 
+        Only a file that verifies and continues the chain is completed: a file an attacker
+        left above the tag stays unissued, and the next version written replaces it.
         Returns the version it completed, or None when there was nothing to do.
         """
         latest = current_version(tags)
-        orphan = self.read_params(run_id, latest + 1)
-        if orphan is None or orphan.parent_version != latest:
+        try:
+            orphan = load(self.tracker, run_id, latest + 1, spec, self.signing_key)
+        except ParamsMissing:
+            return None
+        except ParamsRejected as exc:
+            log.warning("run %s: not completing params v%d: %s", run_id, latest + 1, exc)
+            return None
+        refused = refused_versions(tags)
+        if chain_problem(self.tracker, run_id, orphan, spec, self.signing_key, refused):
             return None
         if self.tracker.read_json(run_id, audit_path(orphan.decision_id)) is None:
             record = AuditRecord(

@@ -41,6 +41,7 @@ from integrations.protocol import (
     RunSpec,
     Source,
 )
+from integrations.redact import RedactingFilter, redact
 from integrations.settings import ClientSettings, env_names
 from integrations.trackers import (
     RunNotFound,
@@ -91,17 +92,15 @@ def _one_line_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except (CliError, ValueError) as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
+            code, text = 2, str(exc)
         except RunNotFound as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
+            code, text = 1, str(exc)
         except TrackerUnavailable as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(3) from None
+            code, text = 3, str(exc)
         except TrackerError as exc:
-            err_console.print(f"[red]error:[/red] tracker error: {exc}")
-            raise typer.Exit(3) from None
+            code, text = 3, f"tracker error: {exc}"
+        err_console.print(f"[red]error:[/red] {redact(text)}")
+        raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -114,6 +113,7 @@ def _setup_logging(verbose: bool, as_json: bool = False) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=True)
+    handler.addFilter(RedactingFilter())
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -132,7 +132,7 @@ def _tracker(uri: str | None) -> Tracker:
         )
     tracker = open_tracker(uri, fail_fast=True)
     if not tracker.ping():
-        raise TrackerUnavailable(f"tracker unreachable at {uri}")
+        raise TrackerUnavailable(f"tracker unreachable at {redact(uri)}")
     return tracker
 
 
@@ -549,7 +549,7 @@ def status(tracking_uri: TrackingUri = None) -> None:
     """Managed runs: objective, params version, what the client applied, heartbeat."""
     tracker = _tracker(tracking_uri)
     runs = tracker.find_managed_runs()
-    table = Table(title=f"managed runs on {tracker.uri}")
+    table = Table(title=f"managed runs on {redact(tracker.uri)}")
     for col in (
         "run",
         "name",

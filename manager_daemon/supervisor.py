@@ -19,11 +19,14 @@ from integrations.protocol import (
     DEFAULT_OBJECTIVE,
     SPEC_PATH,
     TAG_CLIENT_HEARTBEAT,
+    TAG_CLIENT_REJECTED,
     TAG_OBJECTIVE,
+    TAG_PARAMS_VERSION,
     TAG_SPEC_DIGEST,
     AuditRecord,
     Command,
     Objective,
+    ParamsVersion,
     Proposal,
     RunSpec,
     Source,
@@ -95,13 +98,15 @@ class RunSupervisor:
         self.last_decision_step = -1
         # Where to start again when a decision could not be written (the lease was short).
         self._undecided_step = -1
-        self._values_cache: tuple[int, dict[str, float]] | None = None
+        # The trusted params version, and the tags and spec it was judged under.
+        self._trusted: tuple[tuple[str | None, ...], ParamsVersion | None] | None = None
 
     # ---- loading ------------------------------------------------------------------------
 
     def load(self, run: RunInfo) -> None:
         """Rebuild this run's state from the tracker."""
-        self.audit.recover(self.run_id, run.tags)
+        self._load_spec(run)
+        self.audit.recover(self.run_id, run.tags, self.spec)
         objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
         self.telemetry = RunTelemetry(objective)
         self.cursor = None
@@ -113,7 +118,6 @@ class RunSupervisor:
             r.step for r in self.records.values() if r.step is not None and r.source != Source.HUMAN
         ]
         self.last_decision_step = max(steps, default=-1)
-        self._load_spec(run)
 
     def _remember_earlier_evaluations(self) -> None:
         # The metrics are read from a recent window only: the best and first evaluations
@@ -225,7 +229,8 @@ class RunSupervisor:
         """Snapshot → menu → proposal → validation → params version and audit record."""
         assert self.telemetry is not None and self.spec is not None
         version = current_version(run.tags)
-        state = self.run_state(version)
+        trusted = self.trusted(run.tags)
+        state = self.run_state(trusted)
         menu = build_menu(state, self.config.validation, source)
         snapshot = self.telemetry.snapshot(self.spec, state.values, self.history)
         started = time.monotonic()
@@ -273,10 +278,12 @@ class RunSupervisor:
             usage=answer.usage,
             error=answer.error,
         )
+        issued = None
         try:
-            record = self.audit.commit(
+            record, issued = self.audit.commit(
                 record,
                 expected_version=version,
+                parent=trusted.version if trusted else 0,
                 values=result.values,
                 commands=result.commands,
                 issue=status == "issued",
@@ -293,9 +300,10 @@ class RunSupervisor:
         if self.metrics is not None:
             self.metrics.decided(record)
         self.records[record.decision_id] = record
-        if record.params_version:
+        if issued is not None:
             self.history.append(_intervention(record))
-            self._values_cache = (record.params_version, dict(record.values))
+            judged = (str(issued.version), run.tags.get(TAG_CLIENT_REJECTED), self.spec_digest)
+            self._trusted = (judged, issued)
         log.info("run %s: %s", self.run_id, record.summary())
         return record
 
@@ -317,7 +325,7 @@ class RunSupervisor:
             )
         return None
 
-    def run_state(self, version: int) -> RunState:
+    def run_state(self, trusted: ParamsVersion | None) -> RunState:
         assert self.spec is not None and self.telemetry is not None
         last_changed: dict[str, int] = {}
         for item in self.history:
@@ -329,7 +337,7 @@ class RunSupervisor:
         ]
         return RunState(
             spec=self.spec,
-            values=self._values(version),
+            values=self._values(trusted),
             step=self.telemetry.step,
             last_changed_step=last_changed,
             interventions_used=automatic,
@@ -340,16 +348,20 @@ class RunSupervisor:
             stop_issued=any(Command.STOP.value in item.commands for item in self.history),
         )
 
-    def _values(self, version: int) -> dict[str, float]:
-        """The values in force: the spec's, overlaid with the latest issued version's."""
+    def trusted(self, tags: dict[str, str]) -> ParamsVersion | None:
+        """The run's newest trusted params version (``AuditLog.trusted``), judged again only
+        when the version tag, the client's last refusal or the spec changed."""
+        key = (tags.get(TAG_PARAMS_VERSION), tags.get(TAG_CLIENT_REJECTED), self.spec_digest)
+        if self._trusted is None or self._trusted[0] != key:
+            self._trusted = (key, self.audit.trusted(self.run_id, tags, self.spec))
+        return self._trusted[1]
+
+    def _values(self, trusted: ParamsVersion | None) -> dict[str, float]:
+        """The values in force: the spec's, overlaid with the trusted version's."""
         assert self.spec is not None
         values = self.spec.knob_values
-        if version <= 0:
-            return values
-        if self._values_cache is None or self._values_cache[0] != version:
-            params = self.audit.read_params(self.run_id, version)
-            self._values_cache = (version, dict(params.values) if params else {})
-        values.update({k: v for k, v in self._values_cache[1].items() if k in values})
+        if trusted is not None:
+            values.update({k: v for k, v in trusted.values.items() if k in values})
         return values
 
     def _next_decision_id(self) -> int:

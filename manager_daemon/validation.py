@@ -123,7 +123,10 @@ def _check_knob(
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         verdict.reason = f"wrong type {type(raw).__name__}: expected a number"
         return verdict
-    value = float(raw)
+    try:
+        value = float(raw)
+    except OverflowError:  # an integer beyond any float
+        value = math.inf
     if not math.isfinite(value):
         verdict.reason = f"{value} is not a finite number"
         return verdict
@@ -160,7 +163,11 @@ def _clamp(knob: KnobSpec, current: float, value: float) -> tuple[float, list[st
         value = min(max(value, low), high)
         reasons.append(f"step too large: one change may move within [{low:.4g}, {high:.4g}]")
     if knob.type == "int":
+        # Toward the current value, and never past the limits (which need not be integers).
         value = float(math.floor(value) if value > current else math.ceil(value))
+        if not low <= value <= high:
+            reasons.append(f"no integer within [{low:g}, {high:g}]")
+            return current, reasons
     return value, reasons
 
 

@@ -23,6 +23,8 @@ class Reply:
     refuse_response_format: bool = False
     prompt_tokens: int = 900
     completion_tokens: int = 40
+    # An error that echoes the request's credentials, as some servers do.
+    echo_credentials: bool = False
 
 
 @dataclass
@@ -47,9 +49,10 @@ class ReplayServer:
                         400, {"error": {"message": "response_format is not supported"}}
                     )
                 if reply.status != 200:
-                    return self._send(
-                        reply.status, {"error": {"message": f"scripted {reply.status}"}}
-                    )
+                    message = f"scripted {reply.status}"
+                    if reply.echo_credentials:
+                        message += f" for {self.headers.get('Authorization')} at {self.path}"
+                    return self._send(reply.status, {"error": {"message": message}})
                 message: dict[str, Any] = {"role": "assistant", "content": reply.content}
                 if "tools" in body:
                     message = {

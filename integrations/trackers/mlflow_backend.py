@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.proto_json_utils import message_to_json
 
 from integrations.protocol import TAG_MANAGED
+from integrations.redact import redact
 from integrations.trackers.base import (
     CorruptArtifact,
     Cursor,
@@ -254,14 +255,16 @@ class MlflowTracker:
             except requests.HTTPError as exc:
                 if exc.response is not None and exc.response.status_code == 404:
                     return None
-                raise TrackerUnavailable(f"tracker unreachable: {exc}") from exc
+                raise TrackerUnavailable(redact(f"tracker unreachable: {exc}")) from exc
             except (MlflowException, requests.RequestException, OSError) as exc:
                 # A store that reports a missing file some other way: a listing tells
                 # "absent" from "failed".
                 parent = path.rsplit("/", 1)[0] if "/" in path else ""
                 if path not in self.list_artifacts(run_id, parent):
                     return None
-                raise TrackerError(f"cannot read artifact {path} of run {run_id}: {exc}") from exc
+                raise TrackerError(
+                    redact(f"cannot read artifact {path} of run {run_id}: {exc}")
+                ) from exc
             raw = local.read_bytes()
         try:
             return json.loads(raw.decode("utf-8"))
@@ -378,16 +381,16 @@ class _translated:
         if isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RunNotFound(f"no run {self.run_id!r} on this tracker") from exc
         if isinstance(exc, RestException):
-            raise TrackerError(str(exc).splitlines()[0]) from exc
+            raise TrackerError(redact(str(exc).splitlines()[0])) from exc
         if isinstance(exc, MlflowException):
             # MLflow reports a request it could not complete (connection refused, timeouts,
             # retries exhausted) as a plain MlflowException whose text says so.
-            text = str(exc)
+            text = redact(str(exc))
             if "API request" in text or "Max retries" in text or "Connection" in text:
                 raise TrackerUnavailable(f"tracker unreachable: {text.splitlines()[0]}") from exc
             raise TrackerError(text.splitlines()[0] if text else repr(exc)) from exc
         if isinstance(exc, requests.RequestException | ConnectionError | TimeoutError):
-            raise TrackerUnavailable(f"tracker unreachable: {exc}") from exc
+            raise TrackerUnavailable(redact(f"tracker unreachable: {exc}")) from exc
         return False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from integrations.redact import redact
 from manager_daemon.policies.base import Policy
 from manager_daemon.policies.llm import LLMPolicy
 from manager_daemon.policies.local_model import (
@@ -30,7 +31,7 @@ def make_policy(settings: DaemonSettings) -> tuple[Policy, str]:
             api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
             mode=settings.llm_response_mode,
         )
-        where = settings.llm_base_url or "the OpenAI API"
+        where = redact(settings.llm_base_url) if settings.llm_base_url else "the OpenAI API"
         return (
             LLMPolicy(model, settings.llm_config(), rules),
             f"policy: llm, model {model.name} at {where}",

@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 
+from integrations.redact import redact
 from manager_daemon.policies.chat import ChatError, ChatResult
 
 
@@ -57,12 +58,23 @@ class OpenAIChat:
         self.name = model
         self.max_tokens = max_tokens
         # Retries are the policy's business: one retry with the validation error, then fallback.
+        self._api_key = api_key
         self.client = openai.OpenAI(
             base_url=base_url, api_key=api_key or "not-needed", max_retries=0
         )
 
     def complete(
         self, messages: list[dict[str, Any]], schema: dict[str, Any], *, timeout: float
+    ) -> ChatResult:
+        try:
+            return self._complete(messages, schema, timeout)
+        except ChatError as exc:
+            # A server may echo the key or the endpoint's credentials back in its error.
+            safe = redact(str(exc).partition(": ")[2], [self._api_key])
+            raise ChatError(exc.kind, safe) from None
+
+    def _complete(
+        self, messages: list[dict[str, Any]], schema: dict[str, Any], timeout: float
     ) -> ChatResult:
         modes = MODES if self.mode is ResponseMode.AUTO else (self.mode,)
         for i, mode in enumerate(modes):
