@@ -25,6 +25,7 @@ from integrations.protocol import (
     parse_audit_path,
 )
 from integrations.trackers import Tracker, TrackerError
+from manager_daemon.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,12 @@ class AuditLog:
             self.tracker.write_json(
                 run_id, params_path(params.version), params.model_dump(mode="json")
             )
+            crash_point("after_params")
             record = record.model_copy(update={"params_version": params.version, "values": values})
         self.write_record(record)
+        crash_point("after_audit")
         if params is not None:
+            crash_point("before_tag")
             self.tracker.set_tags(
                 run_id,
                 {
@@ -119,6 +123,7 @@ class AuditLog:
                     TAG_LAST_INTERVENTION: record.summary()[:500],
                 },
             )
+            crash_point("after_tag")
         return record
 
     def write_record(self, record: AuditRecord) -> None:

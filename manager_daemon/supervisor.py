@@ -37,6 +37,7 @@ from integrations.trackers import (
     Tracker,
 )
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
+from manager_daemon.crashpoints import crash_point
 from manager_daemon.leases import LeaseLost
 from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy, PolicyAnswer
@@ -203,6 +204,7 @@ class RunSupervisor:
         if not self.has_news(run):
             return None
         run = self.refresh(run, read)
+        crash_point("after_read")
         assert self.telemetry is not None
         if self.spec is None or not self.telemetry.evals:
             return None
@@ -231,6 +233,7 @@ class RunSupervisor:
         started = time.monotonic()
         answer: PolicyAnswer = propose(snapshot, menu)
         decided = time.monotonic() - started
+        crash_point("after_answer")
         if self.metrics is not None:
             self.metrics.policy_answered(answer, llm_policy=source == Source.LLM)
         stale = self._staleness(snapshot, decided)
