@@ -100,9 +100,11 @@ class RunSupervisor:
 
     # ---- loading ------------------------------------------------------------------------
 
-    def load(self, run: RunInfo) -> None:
-        """Rebuild this run's state from the tracker."""
-        self.audit.recover(self.run_id, run.tags)
+    def load(self, run: RunInfo) -> RunInfo:
+        """Rebuild this run's state from the tracker; returns the run as it is now (an
+        interrupted decision completed moves its version tag)."""
+        if self.audit.recover(self.run_id, run.tags) is not None:
+            run = self.tracker.get_run(self.run_id)
         objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
         self.telemetry = RunTelemetry(objective)
         self.cursor = None
@@ -115,6 +117,7 @@ class RunSupervisor:
         ]
         self.last_decision_step = max(steps, default=-1)
         self._load_spec(run)
+        return run
 
     def _remember_earlier_evaluations(self) -> None:
         # The metrics are read from a recent window only: the best and first evaluations
@@ -174,7 +177,8 @@ class RunSupervisor:
         run = run or self.tracker.get_run(self.run_id)
         objective = run.tags.get(TAG_OBJECTIVE)
         if self.telemetry is None or (objective and str(self.telemetry.objective) != objective):
-            self.load(run)  # first sight, or the objective was set after the run was first read
+            # First sight, or the objective was set after the run was first read.
+            run = self.load(run)
         elif run.tags.get(TAG_SPEC_DIGEST) != self.spec_digest:
             self._load_spec(run)  # a client (re)started and published its knobs
         assert self.telemetry is not None

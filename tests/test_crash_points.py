@@ -95,3 +95,26 @@ def test_atm_daemon_sigkilled_after_the_params_file_is_completed_by_the_next(
     ledger = Ledger.read(tracker, run_id)
     assert ledger.problems(tracker, run_id) == []
     assert ledger.tag == 1 and ledger.records[0].policy == "recovered"
+
+
+@pytest.mark.parametrize("point", ["after_params", "after_audit"])
+def test_a_restart_completes_the_interrupted_decision_and_then_decides_the_news(
+    memory: Backend, point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluations logged while the daemon was down are decided by the restarted daemon right
+    after it completes the interrupted decision: no conflict with the version it completed."""
+    tracker = memory.tracker
+    run_id = overfitting_run(memory)
+    monkeypatch.setattr(crashpoints, "_target", (point, 1))
+    monkeypatch.setattr(crashpoints, "_reached", 0)
+    monkeypatch.setattr(crashpoints, "_die", _die)
+    with pytest.raises(Killed):
+        Daemon(tracker, RulesPolicy()).run_once()
+    monkeypatch.setattr(crashpoints, "_target", None)
+    memory.log_metrics(run_id, {"eval_loss": 2.6}, 200)
+
+    report = Daemon(tracker, RulesPolicy()).run_once()
+    assert [(r.status, r.params_version) for r in report.decisions] == [("issued", 2)]
+    ledger = Ledger.read(tracker, run_id)
+    assert ledger.problems(tracker, run_id) == []
+    assert ledger.tag == 2
