@@ -76,6 +76,7 @@ def kill_plan(seed: int) -> list[str | None]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_a_daemon_killed_over_and_over_loses_no_decision_and_repeats_none(
     server: MlflowServer, replay: ReplayServer, tmp_path: Path
 ) -> None:

@@ -98,7 +98,7 @@ def run_through(
             fault_from = len(loop.step_times)
             fault()
             during = loop.step_times[fault_from:]
-            after = managed.wait_applied_past(before, 120)
+            after = managed.wait_applied_past(before, 300)
         # The daemon stopped: the client catches up with the last version it issued.
         last = Ledger.read(managed.tracker, managed.run_id).tag
         wait_for(lambda: managed.tag(TAG_CLIENT_APPLIED_VERSION) == last, 60)
@@ -122,9 +122,10 @@ def check(managed: ManagedRun, during: list[float], what: str) -> None:
         ledger.applied,
     )
     assert len(during) > 100, "training kept stepping"
-    # A step that waited for the tracker would wait out a request (10 s here); the bound leaves
-    # room for a busy machine's scheduling, which stalls a step for tenths of a second.
-    assert max(during) < 1.0, f"a training step waited {max(during):.3f} s"
+    # A step that waited for the tracker would wait out a request (10 s here) or a retry's
+    # back-off; the bound leaves room for a busy machine's scheduling (measured: 0.35 s in a
+    # 15 s outage, 1.2 s once in 23,000 steps of a 5-minute one, beside other heavy work).
+    assert max(during) < 3.0, f"a training step waited {max(during):.3f} s"
 
 
 @pytest.mark.slow
@@ -134,9 +135,12 @@ def check(managed: ManagedRun, during: list[float], what: str) -> None:
         15,
         pytest.param(
             300,
-            marks=pytest.mark.skipif(
-                not LONG_OUTAGE, reason="the 5-minute outage: ATM_LONG_OUTAGE=1"
-            ),
+            marks=[
+                pytest.mark.skipif(
+                    not LONG_OUTAGE, reason="the 5-minute outage: ATM_LONG_OUTAGE=1"
+                ),
+                pytest.mark.timeout(1200),
+            ],
         ),
     ],
 )
