@@ -29,6 +29,7 @@ from integrations.protocol import (
     rejected_version,
 )
 from integrations.trackers import Tracker, TrackerError
+from manager_daemon.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,12 @@ class AuditLog:
             self.tracker.write_json(
                 run_id, params_path(params.version), params.model_dump(mode="json")
             )
+            crash_point("after_params")
             record = record.model_copy(update={"params_version": params.version, "values": values})
         self.write_record(record)
+        crash_point("after_audit")
         if params is not None:
+            crash_point("before_tag")
             self.tracker.set_tags(
                 run_id,
                 {
@@ -154,6 +158,7 @@ class AuditLog:
                     TAG_LAST_INTERVENTION: record.summary()[:500],
                 },
             )
+            crash_point("after_tag")
         return record, params
 
     def write_record(self, record: AuditRecord) -> None:

@@ -40,6 +40,7 @@ from integrations.trackers import (
     Tracker,
 )
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
+from manager_daemon.crashpoints import crash_point
 from manager_daemon.leases import LeaseLost
 from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy, PolicyAnswer
@@ -103,10 +104,12 @@ class RunSupervisor:
 
     # ---- loading ------------------------------------------------------------------------
 
-    def load(self, run: RunInfo) -> None:
-        """Rebuild this run's state from the tracker."""
+    def load(self, run: RunInfo) -> RunInfo:
+        """Rebuild this run's state from the tracker; returns the run as it is now (an
+        interrupted decision completed moves its version tag)."""
         self._load_spec(run)
-        self.audit.recover(self.run_id, run.tags, self.spec)
+        if self.audit.recover(self.run_id, run.tags, self.spec) is not None:
+            run = self.tracker.get_run(self.run_id)
         objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
         self.telemetry = RunTelemetry(objective)
         self.cursor = None
@@ -118,6 +121,7 @@ class RunSupervisor:
             r.step for r in self.records.values() if r.step is not None and r.source != Source.HUMAN
         ]
         self.last_decision_step = max(steps, default=-1)
+        return run
 
     def _remember_earlier_evaluations(self) -> None:
         # The metrics are read from a recent window only: the best and first evaluations
@@ -177,7 +181,8 @@ class RunSupervisor:
         run = run or self.tracker.get_run(self.run_id)
         objective = run.tags.get(TAG_OBJECTIVE)
         if self.telemetry is None or (objective and str(self.telemetry.objective) != objective):
-            self.load(run)  # first sight, or the objective was set after the run was first read
+            # First sight, or the objective was set after the run was first read.
+            run = self.load(run)
         elif run.tags.get(TAG_SPEC_DIGEST) != self.spec_digest:
             self._load_spec(run)  # a client (re)started and published its knobs
         assert self.telemetry is not None
@@ -207,6 +212,7 @@ class RunSupervisor:
         if not self.has_news(run):
             return None
         run = self.refresh(run, read)
+        crash_point("after_read")
         assert self.telemetry is not None
         if self.spec is None or not self.telemetry.evals:
             return None
@@ -236,6 +242,7 @@ class RunSupervisor:
         started = time.monotonic()
         answer: PolicyAnswer = propose(snapshot, menu)
         decided = time.monotonic() - started
+        crash_point("after_answer")
         if self.metrics is not None:
             self.metrics.policy_answered(answer, llm_policy=source == Source.LLM)
         stale = self._staleness(snapshot, decided)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from integrations.protocol import (
     params_path,
 )
 from integrations.torch_hooks import TorchKnobs
-from integrations.trackers import MetricPoint, Tracker
+from integrations.trackers import MetricPoint, Tracker, TrackerError
 from manager_daemon.telemetry import Intervention, RunTelemetry, Snapshot
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu
 
@@ -61,9 +62,22 @@ def issue(
 
 
 class LoopThread(threading.Thread):
-    """A plain torch training loop using ``TorchKnobs``, run on a thread for tests."""
+    """A plain torch training loop using ``TorchKnobs``, run on a thread for tests.
 
-    def __init__(self, run_id: str, uri: str, *, steps: int = 100_000, sleep: float = 0.01) -> None:
+    With ``evaluate_every`` it also logs ``loss`` and ``eval_loss`` every that many steps, as
+    an asynchronous logger would: from a thread of its own that keeps what it could not send
+    (the tracker down) for later, so that a step never waits for the tracker.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        uri: str,
+        *,
+        steps: int = 100_000,
+        sleep: float = 0.01,
+        evaluate_every: int = 0,
+    ) -> None:
         super().__init__(daemon=True)
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(
@@ -80,8 +94,27 @@ class LoopThread(threading.Thread):
         self.step_times: list[float] = []
         self.halt = threading.Event()
         self.error: BaseException | None = None
+        self.evaluate_every = evaluate_every
+        self._to_log: queue.Queue[tuple[int, dict[str, float]]] = queue.Queue()
+        self._logger = threading.Thread(target=self._log_metrics, args=(run_id,), daemon=True)
+
+    def _log_metrics(self, run_id: str) -> None:
+        tracker = self.knobs.client.tracker
+        while not (self.halt.is_set() and self._to_log.empty()):
+            try:
+                step, values = self._to_log.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            while not self.halt.is_set():
+                try:
+                    tracker.log_metrics(run_id, values, step)
+                    break
+                except TrackerError:
+                    time.sleep(0.5)
 
     def run(self) -> None:
+        if self.evaluate_every:
+            self._logger.start()
         try:
             for step in range(self.steps):
                 if self.halt.is_set() or self.knobs.stop_requested:
@@ -97,6 +130,9 @@ class LoopThread(threading.Thread):
                 self.optimizer.step()
                 self.step_times.append(time.perf_counter() - started)
                 self.lrs.append((step, self.optimizer.param_groups[0]["lr"]))
+                if self.evaluate_every and step % self.evaluate_every == 0 and step:
+                    value = loss.item()
+                    self._to_log.put((step, {"loss": value, "eval_loss": value}))
                 self.step = step
                 time.sleep(self.sleep)
         except BaseException as exc:  # surfaced by the test
@@ -107,6 +143,8 @@ class LoopThread(threading.Thread):
     def stop(self) -> None:
         self.halt.set()
         self.join(30)
+        if self._logger.is_alive():
+            self._logger.join(30)
 
 
 OVERFIT_SPEC = RunSpec(

@@ -1,15 +1,19 @@
 """An OpenAI-compatible HTTP server on loopback that replays scripted answers.
 
 Each POST to ``/v1/chat/completions`` takes the next scripted ``Reply``: its HTTP status, the
-message content (or a tool call), and an optional delay. Requests are kept for assertions.
+message content (or a tool call), and an optional delay. Once the script is spent, ``answer``
+(when given) makes the reply from the request. Requests are kept for assertions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,6 +35,7 @@ class Reply:
 class ReplayServer:
     replies: list[Reply] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    answer: Callable[[dict[str, Any]], Reply] | None = None
 
     def __post_init__(self) -> None:
         server = self
@@ -42,7 +47,7 @@ class ReplayServer:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
-                reply = server.replies.pop(0) if server.replies else Reply(status=500)
+                reply = server.next_reply(body)
                 time.sleep(reply.delay_s)
                 if reply.refuse_response_format and "response_format" in body:
                     return self._send(
@@ -97,6 +102,11 @@ class ReplayServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
+    def next_reply(self, body: dict[str, Any]) -> Reply:
+        if self.replies:
+            return self.replies.pop(0)
+        return self.answer(body) if self.answer is not None else Reply(status=500)
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -119,3 +129,37 @@ def halve_lr(start: float) -> Reply:
             }
         )
     )
+
+
+def turning_lr(targets: tuple[float, ...] = (0.005, 0.02)) -> Callable[[dict[str, Any]], Reply]:
+    """Answers that move the learning rate towards each of ``targets`` in turn: of the
+    menu's learning rates (the enum in the request's schema), the one nearest the target.
+    Every answer is a change to issue; no action when the learning rate is not on the menu."""
+    turns = itertools.count()
+
+    def answer(body: dict[str, Any]) -> Reply:
+        choices = _enum_of("learning_rate", body)
+        target = targets[next(turns) % len(targets)]
+        if not choices:
+            decision: dict[str, Any] = {"action": "no_action", "changes": {}}
+        else:
+            nearest = min(choices, key=lambda c: abs(math.log(c / target)))
+            decision = {"action": "adjust", "changes": {"learning_rate": nearest}}
+        texts = {"reason": "try another learning rate", "expect": "a lower loss"}
+        return Reply(json.dumps(decision | texts | {"watch": "eval_loss"}))
+
+    return answer
+
+
+def _enum_of(name: str, node: object) -> list[float]:
+    """The enum given for property ``name`` anywhere in a request body."""
+    if isinstance(node, dict):
+        found = node.get(name)
+        if isinstance(found, dict) and isinstance(found.get("enum"), list):
+            return [float(v) for v in found["enum"]]
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            if values := _enum_of(name, item):
+                return values
+    return []

@@ -1,53 +1,190 @@
-"""Faults on a real MLflow server: the server stopped mid-training and started again.
+"""Faults on a real MLflow server, with a managed training run and a daemon deciding: the
+server stopped mid-training and started again; slow answers, connection resets and dropped
+connections between it and both sides (through a loopback proxy).
 
-The same outage on the in-memory tracker, and the daemon dying between writes on every
-backend, are in ``test_contract``."""
+No training step waits, the client and the daemon back off and resume, and every version,
+issued before or after the fault, is applied once. The outage lasts 15 s here; with
+``ATM_LONG_OUTAGE=1`` the same test runs a 5-minute one (the README's figure). The same
+outage on the in-memory tracker, and the daemon dying between writes on every backend, are in
+``test_contract``; the model's endpoint under faults is in ``test_llm_faults``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from integrations.protocol import (
-    TAG_CLIENT_APPLIED_VERSION,
-    TAG_CLIENT_HEARTBEAT,
-)
+from integrations.protocol import TAG_CLIENT_APPLIED_VERSION, TAG_CLIENT_HEARTBEAT
 from integrations.trackers import open_tracker
+from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.mlflow_server import MlflowServer, free_port
-from tests.helpers import LoopThread, issue, wait_for
+from manager_daemon.policies.llm import LLMConfig, LLMPolicy
+from manager_daemon.policies.openai_chat import OpenAIChat
+from manager_daemon.supervisor import SupervisorConfig
+from manager_daemon.validation import ValidationConfig
+from tests.helpers import LoopThread, wait_for
+from tests.ledger import Ledger
+from tests.openai_replay import ReplayServer, turning_lr
+from tests.tcp_proxy import TcpProxy
+
+log = logging.getLogger(__name__)
+
+LONG_OUTAGE = os.environ.get("ATM_LONG_OUTAGE") == "1"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[MlflowServer]:
+    server = MlflowServer(root=tmp_path / "mlflow", port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replay() -> Iterator[ReplayServer]:
+    server = ReplayServer(answer=turning_lr())
+    yield server
+    server.close()
+
+
+class ManagedRun:
+    """A training loop on a run and a daemon deciding for it (every answer a new version),
+    both talking to the tracker at ``uri``."""
+
+    def __init__(self, server: MlflowServer, uri: str, replay: ReplayServer) -> None:
+        self.tracker = open_tracker(server.uri)  # the test's own view, past any proxy
+        client = MlflowClient(server.uri)
+        experiment = client.create_experiment(f"faults-{time.time_ns()}")
+        self.run_id = client.create_run(experiment).info.run_id
+        self.loop = LoopThread(self.run_id, uri, sleep=0.005, evaluate_every=20)
+        model = OpenAIChat("replay", base_url=replay.base_url, api_key="x")
+        config = SupervisorConfig(
+            validation=ValidationConfig(cooldown_steps=100, budget=1000), stale_evals=100
+        )
+        self.daemon = Daemon(open_tracker(uri), LLMPolicy(model, LLMConfig()), config)
+
+    def tag(self, name: str) -> int:
+        return int(self.tracker.get_run(self.run_id).tags.get(name, "0"))
+
+    def wait_applied_past(self, version: int, timeout: float) -> int:
+        """Wait until a version after ``version`` is issued and applied; return it."""
+
+        def applied() -> list[int]:
+            return Ledger.read(self.tracker, self.run_id).applied
+
+        wait_for(lambda: applied() and applied()[-1] > version, timeout, every=1)
+        return applied()[-1]
+
+
+def run_through(
+    managed: ManagedRun, fault: Callable[[], None], caplog: pytest.LogCaptureFixture
+) -> tuple[list[float], int, int]:
+    """Run ``fault`` once a version is applied; return the step times during it, the version
+    applied before it and the first applied after it."""
+    caplog.set_level(logging.WARNING, logger="integrations.client")
+    caplog.set_level(logging.WARNING, logger="manager_daemon.daemon")
+    loop = managed.loop
+    loop.start()
+    try:
+        with in_background([managed.daemon], 1.0):
+            wait_for(lambda: TAG_CLIENT_HEARTBEAT in managed.tracker.get_run(managed.run_id).tags)
+            before = managed.wait_applied_past(0, 60)
+            fault_from = len(loop.step_times)
+            fault()
+            during = loop.step_times[fault_from:]
+            after = managed.wait_applied_past(before, 300)
+        # The daemon stopped: the client catches up with the last version it issued.
+        last = Ledger.read(managed.tracker, managed.run_id).tag
+        wait_for(lambda: managed.tag(TAG_CLIENT_APPLIED_VERSION) == last, 60)
+    finally:
+        loop.stop()
+    assert loop.error is None
+    return during, before, after
+
+
+def check(managed: ManagedRun, during: list[float], what: str) -> None:
+    ledger = Ledger.read(managed.tracker, managed.run_id)
+    assert ledger.problems(managed.tracker, managed.run_id) == []
+    median = statistics.median(managed.loop.step_times)
+    log.warning(
+        "%s: %d steps during, longest %.1f ms, median %.2f ms; %d versions issued, applied %s",
+        what,
+        len(during),
+        1000 * max(during),
+        1000 * median,
+        ledger.tag,
+        ledger.applied,
+    )
+    assert len(during) > 100, "training kept stepping"
+    # A step that waited for the tracker would wait out a request (10 s here) or a retry's
+    # back-off; the bound leaves room for a busy machine's scheduling (measured: 0.35 s in a
+    # 15 s outage, 1.2 s once in 23,000 steps of a 5-minute one, beside other heavy work).
+    assert max(during) < 3.0, f"a training step waited {max(during):.3f} s"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "outage_s",
+    [
+        15,
+        pytest.param(
+            300,
+            marks=[
+                pytest.mark.skipif(
+                    not LONG_OUTAGE, reason="the 5-minute outage: ATM_LONG_OUTAGE=1"
+                ),
+                pytest.mark.timeout(1200),
+            ],
+        ),
+    ],
+)
 def test_training_never_waits_while_the_mlflow_server_is_down(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    server: MlflowServer,
+    replay: ReplayServer,
+    caplog: pytest.LogCaptureFixture,
+    outage_s: int,
 ) -> None:
-    server = MlflowServer(root=tmp_path / "mlflow", port=free_port()).start()
-    client = MlflowClient(server.uri)
-    run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    tracker = open_tracker(server.uri)
-    loop = LoopThread(run_id, server.uri, sleep=0.005)
-    caplog.set_level(logging.WARNING, logger="integrations.client")
-    loop.start()
-    try:
-        wait_for(lambda: TAG_CLIENT_HEARTBEAT in tracker.get_run(run_id).tags)
+    managed = ManagedRun(server, server.uri, replay)
+
+    def outage() -> None:
         server.stop()
-        down_from = len(loop.step_times)
-        time.sleep(12)
-        during = loop.step_times[down_from:]
+        time.sleep(outage_s)
         server.start()
-        issue(tracker, run_id, 1, {"learning_rate": 0.02})
-        # Back-off is capped at 30 s, so the client sees the server again within that.
-        wait_for(lambda: tracker.get_run(run_id).tags.get(TAG_CLIENT_APPLIED_VERSION) == "1", 60)
-        assert loop.optimizer.param_groups[0]["lr"] == pytest.approx(0.02)
+
+    during, before, after = run_through(managed, outage, caplog)
+    check(managed, during, f"MLflow server down {outage_s} s")
+    assert after > before
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("tracker unreachable" in m for m in messages) == 2, "client and daemon, once each"
+    assert any("tracker reachable again" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_training_never_waits_on_slow_resetting_or_silent_connections(
+    server: MlflowServer, replay: ReplayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TcpProxy(int(server.uri.rsplit(":", 1)[1]))
+    managed = ManagedRun(server, proxy.uri, replay)
+
+    def faults() -> None:
+        proxy.set("slow", delay_s=3.0)
+        time.sleep(12)
+        proxy.set("reset")
+        time.sleep(8)
+        proxy.set("drop")
+        time.sleep(12)
+        proxy.set("pass")
+
+    try:
+        during, before, after = run_through(managed, faults, caplog)
     finally:
-        loop.stop()
-        server.stop()
-    assert loop.error is None
-    assert len(during) > 200, "training kept stepping while the tracker was down"
-    assert max(during) < 0.25, f"a training step waited {max(during):.3f} s"
-    warnings = [r for r in caplog.records if "tracker unreachable" in r.getMessage()]
-    assert len(warnings) == 1, "the client warns once per outage"
+        proxy.close()
+    check(managed, during, "slow (3 s), reset and dropped connections for 32 s")
+    assert after > before
+    assert proxy.connections > 10
