@@ -1,10 +1,11 @@
 """A loopback TCP proxy for fault tests: forwards to a local port, and can delay, reset or
 drop the connections it is given.
 
-``mode`` is read at each new connection: ``"pass"`` forwards; ``"slow"`` forwards after
-``delay_s`` (each request on the connection waits that long); ``"reset"`` answers with a TCP
-reset; ``"drop"`` accepts and never answers (a black hole), until the connection is closed by
-the client or the proxy. Loopback only; at most ``max_connections`` at once, the rest reset.
+``mode``: ``"pass"`` forwards; ``"slow"`` forwards after ``delay_s`` (each request waits that
+long, on connections already open too); ``"reset"`` answers new connections with a TCP reset;
+``"drop"`` accepts new connections and never answers (a black hole), until the connection is
+closed by the client or the proxy. Entering ``reset`` or ``drop`` ends the connections already
+open, so that pooled keep-alive connections meet the fault too. Loopback only; at most ``max_connections`` at once, the rest reset.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class TcpProxy:
         self.mode, self.delay_s = mode, delay_s
         if mode != "drop":
             self._close_held()
+        if mode in ("reset", "drop"):
+            # Pooled keep-alive connections would dodge the fault: end them, so that the next
+            # request opens a new connection and meets it.
+            with self._lock:
+                open_now = list(self._open)
+            for sock in open_now:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._closing.set()
@@ -80,13 +89,9 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._open.add(client)
-            threading.Thread(
-                target=self._forward,
-                args=(client, self.delay_s if mode == "slow" else 0.0),
-                daemon=True,
-            ).start()
+            threading.Thread(target=self._forward, args=(client,), daemon=True).start()
 
-    def _forward(self, client: socket.socket, delay_s: float) -> None:
+    def _forward(self, client: socket.socket) -> None:
         try:
             upstream = socket.create_connection(self.target, timeout=5)
         except OSError:
@@ -107,10 +112,11 @@ class TcpProxy:
                         data = sock.recv(65536)
                         if not data:
                             return
-                        if sock is client and delay_s:
-                            time.sleep(delay_s)
+                        # Slow while the mode is slow, for connections already open too.
+                        if sock is client and self.mode == "slow":
+                            time.sleep(self.delay_s)
                         peer[sock].sendall(data)
-            except OSError:
+            except (OSError, ValueError):
                 return
             finally:
                 for sock in peer:
