@@ -39,7 +39,7 @@ def test_rollback_and_reward_weight_apply_at_an_evaluation_boundary(
         [
             sys.executable,
             str(repo_root / "train_scripts" / "mujoco_reacher.py"),
-            *("--recipe", "baseline", "--preset", "tiny", "--updates", "40", "--eval-every", "4"),
+            *("--recipe", "baseline", "--preset", "tiny", "--updates", "160", "--eval-every", "4"),
             *("--tracking-uri", tracking_uri, "--experiment", "mujoco-managed", "--managed"),
         ],
         stdout=subprocess.PIPE,
