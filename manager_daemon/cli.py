@@ -245,9 +245,15 @@ def daemon(
             lambda: runner.ready(),
         )
     tracker = _tracker(settings.tracking_uri)
+    replica_id = Replica.from_name(settings.replica_name, settings.replica, settings.replicas)
+    if replica_id.count > 1 and not tracker.leases:
+        raise CliError(
+            f"{replica_id.count} replicas cannot share {redact(tracker.uri)}: its run tags "
+            "offer no safe lease, so two replicas could decide for the same run. Run one "
+            "daemon replica per project (--replicas 1)"
+        )
     chosen, why = make_policy(settings)
     logging.getLogger("manager_daemon").info(why)
-    replica_id = Replica.from_name(settings.replica_name, settings.replica, settings.replicas)
     leases = Leases(
         tracker,
         replica_id,

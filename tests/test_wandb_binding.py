@@ -5,10 +5,12 @@ from __future__ import annotations
 import mlflow
 import pytest
 import wandb
+from typer.testing import CliRunner
 
 from integrations.settings import ClientSettings
 from integrations.trackers import RunBinding, bind_run, default_tracking_uri, launch_env
 from integrations.trackers.wandb_backend import WandbTracker, suited_poll_interval
+from manager_daemon.cli import app
 from tests.wandb_server import WandbServer
 
 
@@ -69,3 +71,13 @@ def test_clients_poll_the_hosted_service_less_often_unless_told(
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:8080")
     own = RunBinding(WandbTracker("wandb://team/vision"), "r1", suited_poll_interval())
     assert ClientSettings().poll_interval_for(own) == ClientSettings().poll_interval == 5.0
+
+
+def test_replicas_are_refused_on_wandb_before_anything_starts(wandb_server: WandbServer) -> None:
+    uri = f"wandb://{wandb_server.state.default_entity}/replicas"
+    args = ["daemon", "--tracking-uri", uri, "--policy", "rules", "--once"]
+    result = CliRunner().invoke(app, [*args, "--replicas", "3", "--replica", "0"])
+    assert result.exit_code == 2, result.output
+    assert "3 replicas cannot share wandb://" in " ".join(result.output.split())
+    alone = CliRunner().invoke(app, args)
+    assert alone.exit_code == 0, alone.output

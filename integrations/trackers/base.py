@@ -70,6 +70,9 @@ class Tracker(Protocol):
     """The operations the manager and the client need from an experiment tracker."""
 
     uri: str
+    # Whether daemon replicas can share this tracker's runs through leases in run tags: a tag
+    # write must land whole (not as a read-modify-write of a list) within a bounded time.
+    leases: bool
 
     def get_run(self, run_id: str) -> RunInfo:
         """The run's status, tags and latest metric values; raises RunNotFound."""

@@ -54,6 +54,8 @@ class _Seen(Cursor):
 class MemoryTracker:
     """A ``Tracker`` whose runs live in this process."""
 
+    leases = True
+
     def __init__(self, uri: str = f"{_SCHEME}default", fault: Fault | None = None) -> None:
         self.uri = uri
         self.fault = fault

@@ -62,6 +62,8 @@ class _Steps(Cursor):
 class MlflowTracker:
     """A ``Tracker`` over ``MlflowClient``."""
 
+    leases = True
+
     def __init__(self, uri: str) -> None:
         # Artifact downloads would draw a progress bar in the training process's output
         # at every poll that fetches a file.

@@ -168,6 +168,9 @@ class WandbTracker:
     """A ``Tracker`` over a W&B project: one ``wandb.Api`` for reads and tag updates, the
     training process's live run for what it owns, a writer run for the daemon's artifacts."""
 
+    # Tags are one list, rewritten whole: two replicas could each read their own lease back.
+    leases = False
+
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._entity, self.project = parse_uri(uri)
