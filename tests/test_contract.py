@@ -79,6 +79,9 @@ def test_valid_version_is_applied_once_and_acknowledged(loop: LoopThread, backen
     issue(backend.tracker, run_id, 1, {"learning_rate": 0.005, "aux_weight": 0.8, "dropout": 0.2})
     wait_for(lambda: tags(backend, run_id).get(TAG_CLIENT_APPLIED_VERSION) == "1")
     applied_step = int(tags(backend, run_id)[TAG_CLIENT_APPLIED_STEP])
+    # The ack is written during the step that applied it; the loop records that step's lr
+    # once the step is done.
+    wait_for(lambda: loop.step >= applied_step)
     lrs = dict(loop.lrs)
     assert lrs[applied_step - 1] == pytest.approx(0.01)
     assert lrs[applied_step] == pytest.approx(0.005)

@@ -225,7 +225,13 @@ def test_live_history_is_read_incrementally(
         assert run.state == "running"
         (tmp_path / "more").touch()
         assert wait_for(lambda: steps_since(5) == [5, 6])
-        assert wait_for(lambda: run.summary.get("atm/applied_version") == 1)
+
+        def summary() -> dict[str, object]:
+            # ``run.summary`` is read once and kept; ``summary_metrics`` follows each load.
+            run.load(force=True)
+            return dict(run.summary_metrics)
+
+        assert wait_for(lambda: summary().get("atm/applied_version") == 1)
         assert run.state == "running"
         (tmp_path / "finish").touch()
         finish(trainer)
