@@ -3,7 +3,9 @@ and each tracker backend in turn."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -243,3 +246,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("bench") and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A test process that does not end within two minutes of its session is stuck on what a
+    test left behind (a service still retrying a stopped server, say): name the processes,
+    dump every thread's stack and exit with 1, rather than hang until CI gives up."""
+    if children := psutil.Process().children(recursive=True):
+        names = [f"{c.pid}: {' '.join(c.cmdline())[:160]}" for c in children]
+        print("\nprocesses still running after the tests:", *names, sep="\n  ", file=sys.stderr)
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.stderr)

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import wandb
 
+from integrations.trackers.wandb_backend import finish_writers
 from tests.wandb_server import WandbServer
 
 # Any 40 characters pass the SDK's key check; the test server accepts every key.
@@ -61,4 +63,8 @@ def wandb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WandbServ
         for key, value in env.items():
             patch.setenv(key, value)
         yield server
+    # Runs the session left open are finished while their server is still there: torn down
+    # at exit instead, wandb-core would retry a stopped server and the process never ends.
+    finish_writers()
+    wandb.teardown()
     server.stop()

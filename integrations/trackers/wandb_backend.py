@@ -553,6 +553,15 @@ def _writer_run(entity: str, project: str) -> Any:
         return writer
 
 
+def finish_writers() -> None:
+    """Finish this process's writer runs (a process that exits finishes them itself)."""
+    with _writers_lock:
+        writers = list(_writers.values())
+        _writers.clear()
+    for writer in writers:
+        writer.finish()
+
+
 def _file_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
