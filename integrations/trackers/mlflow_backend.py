@@ -72,6 +72,18 @@ class MlflowTracker:
         self._client = MlflowClient(tracking_uri=uri)
         self._store = self._client._tracking_client.store
         self._repositories: dict[str, ArtifactRepository] = {}
+        # Each run's metrics' latest steps, as the last listing or read of the run gave them:
+        # a first read of a key starts its window there instead of asking the server.
+        self._latest_steps: dict[str, dict[str, int]] = {}
+
+    def _seen(self, runs: list[Any], *, listing: bool = False) -> list[RunInfo]:
+        infos = [_run_info(r) for r in runs]
+        if listing:
+            # Runs no longer listed are forgotten: the memory follows the managed runs.
+            self._latest_steps = {i.run_id: i.latest_steps for i in infos}
+        else:
+            self._latest_steps.update((i.run_id, i.latest_steps) for i in infos)
+        return infos
 
     def _artifacts(self, run_id: str) -> ArtifactRepository:
         """The run's artifact store, looked up once per run (a run's artifact URI is fixed)."""
@@ -93,7 +105,7 @@ class MlflowTracker:
     def get_run(self, run_id: str) -> RunInfo:
         with _translated(run_id):
             run = self._client.get_run(run_id)
-        return _run_info(run)
+        return self._seen([run])[0]
 
     def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
         with _translated():
@@ -110,7 +122,7 @@ class MlflowTracker:
                     experiment_ids[i : i + 100],
                     filter_string=_MANAGED_FILTER,
                 )
-        return [_run_info(r) for r in runs]
+        return self._seen(runs, listing=True)
 
     def list_runs(self, experiment: str) -> list[RunInfo]:
         with _translated():
@@ -164,10 +176,14 @@ class MlflowTracker:
         server returns them all."""
         if window is None:
             return self._history(run_id, key)
-        last = self._range(run_id, key, 0, _LAST_STEP, limit=1)  # the server keeps the last
-        if not last:
-            return []
-        end = last[0].step
+        end = self._latest_steps.get(run_id, {}).get(key)
+        if end is None:
+            # Not in a listing yet: ask the server (it keeps the last point of a sampled read;
+            # it looks at every step of the key to sample them, which the listing spares it).
+            last = self._range(run_id, key, 0, _LAST_STEP, limit=1)
+            if not last:
+                return []
+            end = last[0].step
         too_few, too_many = 0, None  # spans known to hold too few points, or too many
         span = window
         found: list[MetricPoint] = []
