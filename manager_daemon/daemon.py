@@ -36,18 +36,27 @@ log = logging.getLogger(__name__)
 _READ_CHUNK = 100
 
 
+# The lowest nice value, at which decision work also moves to the idle scheduling class.
+IDLE_NICE = 19
+
+
 def lower_priority(nice: int) -> None:
-    """Give the calling thread the nice value ``nice`` (never a higher priority than it has).
+    """Give the calling thread the nice value ``nice`` (never a higher priority than it has);
+    at 19, the lowest, also Linux's idle scheduling class (SCHED_IDLE): the thread then runs
+    only on CPU that nothing else wants, and yields it at once when training wakes.
 
     The decision work (policies, the embedded model) runs on the daemon's worker threads, which
-    call this first: Linux keeps a nice value per thread and the threads a worker starts (the
-    embedded model's OpenMP team) inherit it, so training beside the daemon keeps the cores.
+    call this first: Linux keeps a nice value and a scheduling class per thread and the threads
+    a worker starts (the embedded model's OpenMP team) inherit them, so training beside the
+    daemon keeps the cores.
     """
     if nice <= 0:
         return
     thread = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, thread, max(nice, os.getpriority(os.PRIO_PROCESS, thread)))
+        if nice >= IDLE_NICE and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     except OSError as exc:
         log.warning("cannot lower the daemon's CPU priority: %s", exc)
 

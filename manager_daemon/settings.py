@@ -92,11 +92,12 @@ class DaemonSettings(TrackerSettings):
         "training beside it",
     )
     nice: int = Field(
-        10,
+        19,
         ge=0,
         le=19,
         description="How far below training the daemon's decision work runs (a Linux nice "
-        "value): it gets the CPU training leaves; 0 on a machine of its own",
+        "value; 19 also puts it in the idle scheduling class): it gets only the CPU training "
+        "leaves; 0 on a machine of its own",
     )
     rules_config: Path | None = Field(None, description="A YAML file of the rules' thresholds")
     cooldown_steps: int = _same_as(ValidationConfig, "cooldown_steps")

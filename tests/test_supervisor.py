@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+
+import pytest
 
 from integrations.protocol import TAG_OBJECTIVE
 from manager_daemon.audit import AuditLog
-from manager_daemon.daemon import Daemon, TickReport, in_background
+from manager_daemon.daemon import Daemon, TickReport, in_background, lower_priority
 from manager_daemon.policies import RulesPolicy
 from manager_daemon.supervisor import RunSupervisor, SupervisorConfig
 from manager_daemon.validation import ValidationConfig
@@ -68,3 +72,23 @@ def test_daemons_in_background_decide_while_the_block_runs_and_stop_after(
     ticks = daemon.ticks
     time.sleep(1.0)
     assert daemon.ticks == ticks, "no tick after the block ended"
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class")
+def test_decision_threads_yield_the_cpu_and_leave_the_process_as_it_was() -> None:
+    seen: dict[int, tuple[int, int]] = {}
+
+    def worker(nice: int) -> None:
+        lower_priority(nice)
+        thread = threading.get_native_id()
+        seen[nice] = (os.getpriority(os.PRIO_PROCESS, thread), os.sched_getscheduler(thread))
+
+    for nice in (0, 10, 19):
+        thread = threading.Thread(target=worker, args=(nice,))
+        thread.start()
+        thread.join()
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen[0] == (before, os.SCHED_OTHER)
+    assert seen[10] == (max(10, before), os.SCHED_OTHER)
+    assert seen[19] == (19, os.SCHED_IDLE)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the calling thread is untouched"

@@ -7,14 +7,17 @@ recipe, torch on every core), which times its own optimizer steps. Variants, int
 - ``alone``: the script by itself (it logs to MLflow, as every variant does);
 - ``client``: under ``atm run``, the client polling, no daemon;
 - ``managed``: under ``atm run`` with ``atm daemon`` and the embedded model deciding beside it,
-  with the co-location defaults (one model thread, passive OpenMP waits, nice 10);
-- ``managed-unshared`` (``--unshared``): the same with the daemon set up as for a machine of its
-  own (llama.cpp's thread choice, busy waits, no nice): what the defaults avoid.
+  with the co-location defaults (one model thread, passive OpenMP waits, nice 19 and the
+  idle scheduling class);
+- ``managed-nice10``: the same with decision work at nice 10 in the normal scheduling class
+  (the defaults before the idle class);
+- ``managed-unshared``: the same with the daemon set up as for a machine of its own
+  (llama.cpp's thread choice, busy waits, no nice): what the defaults avoid.
 
 Knobs that change the cost of a step (dropout, label smoothing) are pinned, so that what the
 manager decides does not change what a step computes; what is left is its own cost.
 
-    python train_scripts/bench_colocation.py --repeats 3 --out bench/colocation
+    python train_scripts/bench_colocation.py --repeats 3 --steps 1500 --out bench/colocation
 
 Writes ``results.json`` and ``results.md`` under ``--out``.
 """
@@ -43,10 +46,16 @@ from train_scripts.bench_common import run_script
 
 log = logging.getLogger("bench_colocation")
 
-VARIANTS = ("alone", "client", "managed")
+# Each variant and the flags of its daemon (None: no daemon).
+VARIANTS: dict[str, list[str] | None] = {
+    "alone": None,
+    "client": None,
+    "managed": [],
+    "managed-nice10": ["--nice", "10"],
+    "managed-unshared": ["--llm-threads", "0", "--llm-busy-wait", "--nice", "0"],
+}
 # Dropout and label smoothing change what a step computes; pinned at their starting values.
 PINNED = {k.value: {"min": 0.0, "max": 0.0} for k in (Knob.DROPOUT, Knob.LABEL_SMOOTHING)}
-UNSHARED = ["--llm-threads", "0", "--llm-busy-wait", "--nice", "0"]
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Trial:
     model_s_median: float | None
 
 
-def daemon(uri: str, experiment: str, out: Path, unshared: bool) -> subprocess.Popen[bytes]:
+def daemon(uri: str, experiment: str, out: Path, flags: list[str]) -> subprocess.Popen[bytes]:
     """``atm daemon`` with the embedded model, once it has loaded it."""
     log_path = out / f"daemon-{experiment}.log"
     process = subprocess.Popen(
@@ -71,7 +80,7 @@ def daemon(uri: str, experiment: str, out: Path, unshared: bool) -> subprocess.P
             sys.executable, "-m", "manager_daemon.cli", "daemon", "--tracking-uri", uri,
             "--policy", "llm", "--interval", "2", "--experiment", experiment,
             "--cooldown-steps", "20", "--stale-evals", "8",
-            *(UNSHARED if unshared else []),
+            *flags,
         ],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
@@ -102,8 +111,8 @@ def trial(uri: str, variant: str, repeat: int, args: argparse.Namespace) -> Tria
             "--bounds", str(bounds), "--", *script,
         ]  # fmt: skip
     helper = None
-    if variant.startswith("managed"):
-        helper = daemon(uri, experiment, args.out, unshared=variant == "managed-unshared")
+    if (flags := VARIANTS[variant]) is not None:
+        helper = daemon(uri, experiment, args.out, flags)
     try:
         summary = run_script(command, args.out / f"train-{name}.log")
     finally:
@@ -133,7 +142,7 @@ def summarise(trials: list[Trial], args: argparse.Namespace) -> str:
     by_variant: dict[str, list[Trial]] = {}
     for t in trials:
         by_variant.setdefault(t.variant, []).append(t)
-    base = by_variant["alone"]
+    base = by_variant[args.variants[0]]
     base_median = statistics.median(t.median_s for t in base)
     base_p99 = statistics.median(t.p99_s for t in base)
     lines = [
@@ -165,13 +174,20 @@ def main(argv: list[str] | None = None) -> list[Trial]:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--unshared", action="store_true", help="also the unshared daemon")
+    parser.add_argument(
+        "--variants",
+        type=lambda text: text.split(","),
+        default=["alone", "client", "managed"],
+        help=f"comma-separated, the first the baseline; of: {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out/colocation"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = [*VARIANTS, "managed-unshared"] if args.unshared else list(VARIANTS)
+    variants = args.variants
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     server = start_server(args.out / "mlflow")
     trials: list[Trial] = []
     try:
