@@ -22,6 +22,7 @@ from integrations.trackers import Tracker, open_tracker
 from integrations.trackers.memory import MemoryTracker
 from manager_daemon.mlflow_server import MlflowServer, start_server
 from tests.helpers import wait_for
+from tests.openai_replay import ReplayServer
 from tests.wandb_fixtures import wandb_server  # noqa: F401  (a fixture)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -59,6 +60,14 @@ def new_run(tracking_uri: str, request: pytest.FixtureRequest):
         return run.info.run_id
 
     return make
+
+
+@pytest.fixture
+def replay() -> Iterator[ReplayServer]:
+    """An OpenAI-compatible endpoint on loopback that replays scripted answers."""
+    server = ReplayServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

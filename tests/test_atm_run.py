@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,6 @@ from tests.openai_replay import ReplayServer, halve_lr
 
 SCRIPTS = Path(__file__).parent / "data" / "scripts"
 ATM = [sys.executable, "-m", "manager_daemon.cli"]
-
-
-@pytest.fixture
-def replay() -> Iterator[ReplayServer]:
-    server = ReplayServer()
-    yield server
-    server.close()
 
 
 def start_daemon(

@@ -47,10 +47,10 @@ def server(tmp_path: Path) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture
-def replay() -> Iterator[ReplayServer]:
-    server = ReplayServer(answer=turning_lr())
-    yield server
-    server.close()
+def replay(replay: ReplayServer) -> ReplayServer:
+    """The shared endpoint, answering every call with a new lr."""
+    replay.answer = turning_lr()
+    return replay
 
 
 class ManagedRun:

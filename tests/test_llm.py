@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -42,13 +41,6 @@ from manager_daemon.validation import RunState, ValidationConfig, build_menu
 from tests.conftest import Backend
 from tests.helpers import OVERFIT_SPEC, overfitting_run, snapshot_and_menu, telemetry
 from tests.openai_replay import ReplayServer, Reply
-
-
-@pytest.fixture
-def replay() -> Iterator[ReplayServer]:
-    server = ReplayServer()
-    yield server
-    server.close()
 
 
 def answer(

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from integrations.protocol import PARAMS_DIR, AuditRecord, Source
 from manager_daemon.audit import AuditLog
@@ -42,13 +40,6 @@ class Evaluations(threading.Thread):
                 loss = 2.0 - step / 10_000
                 self.memory.log_metrics(run_id, {"loss": loss, "eval_loss": loss}, step)
             step += 10
-
-
-@pytest.fixture
-def replay() -> Iterator[ReplayServer]:
-    server = ReplayServer()
-    yield server
-    server.close()
 
 
 def supervised(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -37,13 +36,6 @@ EVERY_SECRET = [
     base64.b64encode(f"atm:{TRACKER_PASSWORD}".encode()).decode(),
     base64.b64encode(f"atm:{ENDPOINT_PASSWORD}".encode()).decode(),
 ]
-
-
-@pytest.fixture
-def replay() -> Iterator[ReplayServer]:
-    server = ReplayServer()
-    yield server
-    server.close()
 
 
 def with_password(uri: str, password: str) -> str:

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,6 @@ from tests.wandb_server import WandbServer
 
 SCRIPTS = Path(__file__).parent / "data" / "scripts"
 ATM = [sys.executable, "-m", "manager_daemon.cli"]
-
-
-@pytest.fixture
-def replay() -> Iterator[ReplayServer]:
-    server = ReplayServer()
-    yield server
-    server.close()
 
 
 def supervise(
