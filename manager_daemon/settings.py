@@ -92,12 +92,13 @@ class DaemonSettings(TrackerSettings):
         "training beside it",
     )
     nice: int = Field(
-        19,
+        10,
         ge=0,
         le=19,
         description="How far below training the daemon's decision work runs (a Linux nice "
-        "value; 19 also puts it in the idle scheduling class): it gets only the CPU training "
-        "leaves; 0 on a machine of its own",
+        "value): training beside it keeps most of the CPU; 19 also puts it in the idle "
+        "scheduling class, where it gets only the CPU training leaves (on busy cores a "
+        "decision then waits until training pauses); 0 on a machine of its own",
     )
     rules_config: Path | None = Field(None, description="A YAML file of the rules' thresholds")
     cooldown_steps: int = _same_as(ValidationConfig, "cooldown_steps")

@@ -39,7 +39,7 @@ def test_bench_scale_on_a_few_runs(tmp_path: Path) -> None:
 @pytest.mark.bench
 def test_bench_colocation_side_by_side(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp", reason="the managed variant runs the embedded model")
-    variants = ["alone", "client", "managed", "managed-nice10"]
+    variants = ["alone", "client", "managed", "managed-idle"]
     trials = bench_colocation.main(
         [
             "--repeats",

@@ -7,10 +7,10 @@ recipe, torch on every core), which times its own optimizer steps. Variants, int
 - ``alone``: the script by itself (it logs to MLflow, as every variant does);
 - ``client``: under ``atm run``, the client polling, no daemon;
 - ``managed``: under ``atm run`` with ``atm daemon`` and the embedded model deciding beside it,
-  with the co-location defaults (one model thread, passive OpenMP waits, nice 19 and the
-  idle scheduling class);
-- ``managed-nice10``: the same with decision work at nice 10 in the normal scheduling class
-  (the defaults before the idle class);
+  with the co-location defaults (one model thread, passive OpenMP waits, decision work at
+  nice 10);
+- ``managed-idle``: the same with decision work at nice 19 in the idle scheduling class, where
+  it gets only the CPU training leaves;
 - ``managed-unshared``: the same with the daemon set up as for a machine of its own
   (llama.cpp's thread choice, busy waits, no nice): what the defaults avoid.
 
@@ -51,7 +51,7 @@ VARIANTS: dict[str, list[str] | None] = {
     "alone": None,
     "client": None,
     "managed": [],
-    "managed-nice10": ["--nice", "10"],
+    "managed-idle": ["--nice", "19"],
     "managed-unshared": ["--llm-threads", "0", "--llm-busy-wait", "--nice", "0"],
 }
 # Dropout and label smoothing change what a step computes; pinned at their starting values.
@@ -163,7 +163,7 @@ def summarise(trials: list[Trial], args: argparse.Namespace) -> str:
             f"| {statistics.median(t.steps_per_s for t in group):.2f} "
             f"| {100 * (median / base_median - 1):+.1f} % | {100 * (p99 / base_p99 - 1):+.1f} % "
             f"| {sum(t.decisions for t in group) / len(group):.1f} "
-            f"| {statistics.median(calls) if calls else '-'} |"
+            f"| {f'{statistics.median(calls):.1f}' if calls else '-'} |"
         )
     return "\n".join(lines) + "\n"
 
