@@ -41,6 +41,7 @@ if not __package__:  # run as a file: make the repository root importable
 from integrations.knobs import Knob
 from integrations.trackers import open_tracker
 from manager_daemon.audit import AuditLog
+from manager_daemon.daemon import IDLE_NICE
 from manager_daemon.mlflow_server import start_server
 from train_scripts.bench_common import run_script
 
@@ -51,7 +52,7 @@ VARIANTS: dict[str, list[str] | None] = {
     "alone": None,
     "client": None,
     "managed": [],
-    "managed-idle": ["--nice", "19"],
+    "managed-idle": ["--nice", str(IDLE_NICE)],
     "managed-unshared": ["--llm-threads", "0", "--llm-busy-wait", "--nice", "0"],
 }
 # Dropout and label smoothing change what a step computes; pinned at their starting values.
