@@ -67,6 +67,10 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
     console.print(f"Manager {why}")
     # The demo's evaluations come every few seconds while a CPU model call takes longer, so
     # answers may arrive several evaluations late and are still worth applying.
+    # Its trainings last about a minute: below them (the daemon's default nice) the embedded
+    # model answered after both had ended, so the demo decides at their priority unless
+    # ATM_NICE says otherwise.
+    nice = settings.nice if "nice" in settings.model_fields_set else 0
     daemon = Daemon(
         tracker,
         policy,
@@ -75,7 +79,7 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
             stale_evals=8,
         ),
         signing_key=settings.key(),
-        nice=settings.nice,
+        nice=nice,
     )
     with in_background([daemon], DAEMON_INTERVAL_S):
         variants = _train_side_by_side(workdir, uri, tracker, console)
