@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from integrations.settings import DEFAULT_POLL_INTERVAL_S
+
 SCHEMA_VERSION = 1
 
 # Run tags (MLflow). All under "atm.".
@@ -286,7 +288,8 @@ class RunSpec(BaseModel):
     knobs: list[KnobSpec]
     commands: list[Command] = Field(default_factory=list)
     apply_at: Boundary = Boundary.STEP
-    poll_interval_s: float = 2.0
+    # How often the publishing client polls for new params versions (recorded in the spec).
+    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     published_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")
