@@ -145,6 +145,7 @@ def rl_decide(
     training_collisions: list[float] = (),
     config: RulesConfig | None = None,
     history: list[Intervention] | None = None,
+    spec: RunSpec = RL_SPEC,
 ) -> object:
     t = RunTelemetry(Objective.parse("maximize:eval/safe_success"))
     points = [MetricPoint("eval/safe_success", 100 * (i + 1), v, i) for i, v in enumerate(evals)]
@@ -154,7 +155,7 @@ def rl_decide(
         for i, v in enumerate(training_collisions)
     ]
     t.add(sorted(points, key=lambda p: p.timestamp))
-    snapshot, menu = snapshot_and_menu(t, RL_SPEC, Source.RULES, history=history)
+    snapshot, menu = snapshot_and_menu(t, spec, Source.RULES, history=history)
     return RulesPolicy(config).decide(snapshot, menu)
 
 
@@ -245,6 +246,36 @@ def test_a_crawl_waits_for_the_last_change_to_show_its_effect() -> None:
     signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
     p = rl_decide(CRAWL, signals, config=AIMED, history=[recent])
     assert p.action == "no_action", p.reason
+
+
+def test_a_crawl_is_acted_on_once_the_last_change_has_had_its_evaluations() -> None:
+    # The run's first rescue, applied at step 400; then 0.02-0.04 per evaluation for 7
+    # evaluations (an intervention's measured outcome covers only the first two of them).
+    rescue = Intervention(
+        version=1,
+        decision_id=1,
+        decision_step=380,
+        source="rules",
+        changes={"learning_rate": (1.5e-5, 3e-5)},
+        commands=[],
+        applied_step=400,
+    )
+    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
+    p = rl_decide(CRAWL, signals, config=AIMED, history=[rescue])
+    assert p.reason.startswith("slow progress"), p.reason
+    assert p.changes == {"learning_rate": 6e-5}
+
+
+def test_a_crawl_at_the_highest_learning_rate_proposes_no_empty_change() -> None:
+    top = [
+        k.model_copy(update={"value": 3e-3}) if k.name == "learning_rate" else k
+        for k in RL_SPEC.knobs
+    ]
+    spec = RL_SPEC.model_copy(update={"knobs": top})
+    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
+    p = rl_decide(CRAWL, signals, config=AIMED, spec=spec)
+    assert not p.reason.startswith("slow progress"), p.reason
+    assert "learning_rate" not in p.changes
 
 
 def test_a_stop_away_from_the_best_goes_back_to_it() -> None:

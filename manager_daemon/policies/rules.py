@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from integrations.knobs import Knob
 from integrations.protocol import Command, Proposal, Source
 from manager_daemon.policies.base import PolicyAnswer
-from manager_daemon.telemetry import APPROX_KL_KEYS, SAFETY_KEYS, Snapshot
+from manager_daemon.telemetry import APPROX_KL_KEYS, RECENT_EVALS, SAFETY_KEYS, Snapshot
 from manager_daemon.validation import Menu
 
 
@@ -72,7 +72,9 @@ class RulesConfig(BaseModel):
         description="what good is for a maximised objective (a success rate of 0.9, say): "
         "slow, steady progress below it gets a bolder learning rate (unset: no such rule)",
     )
-    crawl_window: int = Field(4, ge=1, description="evaluations over which progress is measured")
+    crawl_window: int = Field(
+        4, ge=1, le=RECENT_EVALS - 1, description="evaluations over which progress is measured"
+    )
     crawl_gain: float = Field(
         0.1, gt=0, description="progress slower than this share of the target over the window"
     )
@@ -180,7 +182,7 @@ class RulesPolicy:
                 f"{obj.metric} stops rising; the gap narrows",
                 _rollback(menu),
             )
-        if (gain := self._crawl(snap)) is not None:
+        if (gain := self._crawl(snap)) is not None and _can_raise(menu, Knob.LEARNING_RATE):
             return _proposal(
                 _scaled(menu, Knob.LEARNING_RATE, cfg.crawl_lr_factor),
                 f"slow progress: {obj.metric} rose {gain:.3g} over the last {cfg.crawl_window} "
@@ -235,8 +237,12 @@ class RulesPolicy:
         recent = [v for _, v in obj.recent]
         if obj.last >= target or len(recent) <= cfg.crawl_window:
             return None
-        if snap.interventions and snap.interventions[-1].evaluations_after < cfg.crawl_window:
-            return None
+        # Counted from the objective's recent evaluations: an intervention's own outcome stops
+        # counting after the few evaluations that measure it.
+        if snap.interventions:
+            changed = snap.interventions[-1].step
+            if sum(1 for step, _ in obj.recent if step > changed) < cfg.crawl_window:
+                return None
         gain = recent[-1] - recent[-1 - cfg.crawl_window]
         return gain if 0 <= gain < cfg.crawl_gain * target else None
 
@@ -275,6 +281,11 @@ def _scaled(menu: Menu, knob: str, factor: float) -> dict[str, float]:
     if item is None:
         return {}
     return {knob: min(max(item.current * factor, item.low), item.high)}
+
+
+def _can_raise(menu: Menu, knob: str) -> bool:
+    item = menu.knobs.get(knob)
+    return item is not None and item.current < item.high
 
 
 def _added(menu: Menu, knob: str, delta: float) -> dict[str, float]:
