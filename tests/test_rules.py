@@ -217,51 +217,46 @@ def test_nothing_learned_explores_more_and_is_bolder_when_timid() -> None:
 # A cautious PPO run that left its floor and then crawls: 0.01 or so per evaluation.
 CRAWL = [0.0, 0.0, 0.0, 0.24, 0.29, 0.34, 0.4, 0.42, 0.46, 0.46, 0.46]
 AIMED = RulesConfig(progress_target=0.9)
+# No collisions, updates of an ordinary size: neither the safety nor the timid rules fire.
+CALM = {"eval/collision": 0.0, "train/approx_kl": 0.004}
 
 
 def test_slow_steady_progress_far_below_the_target_gets_a_bolder_learning_rate() -> None:
-    p = rl_decide(CRAWL, {"eval/collision": 0.0, "train/approx_kl": 0.004}, config=AIMED)
+    p = rl_decide(CRAWL, CALM, config=AIMED)
     assert p.reason.startswith("slow progress"), p.reason
     assert p.changes == {"learning_rate": 6e-5}
 
 
 def test_progress_is_not_a_crawl_without_a_target_fast_or_near_the_target() -> None:
-    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
-    assert rl_decide(CRAWL, signals).action == "no_action", "no target named: no such rule"
+    assert rl_decide(CRAWL, CALM).action == "no_action", "no target named: no such rule"
     rising = [0.0, 0.1, 0.2, 0.35, 0.5, 0.62, 0.75]
-    assert rl_decide(rising, signals, config=AIMED).action == "no_action"
+    assert rl_decide(rising, CALM, config=AIMED).action == "no_action"
     converged = [0.5, 0.8, 0.9, 0.93, 0.94, 0.94, 0.95]
-    assert rl_decide(converged, signals, config=AIMED).action == "no_action"
+    assert rl_decide(converged, CALM, config=AIMED).action == "no_action"
+
+
+def lr_raised(decided: int, applied: int | None = None) -> Intervention:
+    """An earlier lr ×2 of the rules, decided and applied at these steps."""
+    return Intervention(
+        version=1,
+        decision_id=1,
+        decision_step=decided,
+        source="rules",
+        changes={"learning_rate": (1.5e-5, 3e-5)},
+        commands=[],
+        applied_step=applied,
+    )
 
 
 def test_a_crawl_waits_for_the_last_change_to_show_its_effect() -> None:
-    recent = Intervention(
-        version=1,
-        decision_id=1,
-        decision_step=900,
-        source="rules",
-        changes={"learning_rate": (3e-5, 6e-5)},
-        commands=[],
-    )
-    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
-    p = rl_decide(CRAWL, signals, config=AIMED, history=[recent])
+    p = rl_decide(CRAWL, CALM, config=AIMED, history=[lr_raised(900)])
     assert p.action == "no_action", p.reason
 
 
 def test_a_crawl_is_acted_on_once_the_last_change_has_had_its_evaluations() -> None:
     # The run's first rescue, applied at step 400; then 0.02-0.04 per evaluation for 7
     # evaluations (an intervention's measured outcome covers only the first two of them).
-    rescue = Intervention(
-        version=1,
-        decision_id=1,
-        decision_step=380,
-        source="rules",
-        changes={"learning_rate": (1.5e-5, 3e-5)},
-        commands=[],
-        applied_step=400,
-    )
-    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
-    p = rl_decide(CRAWL, signals, config=AIMED, history=[rescue])
+    p = rl_decide(CRAWL, CALM, config=AIMED, history=[lr_raised(380, applied=400)])
     assert p.reason.startswith("slow progress"), p.reason
     assert p.changes == {"learning_rate": 6e-5}
 
@@ -272,8 +267,7 @@ def test_a_crawl_at_the_highest_learning_rate_proposes_no_empty_change() -> None
         for k in RL_SPEC.knobs
     ]
     spec = RL_SPEC.model_copy(update={"knobs": top})
-    signals = {"eval/collision": 0.0, "train/approx_kl": 0.004}
-    p = rl_decide(CRAWL, signals, config=AIMED, spec=spec)
+    p = rl_decide(CRAWL, CALM, config=AIMED, spec=spec)
     assert not p.reason.startswith("slow progress"), p.reason
     assert "learning_rate" not in p.changes
 
