@@ -189,7 +189,7 @@ class RunSupervisor:
         if read is None:
             keys = self.telemetry.keys_to_read(run.latest_metrics)
             read = self.tracker.read_new_points(
-                self.run_id, keys, self.cursor, window=self.telemetry.window
+                self.run_id, keys, self.cursor, window=self.telemetry.read_window
             )
         points, self.cursor = read
         self.telemetry.add(points)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from integrations.knobs import Knob
 from integrations.protocol import METRIC_PARAMS_VERSION, Objective, Outcome, RunSpec
-from integrations.trackers import MetricPoint
+from integrations.trackers import MetricPoint, Window
 
 TRAIN_LOSS_KEYS = ("loss", "train_loss", "train/loss")
 LR_KEYS = (Knob.LEARNING_RATE.value, "lr", "train/learning_rate")
@@ -26,6 +26,10 @@ RECENT_EVALS = 8
 EVALS_FOR_OUTCOME = 2
 # Points of each metric a reader keeps, and reads at most when it starts.
 METRIC_WINDOW = 400
+# Evaluations of the objective a reader keeps, and reads at most when it starts: what a
+# snapshot shows and any patience needs. Those before are kept as the best and the first, and
+# how many came after the best; after a restart, as the last decision's snapshot saw them.
+OBJECTIVE_WINDOW = 4 * RECENT_EVALS
 
 
 @dataclass
@@ -104,10 +108,16 @@ class Snapshot(BaseModel):
 class RunTelemetry:
     """Windows of a run's metrics, fed with points as they are read."""
 
-    def __init__(self, objective: Objective, window: int = METRIC_WINDOW) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        window: int = METRIC_WINDOW,
+        objective_window: int = OBJECTIVE_WINDOW,
+    ) -> None:
         self.window = window
         self.objective = objective
-        self.evals: list[tuple[int, float]] = []
+        self.evals: deque[tuple[int, float]] = deque(maxlen=objective_window)
+        self.evaluations = 0  # read by this reader, those before the window included
         self.train: deque[tuple[int, float]] = deque(maxlen=window)
         self.train_key: str | None = None
         self.lr: float | None = None
@@ -116,17 +126,41 @@ class RunTelemetry:
         self.non_finite_steps: list[int] = []
         self.signals: dict[str, float] = {}
         self.signal_history: dict[str, deque[float]] = {}
-        # What an earlier reader saw before the window this one read: (step, value).
+        # The evaluations before the window: the best (step, value) and the first value, and
+        # how many came after the best, counted up to the step ``counted_until``.
         self.earlier_best: tuple[int, float] | None = None
         self.earlier_first: float | None = None
+        self.earlier_since_best = 0
+        self.counted_until = -1
+
+    @property
+    def read_window(self) -> Window:
+        """How much of each key a first read takes."""
+        return Window(self.window, {self.objective.metric: self.evals.maxlen or self.window})
 
     def remember(self, earlier: ObjectiveView) -> None:
-        """The best and first evaluations an earlier snapshot saw, for a reader that has
-        read only a recent window of the history (after a restart)."""
+        """The best and first evaluations an earlier snapshot saw, and the evaluations since
+        that best, for a reader that has read only a recent window of the history (after a
+        restart)."""
         if earlier.best is not None and earlier.best_step is not None:
             self.earlier_best = (earlier.best_step, earlier.best)
+            self.earlier_since_best = earlier.evals_since_best
+            self.counted_until = earlier.recent[-1][0] if earlier.recent else earlier.best_step
         if earlier.first is not None:
             self.earlier_first = earlier.first
+
+    def _leaving(self, step: int, value: float) -> None:
+        """An evaluation leaves the window: what it adds to the earlier ones."""
+        if math.isfinite(value):
+            if self.earlier_first is None:
+                self.earlier_first = value
+            if self.earlier_best is None or self.objective.better(value, self.earlier_best[1]):
+                self.earlier_best = (step, value)
+                self.earlier_since_best, self.counted_until = 0, step
+                return
+        if step > self.counted_until:
+            self.earlier_since_best += 1
+            self.counted_until = step
 
     def keys_to_read(self, available: Iterable[str]) -> list[str]:
         """The metric keys worth reading from what the run has logged."""
@@ -147,7 +181,10 @@ class RunTelemetry:
                 self.signals[p.key] = p.value
                 self.signal_history.setdefault(p.key, deque(maxlen=self.window)).append(p.value)
             if p.key == self.objective.metric:
+                if len(self.evals) == self.evals.maxlen:
+                    self._leaving(*self.evals[0])
                 self.evals.append((p.step, p.value))
+                self.evaluations += 1
             elif p.key in TRAIN_LOSS_KEYS and self.train_key in (None, p.key):
                 self.train_key = p.key
                 self.train.append((p.step, p.value))
@@ -165,10 +202,6 @@ class RunTelemetry:
             statistics.fmean(values[i : i + width]) for i in range(len(values) - 2 * width + 1)
         ]
         return statistics.fmean(values[-width:]) - min(earlier)
-
-    @property
-    def evaluations(self) -> int:
-        return len(self.evals)
 
     def regressed_evals(self, margin: float, after_step: int = -1) -> int:
         """How many of the latest evaluations after ``after_step``, in a row, are worse than the
@@ -188,18 +221,24 @@ class RunTelemetry:
     def objective_view(self) -> ObjectiveView:
         view = ObjectiveView(metric=self.objective.metric, direction=self.objective.direction)
         finite = [(s, v) for s, v in self.evals if math.isfinite(v)]
-        if not finite:
+        if not self.evals or not (finite or self.earlier_best):
             return view
+        earlier = self.earlier_best is not None
         best_step, best = self.earlier_best or finite[0]
         for s, v in finite:
             if self.objective.better(v, best):
-                best_step, best = s, v
+                best_step, best, earlier = s, v, False
         view.last = self.evals[-1][1]
         view.best, view.best_step = best, best_step
-        view.evaluations = len(self.evals)
-        view.evals_since_best = sum(1 for s, _ in self.evals if s > best_step)
+        view.evaluations = self.evaluations
+        if earlier:
+            after = max(best_step, self.counted_until)
+            since = self.earlier_since_best + sum(1 for s, _ in self.evals if s > after)
+        else:
+            since = sum(1 for s, _ in self.evals if s > best_step)
+        view.evals_since_best = since
         view.first = self.earlier_first if self.earlier_first is not None else finite[0][1]
-        view.recent = [(s, round(v, 6)) for s, v in self.evals[-RECENT_EVALS:]]
+        view.recent = [(s, round(v, 6)) for s, v in list(self.evals)[-RECENT_EVALS:]]
         view.trend = _relative_slope([v for _, v in finite[-4:]])
         return view
 
@@ -227,7 +266,7 @@ class RunTelemetry:
         if self.objective.direction != "minimize" or "loss" not in self.objective.metric:
             return GapView()
         gaps = []
-        for s, v in self.evals[-4:]:
+        for s, v in list(self.evals)[-4:]:
             train = self.train_mean_near(s)
             if train is not None and math.isfinite(v):
                 gaps.append((v - train, train))
@@ -266,7 +305,9 @@ class RunTelemetry:
         since = history[-1].decision_step if history else -1
         views = []
         for item in history[-5:]:
-            outcome = self.outcome(item)
+            # Once measured, an outcome is the one recorded: its evaluations may have left
+            # the window since.
+            outcome = item.outcome or self.outcome(item)
             views.append(
                 InterventionView(
                     version=item.version,

@@ -32,7 +32,7 @@ from integrations.protocol import (
     audit_path,
     params_path,
 )
-from integrations.trackers import TrackerUnavailable
+from integrations.trackers import TrackerUnavailable, Window
 from integrations.trackers.memory import MemoryTracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon
@@ -370,6 +370,18 @@ def test_reads_return_what_is_new_and_a_first_read_is_bounded(backend: Backend) 
     assert [(p.key, p.step) for p in again] == [(p.key, p.step) for p in new], "cursor unchanged"
     nothing, _ = tracker.read_new_points(run_id, keys, after, window=50)
     assert nothing == []
+
+
+def test_a_first_read_takes_each_key_s_own_window(backend: Backend) -> None:
+    tracker = backend.tracker
+    run_id = backend.new_run()
+    rows = [(s, {"loss": float(s)}) for s in range(4000)]
+    rows += [(s, {"eval_loss": float(s)}) for s in range(0, 4000, 40)]  # sparse: every 40
+    backend.log_history(run_id, rows)
+    window = Window(30, {"eval_loss": 12})
+    points, _ = tracker.read_new_points(run_id, ["loss", "eval_loss"], None, window=window)
+    assert [p.step for p in points if p.key == "loss"] == list(range(3970, 4000))
+    assert [p.step for p in points if p.key == "eval_loss"] == list(range(3520, 4000, 40))
 
 
 def test_a_batched_read_gives_each_run_its_own_new_points(backend: Backend) -> None:

@@ -4,11 +4,14 @@ each metric, and a tick with news reads only what is new."""
 
 from __future__ import annotations
 
+import pytest
+
 from integrations.protocol import SPEC_PATH, TAG_CLIENT_HEARTBEAT, TAG_MANAGED, TAG_OBJECTIVE
 from integrations.trackers.memory import MemoryTracker
+from integrations.trackers.mlflow_backend import MlflowTracker
 from manager_daemon.daemon import Daemon
 from manager_daemon.policies import RulesPolicy
-from manager_daemon.telemetry import METRIC_WINDOW
+from manager_daemon.telemetry import METRIC_WINDOW, OBJECTIVE_WINDOW
 from tests.conftest import Backend
 from tests.helpers import OVERFIT_SPEC
 from train_scripts.bench_scale import RequestCounter
@@ -17,11 +20,11 @@ STEPS = 5000
 EVAL_EVERY = 50
 
 
-def long_healthy_run(backend: Backend) -> str:
+def long_healthy_run(backend: Backend, eval_every: int = EVAL_EVERY) -> str:
     """A managed run with a long history whose eval loss keeps improving (no decision)."""
     run_id = backend.new_run()
     rows = [(s, {"loss": 2.0 / (1 + s / 500)}) for s in range(STEPS)]
-    rows += [(s, {"eval_loss": 2.2 / (1 + s / 500)}) for s in range(0, STEPS, EVAL_EVERY)]
+    rows += [(s, {"eval_loss": 2.2 / (1 + s / 500)}) for s in range(0, STEPS, eval_every)]
     backend.log_history(run_id, rows)
     backend.tracker.write_json(run_id, SPEC_PATH, OVERFIT_SPEC.model_dump(mode="json"))
     backend.tracker.set_tags(
@@ -35,13 +38,12 @@ def test_quiet_ticks_read_nothing_and_a_restart_reads_a_window(memory: Backend) 
     tracker = memory.tracker
     assert isinstance(tracker, MemoryTracker)
     runs = [long_healthy_run(memory) for _ in range(3)]
-    window = METRIC_WINDOW
 
     daemon = Daemon(tracker, RulesPolicy(), experiments=[memory.experiment])
     tracker.points_read = 0
     daemon.run_once()  # a start, or a restart: every run is new to this daemon
-    assert tracker.points_read <= len(runs) * 2 * window, "a restart reads a window per key"
-    assert tracker.points_read >= len(runs) * window, "the window is read"
+    # The last points of the train loss and the last evaluations: a window of each key.
+    assert tracker.points_read == len(runs) * (METRIC_WINDOW + OBJECTIVE_WINDOW)
 
     calls, points = tracker.calls.copy(), tracker.points_read
     for _ in range(3):
@@ -75,3 +77,33 @@ def test_a_quiet_tick_on_mlflow_is_the_listing_alone(mlflow_backend: Backend) ->
         daemon.run_once()
     # The listing, then one step-range read per metric the run logs: no history re-read.
     assert news.count <= listing.count + 4
+
+
+@pytest.mark.parametrize("eval_every", [3, 50])
+def test_a_restart_on_mlflow_reads_about_a_window_of_each_key(
+    mlflow_backend: Backend, monkeypatch: pytest.MonkeyPatch, eval_every: int
+) -> None:
+    backend = mlflow_backend
+    tracker = backend.tracker
+    assert isinstance(tracker, MlflowTracker)
+    run_id = long_healthy_run(backend, eval_every)
+    fetched: dict[str, int] = {}
+    ranges = tracker._range_many
+
+    def counting(run_ids: list[str], key: str, *args: int, **kwargs: int):  # type: ignore[no-untyped-def]
+        found = ranges(run_ids, key, *args, **kwargs)
+        fetched[key] = fetched.get(key, 0) + sum(len(points) for points in found.values())
+        return found
+
+    monkeypatch.setattr(tracker, "_range_many", counting)
+    daemon = Daemon(tracker, RulesPolicy(), experiments=[backend.experiment])
+    report = daemon.run_once()  # a start, or a restart
+    assert report.runs == 1 and not report.errors
+    supervisor = daemon.supervisors[run_id]
+    assert supervisor.telemetry is not None
+    assert len(supervisor.telemetry.train) == METRIC_WINDOW
+    assert len(supervisor.telemetry.evals) == OBJECTIVE_WINDOW
+    # What the server returned: the dense key's window in one read; the sparse key's found
+    # in a read or two more, sized by the density the first read saw, not by history.
+    assert fetched["loss"] == METRIC_WINDOW
+    assert fetched["eval_loss"] <= 2.5 * OBJECTIVE_WINDOW, fetched

@@ -29,6 +29,7 @@ from integrations.trackers.base import (
     TrackerBackend,
     TrackerError,
     TrackerUnavailable,
+    Window,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "TrackerBackend",
     "TrackerError",
     "TrackerUnavailable",
+    "Window",
     "bind_run",
     "default_tracking_uri",
     "launch_env",

@@ -9,7 +9,8 @@ finds the run it logs to; ``integrations.trackers`` picks the backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -65,6 +66,32 @@ class Cursor:
 PointsRead = tuple[str, list[str], Cursor | None]
 
 
+@dataclass(frozen=True)
+class Window:
+    """How many of a key's last points its first read takes: ``points`` of every key, or
+    ``by_key`` of the keys named there."""
+
+    points: int
+    by_key: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, key: str) -> int:
+        return self.by_key.get(key, self.points)
+
+
+def window_of(window: int | Window | None, key: str) -> int | None:
+    """The points a first read of ``key`` takes (None: its whole history)."""
+    return window.of(key) if isinstance(window, Window) else window
+
+
+def widen(span: int, found: int, window: int) -> int:
+    """The steps to read next when the last ``span`` steps held ``found`` points, fewer than
+    ``window``: as many as the density seen asks for, a quarter more for uneven logging (one
+    more read, not a history); eight times as many where none were found."""
+    if found == 0:
+        return span * 8
+    return max(span + 1, math.ceil(span * window / found * 1.25))
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """The operations the manager and the client need from an experiment tracker."""
@@ -88,16 +115,22 @@ class Tracker(Protocol):
         ...
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
+        self,
+        run_id: str,
+        keys: list[str],
+        cursor: Cursor | None,
+        *,
+        window: int | Window | None = None,
     ) -> tuple[list[MetricPoint], Cursor]:
         """Points of ``keys`` logged since ``cursor``, oldest first, and the cursor after them
         (``cursor`` is left as it was). A key the cursor has not seen is read from its start,
-        or, with ``window``, only its last ``window`` points: a restart reads a bounded
-        recent window, not whole histories. The cost of a read follows what is new."""
+        or, with ``window``, only its last points (that many, or as many as the ``Window``
+        gives the key): a restart reads a bounded recent window, not whole histories. The cost
+        of a read follows what is new."""
         ...
 
     def read_new_points_many(
-        self, reads: Sequence[PointsRead], *, window: int | None = None
+        self, reads: Sequence[PointsRead], *, window: int | Window | None = None
     ) -> list[tuple[list[MetricPoint], Cursor]]:
         """``read_new_points`` for several runs at once, in the order of ``reads``: one request
         per metric for many runs where the tracker has a batch read."""

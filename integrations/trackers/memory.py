@@ -29,6 +29,8 @@ from integrations.trackers.base import (
     RunBinding,
     RunInfo,
     RunNotFound,
+    Window,
+    window_of,
 )
 
 Fault = Callable[[str, str | None], None]
@@ -111,7 +113,12 @@ class MemoryTracker:
             ]
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
+        self,
+        run_id: str,
+        keys: list[str],
+        cursor: Cursor | None,
+        *,
+        window: int | Window | None = None,
     ) -> tuple[list[MetricPoint], Cursor]:
         self._call("read_new_points", run_id)
         seen = cursor if isinstance(cursor, _Seen) else _Seen()
@@ -120,13 +127,14 @@ class MemoryTracker:
         new = [p for p in log[seen.count :] if p.key in keys and p.key in seen.keys]
         for key in set(keys) - seen.keys:
             first = [p for p in log if p.key == key]
-            new += first[-window:] if window else first
+            points = window_of(window, key)
+            new += first[-points:] if points else first
         self.points_read += len(new)
         new.sort(key=lambda p: (p.timestamp, p.step))
         return new, _Seen(len(log), seen.keys | set(keys))
 
     def read_new_points_many(
-        self, reads: Sequence[PointsRead], *, window: int | None = None
+        self, reads: Sequence[PointsRead], *, window: int | Window | None = None
     ) -> list[tuple[list[MetricPoint], Cursor]]:
         return [self.read_new_points(r, keys, c, window=window) for r, keys, c in reads]
 

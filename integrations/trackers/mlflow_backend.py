@@ -41,6 +41,9 @@ from integrations.trackers.base import (
     Tracker,
     TrackerError,
     TrackerUnavailable,
+    Window,
+    widen,
+    window_of,
 )
 
 log = logging.getLogger(__name__)
@@ -133,12 +136,17 @@ class MlflowTracker:
         return [_run_info(r) for r in runs]
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
+        self,
+        run_id: str,
+        keys: list[str],
+        cursor: Cursor | None,
+        *,
+        window: int | Window | None = None,
     ) -> tuple[list[MetricPoint], Cursor]:
         return self.read_new_points_many([(run_id, keys, cursor)], window=window)[0]
 
     def read_new_points_many(
-        self, reads: Sequence[PointsRead], *, window: int | None = None
+        self, reads: Sequence[PointsRead], *, window: int | Window | None = None
     ) -> list[tuple[list[MetricPoint], Cursor]]:
         # Runs that read a key from about the same step share one request for it (the server
         # takes up to 100 runs per range read); first reads of a key go one by one.
@@ -151,7 +159,7 @@ class MlflowTracker:
                     shared.setdefault(key, []).append(i)
                 else:
                     with _translated(run_id):
-                        found[i] += self._first_read(run_id, key, window)
+                        found[i] += self._first_read(run_id, key, window_of(window, key))
         for key, members in shared.items():
             for group in _neighbours({i: cursors[i].last[key] for i in members}):
                 start = min(cursors[i].last[key] for i in group) + 1
@@ -196,8 +204,11 @@ class MlflowTracker:
                 break
             else:
                 too_few = span
-            # A sparse key: look further back; found the bounds: halve the difference.
-            span = span * 8 if too_many is None else (too_few + too_many) // 2
+            # A sparse key: look as far back as its density asks; bounds found: halve between.
+            if too_many is None:
+                span = widen(span, len(found), window)
+            else:
+                span = (too_few + too_many) // 2
         return found[-window:]
 
     def _range(

@@ -68,6 +68,9 @@ from integrations.trackers.base import (
     Tracker,
     TrackerError,
     TrackerUnavailable,
+    Window,
+    widen,
+    window_of,
 )
 
 log = logging.getLogger(__name__)
@@ -253,7 +256,12 @@ class WandbTracker:
         return self._list(None) if experiment == self.project else []
 
     def read_new_points(
-        self, run_id: str, keys: list[str], cursor: Cursor | None, *, window: int | None = None
+        self,
+        run_id: str,
+        keys: list[str],
+        cursor: Cursor | None,
+        *,
+        window: int | Window | None = None,
     ) -> tuple[list[MetricPoint], Cursor]:
         run = self._run(run_id)
         after = _Steps(cursor.last if isinstance(cursor, _Steps) else None)
@@ -263,17 +271,17 @@ class WandbTracker:
             for key in keys:
                 if key in after.last:
                     points = self._scan(run, key, after.last[key] + 1, last_step)
-                elif window is None:
+                elif (last := window_of(window, key)) is None:
                     points = self._scan(run, key, 0, last_step)
                 else:
-                    points = self._last_points(run, key, window, last_step)
+                    points = self._last_points(run, key, last, last_step)
                 if points:
                     after.last[key] = max(p.step for p in points)
                 found += points
         return sorted(found, key=lambda p: (p.timestamp, p.step)), after
 
     def read_new_points_many(
-        self, reads: Sequence[PointsRead], *, window: int | None = None
+        self, reads: Sequence[PointsRead], *, window: int | Window | None = None
     ) -> list[tuple[list[MetricPoint], Cursor]]:
         return [self.read_new_points(r, keys, c, window=window) for r, keys, c in reads]
 
@@ -286,7 +294,7 @@ class WandbTracker:
             points = self._scan(run, key, start, last_step)
             if len(points) >= window or start == 0:
                 return points[-window:]
-            span *= 8
+            span = widen(span, len(points), window)
 
     def _scan(self, run: Any, key: str, start: int, last_step: int) -> list[MetricPoint]:
         """The points of ``key`` from step ``start`` to the run's last step."""
