@@ -321,11 +321,14 @@ def summarise(ticks: list[Tick], polls: float, args: argparse.Namespace) -> str:
     lines.append("")
     news = [t for t in ticks if t.kind == "new evaluation" and t.scenario.startswith("runs-")]
     if news:
-        largest = max(news, key=lambda t: t.runs)
-        per_run = largest.seconds / largest.runs
+        runs = max(t.runs for t in news)
+        slowest = max((t for t in news if t.runs == runs), key=lambda t: t.seconds)
+        per_run = slowest.seconds / runs
+        restart = [t.seconds for t in ticks if t.runs == runs and t.kind == "restart"]
         lines.append(
-            f"One daemon, ticks with news at {largest.runs} runs: {per_run * 1000:.1f} ms per run, "
-            f"so about {TICK_S / per_run:,.0f} runs fit in a {TICK_S:.0f} s tick."
+            f"One daemon, the slower tick with news at {runs} runs: {per_run * 1000:.1f} ms per "
+            f"run, so about {TICK_S / per_run:,.0f} runs fit in a {TICK_S:.0f} s tick"
+            + (f"; a restart took {max(restart):.0f} s." if restart else ".")
         )
     lines.append(
         f"Clients: a quiet poll is one request; the server sustained {polls:.0f} quiet polls a "

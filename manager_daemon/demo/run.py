@@ -198,16 +198,18 @@ def _summarise(
     records = [r for r in AuditLog(tracker).records(managed.run_id) if r.params_version]
     _print_interventions(records, console)
     result = Table(title="final eval loss")
-    for col in ("run", "final eval loss", "best eval loss", "steps"):
+    for col in ("run", "final eval loss", "best eval loss", "steps", "median step"):
         result.add_column(col)
     for v in (unmanaged, managed):
         s = v.summary
         assert s is not None
+        step_s = s.get("median_step_s")
         result.add_row(
             v.name,
             f"{s['final_eval_loss']:.4f}",
             f"{s['best_eval_loss']:.4f}",
             str(s["steps"]),
+            f"{1000 * step_s:.0f} ms" if isinstance(step_s, float) else "-",
         )
     console.print(result)
     for v in (unmanaged, managed):

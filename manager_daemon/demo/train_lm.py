@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             [ManagerCallback(poll_interval=args.poll_interval)] if args.managed else []
         )
         timer = StepTimes()
-        if args.step_times:
-            callbacks.append(timer)
+        callbacks.append(timer)
         trainer = Trainer(
             model=data.model,
             args=training_arguments(recipe, out, report_to=["mlflow"], run_name=args.run_name),
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "best_eval_loss": min([*history, final]),
             "steps": trainer.state.global_step,
             "stopped_early": trainer.state.global_step < recipe.max_steps,
+            "median_step_s": statistics.median(timer.seconds) if timer.seconds else None,
         }
     if args.step_times:
         Path(args.step_times).write_text(json.dumps(timer.seconds))
