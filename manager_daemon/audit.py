@@ -23,6 +23,7 @@ from integrations.protocol import (
     Command,
     ParamsVersion,
     RunSpec,
+    Source,
     audit_path,
     params_path,
     parse_audit_path,
@@ -65,17 +66,44 @@ class AuditLog:
 
     def records(self, run_id: str) -> list[AuditRecord]:
         """Every readable audit record of a run, oldest first; unreadable ones are skipped."""
-        out = []
-        for decision_id in self.decision_ids(run_id):
+        return [r for i in self.decision_ids(run_id) if (r := self.record(run_id, i)) is not None]
+
+    def record(self, run_id: str, decision_id: int) -> AuditRecord | None:
+        """One audit record; None (with a warning) when it is missing or unreadable."""
+        try:
+            raw = self.tracker.read_json(run_id, audit_path(decision_id))
+            return None if raw is None else AuditRecord.model_validate(raw)
+        except (TrackerError, ValidationError) as exc:
+            log.warning(
+                "skipping unreadable audit record d%06d of %s: %s", decision_id, run_id, exc
+            )
+            return None
+
+    def records_at_start(self, run_id: str, tags: dict[str, str]) -> tuple[list[AuditRecord], int]:
+        """What a supervisor starting on a run needs of its audit trail, without reading every
+        record: the records of the issued versions (each params version names its decision;
+        their number is bounded by the budget), and the newest records down to the newest
+        automatic one (its snapshot and step). Every record when a params version cannot be
+        read. Also the highest decision id listed. Oldest first."""
+        ids = self.decision_ids(run_id)
+        wanted: set[int] = set()
+        for version in range(1, current_version(tags) + 1):
             try:
-                raw = self.tracker.read_json(run_id, audit_path(decision_id))
-                if raw is not None:
-                    out.append(AuditRecord.model_validate(raw))
-            except (TrackerError, ValidationError) as exc:
-                log.warning(
-                    "skipping unreadable audit record d%06d of %s: %s", decision_id, run_id, exc
-                )
-        return out
+                params = self.read_params(run_id, version)
+            except (TrackerError, ValidationError):
+                params = None
+            if params is None:
+                return self.records(run_id), max(ids, default=0)
+            wanted.add(params.decision_id)
+        found = {i: r for i in sorted(wanted & set(ids)) if (r := self.record(run_id, i))}
+        for decision_id in reversed(ids):
+            record = found.get(decision_id) or self.record(run_id, decision_id)
+            if record is None:
+                continue
+            found[decision_id] = record
+            if record.source != Source.HUMAN:
+                break
+        return sorted(found.values(), key=lambda r: r.decision_id), max(ids, default=0)
 
     def read_params(self, run_id: str, version: int) -> ParamsVersion | None:
         raw = self.tracker.read_json(run_id, params_path(version))

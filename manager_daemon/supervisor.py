@@ -94,7 +94,10 @@ class RunSupervisor:
         self.spec_digest: str | None = None
         self.telemetry: RunTelemetry | None = None
         self.cursor: Cursor | None = None
+        # The records of the issued versions (and, from a start, the last decision's): what
+        # outcomes are written into and the next decision builds on, not every decision.
         self.records: dict[int, AuditRecord] = {}
+        self.last_decision_id = 0
         self.history: list[Intervention] = []
         self.last_decision_step = -1
         # Where to start again when a decision could not be written (the lease was short).
@@ -113,7 +116,8 @@ class RunSupervisor:
         objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
         self.telemetry = RunTelemetry(objective)
         self.cursor = None
-        self.records = {r.decision_id: r for r in self.audit.records(self.run_id)}
+        records, self.last_decision_id = self.audit.records_at_start(self.run_id, run.tags)
+        self.records = {r.decision_id: r for r in records}
         self._remember_earlier_evaluations()
         self.history = [_intervention(r) for r in self.records.values() if r.params_version]
         self.history.sort(key=lambda i: i.version)
@@ -306,7 +310,9 @@ class RunSupervisor:
             return None
         if self.metrics is not None:
             self.metrics.decided(record)
-        self.records[record.decision_id] = record
+        self.last_decision_id = max(self.last_decision_id, record.decision_id)
+        if record.params_version:
+            self.records[record.decision_id] = record
         if issued is not None:
             self.history.append(_intervention(record))
             judged = (str(issued.version), run.tags.get(TAG_CLIENT_REJECTED), self.spec_digest)
@@ -372,7 +378,7 @@ class RunSupervisor:
         return values
 
     def _next_decision_id(self) -> int:
-        known = max(self.records, default=0)
+        known = self.last_decision_id
         listed = max(self.audit.decision_ids(self.run_id), default=0)
         return max(known, listed) + 1
 

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import pytest
 
-from integrations.protocol import SPEC_PATH, TAG_CLIENT_HEARTBEAT, TAG_MANAGED, TAG_OBJECTIVE
+from integrations.protocol import (
+    SPEC_PATH,
+    TAG_CLIENT_HEARTBEAT,
+    TAG_MANAGED,
+    TAG_OBJECTIVE,
+    Source,
+)
 from integrations.trackers.memory import MemoryTracker
 from integrations.trackers.mlflow_backend import MlflowTracker
+from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon
 from manager_daemon.policies import RulesPolicy
+from manager_daemon.policies.base import PolicyAnswer
+from manager_daemon.supervisor import RunSupervisor, SupervisorConfig, human_proposal
 from manager_daemon.telemetry import METRIC_WINDOW, OBJECTIVE_WINDOW
 from tests.conftest import Backend
 from tests.helpers import OVERFIT_SPEC
@@ -58,6 +67,37 @@ def test_quiet_ticks_read_nothing_and_a_restart_reads_a_window(memory: Backend) 
     daemon.run_once()
     assert tracker.points_read - points == 3, "a tick with news reads only the new points"
     assert (tracker.calls - calls)["read_new_points"] == 1, "and only for the run that has news"
+
+
+def test_a_restart_reads_the_records_of_issued_versions_not_every_decision(
+    memory: Backend,
+) -> None:
+    tracker = memory.tracker
+    assert isinstance(tracker, MemoryTracker)
+    run_id = long_healthy_run(memory)
+    config = SupervisorConfig(audit_no_action=True)  # a record for every evaluation
+    person = RunSupervisor(run_id, tracker, AuditLog(tracker), config)
+    change = human_proposal({"learning_rate": 5e-4}, [], "by hand")
+    issued = person.decide(person.refresh(), Source.HUMAN, "human", lambda *_: PolicyAnswer(change))
+    assert issued is not None and issued.status == "issued"
+    daemon = Daemon(tracker, RulesPolicy(), config, experiments=[memory.experiment])
+    for i in range(1, 31):  # still improving: 30 "no action" decisions after the person's
+        memory.log_history(run_id, [(STEPS + i, {"loss": 0.17, "eval_loss": 0.2 - i / 1000})])
+        daemon.run_once()
+    decisions = AuditLog(tracker).decision_ids(run_id)
+    assert len(decisions) == 31
+
+    calls = tracker.calls.copy()
+    restarted = Daemon(tracker, RulesPolicy(), config, experiments=[memory.experiment])
+    report = restarted.run_once()
+    assert report.runs == 1 and not report.errors and not report.decisions
+    reads = (tracker.calls - calls)["read_json"]
+    # The spec, version 1's params file and its record, the newest record: not 31 records.
+    assert reads <= 5, f"a restart read {reads} files"
+    supervisor = restarted.supervisors[run_id]
+    assert [i.version for i in supervisor.history] == [1], "the issued version is known"
+    assert supervisor.last_decision_step == STEPS + 30, "and the last decision's step"
+    assert supervisor.last_decision_id == decisions[-1]
 
 
 def test_a_quiet_tick_on_mlflow_is_the_listing_alone(mlflow_backend: Backend) -> None:
