@@ -64,9 +64,11 @@ class AuditLog:
         ids = (parse_audit_path(p) for p in self.tracker.list_artifacts(run_id, AUDIT_DIR))
         return sorted(i for i in ids if i is not None)
 
-    def records(self, run_id: str) -> list[AuditRecord]:
-        """Every readable audit record of a run, oldest first; unreadable ones are skipped."""
-        return [r for i in self.decision_ids(run_id) if (r := self.record(run_id, i)) is not None]
+    def records(self, run_id: str, ids: list[int] | None = None) -> list[AuditRecord]:
+        """Every readable audit record of a run (of ``ids``, when listed already), oldest
+        first; unreadable ones are skipped."""
+        ids = self.decision_ids(run_id) if ids is None else ids
+        return [r for i in ids if (r := self.record(run_id, i)) is not None]
 
     def record(self, run_id: str, decision_id: int) -> AuditRecord | None:
         """One audit record; None (with a warning) when it is missing or unreadable."""
@@ -93,7 +95,7 @@ class AuditLog:
             except (TrackerError, ValidationError):
                 params = None
             if params is None:
-                return self.records(run_id), max(ids, default=0)
+                return self.records(run_id, ids), max(ids, default=0)
             wanted.add(params.decision_id)
         found = {i: r for i in sorted(wanted & set(ids)) if (r := self.record(run_id, i))}
         for decision_id in reversed(ids):

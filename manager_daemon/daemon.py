@@ -19,15 +19,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from integrations.protocol import AuditRecord
-from integrations.trackers import (
-    Cursor,
-    MetricPoint,
-    PointsRead,
-    RunInfo,
-    Tracker,
-    TrackerError,
-    Window,
-)
+from integrations.trackers import Cursor, MetricPoint, PointsRead, RunInfo, Tracker, TrackerError
 from manager_daemon.audit import AuditLog
 from manager_daemon.leases import Leases
 from manager_daemon.metrics import DaemonMetrics
@@ -210,18 +202,16 @@ class Daemon:
         many runs, where the tracker has a batch read) on the worker threads. A batch that
         fails is left to each run's own read, so that one run's error stays its own."""
         pending: list[tuple[str, PointsRead]] = []
-        # A key first seen now (a signal logged late) is read from a window, as at a start.
-        windows: dict[str, int] = {}
         for supervisor, run in news:
             request = supervisor.pending_read(run)
-            if request is not None and supervisor.telemetry is not None:
+            if request is not None:
                 pending.append((run.run_id, request))
-                windows.update(supervisor.telemetry.read_window.by_key)
         chunks = [pending[i : i + _READ_CHUNK] for i in range(0, len(pending), _READ_CHUNK)]
-        window = Window(METRIC_WINDOW, windows)
+        # A key first logged after a run's first read (a late signal) starts at a window too;
+        # its history is as short as it is recent.
         futures = [
             self._pool.submit(
-                self.tracker.read_new_points_many, [r for _, r in chunk], window=window
+                self.tracker.read_new_points_many, [r for _, r in chunk], window=METRIC_WINDOW
             )
             for chunk in chunks
         ]
