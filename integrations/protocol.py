@@ -35,6 +35,9 @@ TAG_LAST_INTERVENTION = "atm.last_intervention"
 TAG_SPEC_DIGEST = "atm.spec.digest"
 # The daemon replica that supervises the run, while it holds the lease (see ``Lease``).
 TAG_DAEMON_LEASE = "atm.daemon.lease"
+# Whether the manager can do its job for the run: ``STATE: reason`` (``Health``), written by
+# the daemon only when it changes.
+TAG_HEALTH = "atm.health"
 
 # Artifacts (JSON, UTF-8).
 SPEC_PATH = "atm/spec.json"
@@ -152,6 +155,55 @@ def wandb_path(alias: str) -> str | None:
     if alias.startswith("report-") and len(alias) > len("report-"):
         return f"{REPORT_DIR}/{alias.removeprefix('report-')}"
     return None
+
+
+class HealthState(StrEnum):
+    """What the manager can do for a run, the most pressing first where several hold."""
+
+    # No knob spec the daemon can use: none published, or one it cannot read.
+    NO_KNOBS = "no_knobs"
+    # The client refused the knob bounds it was given; the run is not managed.
+    BOUNDS_REFUSED = "bounds_refused"
+    # The framework hooks found no tracker run for the script (said by the client only).
+    UNBOUND = "unbound"
+    # No client heartbeat: decisions are audited, never applied.
+    ADVISORY = "advisory"
+    # The objective has not been logged: nothing to decide on.
+    WAITING_OBJECTIVE = "waiting_objective"
+    # The objective is logged at the same step over and over: new evaluations look old.
+    NO_STEPS = "no_steps"
+    # The policy's answers arrive after the run has moved on, and are discarded.
+    STALE_ANSWERS = "stale_answers"
+    # Managed and deciding.
+    DECIDING = "deciding"
+
+
+class Health(BaseModel):
+    """One run's health: a state and one line saying why, in ``TAG_HEALTH``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: HealthState
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state is HealthState.DECIDING
+
+    def tag_value(self) -> str:
+        return f"{self.state.value}: {self.reason}" if self.reason else self.state.value
+
+    @classmethod
+    def parse(cls, text: str | None) -> Health | None:
+        """The health in a tag value; None for no tag or a value that is not a health."""
+        state, _, reason = (text or "").partition(":")
+        try:
+            return cls(state=HealthState(state.strip()), reason=reason.strip())
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return self.tag_value()
 
 
 class Lease(BaseModel):
