@@ -516,6 +516,9 @@ class AuditRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     usage: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
+    # Why the decision was made by whom it was: the rules acting for a model too slow for the
+    # run, or in place of a model's answer that came too late.
+    note: str | None = None
     outcome: Outcome | None = None
 
     def summary(self) -> str:
@@ -527,9 +530,19 @@ class AuditRecord(BaseModel):
         ]
         changed += [c.command for c in self.command_verdicts if c.verdict == "accepted"]
         what = ", ".join(changed) or "no change"
-        head = f"v{self.params_version}" if self.params_version else self.status
         why = f" — {self.proposal.reason}" if self.proposal and self.proposal.reason else ""
-        return f"{head} @ step {self.step} by {self.source}: {what}{why}"
+        if self.params_version:
+            return f"v{self.params_version} @ step {self.step} by {self.source}: {what}{why}"
+        # Not issued: say so before anything that reads like a change made.
+        if self.status == "stale":
+            head = "discarded as stale"
+        elif self.status == "advisory":
+            head = "advisory, not applied"
+        else:
+            head = self.status.replace("_", " ")
+        late = f" ({self.error})" if self.status == "stale" and self.error else ""
+        would = f": would have made {what}" if changed else ""
+        return f"{head} @ step {self.step} by {self.source}{would}{why}{late}"
 
 
 def _fmt(x: float | None) -> str:

@@ -29,6 +29,8 @@ from integrations.protocol import (
     TAG_CLIENT_APPLIED_VERSION,
     TAG_CLIENT_HEARTBEAT,
     TAG_CLIENT_REJECTED,
+    TAG_DAEMON_LEASE,
+    TAG_HEALTH,
     TAG_LAST_INTERVENTION,
     TAG_MANAGED,
     TAG_OBJECTIVE,
@@ -37,6 +39,9 @@ from integrations.protocol import (
     AuditRecord,
     Boundary,
     Command,
+    Health,
+    HealthState,
+    Lease,
     Objective,
     RunSpec,
     Source,
@@ -44,6 +49,7 @@ from integrations.protocol import (
 from integrations.redact import RedactingFilter, redact
 from integrations.settings import ClientSettings, env_names
 from integrations.trackers import (
+    RunInfo,
     RunNotFound,
     Tracker,
     TrackerError,
@@ -134,6 +140,25 @@ def _tracker(uri: str | None) -> Tracker:
     if not tracker.ping():
         raise TrackerUnavailable(f"tracker unreachable at {redact(uri)}")
     return tracker
+
+
+def _find_run(tracker: Tracker, run_id: str) -> RunInfo:
+    """The run ``run_id`` names: that run, or the one managed run whose id begins with it (the
+    short ids ``atm status`` prints)."""
+    try:
+        return tracker.get_run(run_id)
+    except RunNotFound:
+        found = tracker.find_managed_runs(finished=True)
+        matches = [r for r in found if r.run_id.startswith(run_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            named = ", ".join(m.run_id[:16] for m in matches[:5])
+            more = " …" if len(matches) > 5 else ""
+            raise CliError(
+                f"run id {run_id!r} is ambiguous ({named}{more}); give more of it"
+            ) from None
+        raise
 
 
 def _setting(name: str, *flags: str, settings: type[BaseSettings] = DaemonSettings) -> Any:
@@ -306,7 +331,7 @@ def daemon(
         leases.release()
         runner.close()
         for record in report.decisions:
-            console.print(f"{record.run_id[:8]}  {record.summary()}")
+            console.print(f"{record.run_id[:12]}  {record.summary()}")
         console.print(f"{report.runs} managed run(s), {len(report.decisions)} decision(s)")
         console.print(runner.totals_line())
         if report.elsewhere:
@@ -436,7 +461,8 @@ def attach(
     if commands:
         raise CliError(f"--knob takes NAME=VALUE, not {commands[0]!r}")
     tracker = _tracker(tracking_uri)
-    run = tracker.get_run(run_id)
+    run = _find_run(tracker, run_id)
+    run_id = run.run_id
     has_spec = tracker.read_json(run_id, SPEC_PATH) is not None
     if not has_spec or values:
         values = values or knobs_from_params(run.params)
@@ -466,7 +492,7 @@ def detach(
 ) -> None:
     """Stop managing a run (its audit trail stays)."""
     tracker = _tracker(tracking_uri)
-    tracker.get_run(run_id)
+    run_id = _find_run(tracker, run_id).run_id
     tracker.set_tags(run_id, {TAG_MANAGED: "false"})
     console.print(f"detached {run_id}")
 
@@ -551,44 +577,95 @@ def _print_verdicts(record: AuditRecord) -> None:
 
 @app.command()
 @_one_line_errors
-def status(tracking_uri: TrackingUri = None) -> None:
-    """Managed runs: objective, params version, what the client applied, heartbeat."""
+def status(
+    all_runs: Annotated[
+        bool, typer.Option("--all", help="Also the managed runs that have ended.")
+    ] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Managed runs: objective, params version, what the client applied, heartbeat, health.
+
+    Below the table, one line per run the manager cannot do its job for, saying why.
+    """
     tracker = _tracker(tracking_uri)
-    runs = tracker.find_managed_runs()
+    runs = tracker.find_managed_runs(finished=all_runs)
     table = Table(title=f"managed runs on {redact(tracker.uri)}")
-    for col in (
-        "run",
-        "name",
-        "objective",
-        "params",
-        "applied",
-        "heartbeat",
-        "mode",
-        "last intervention",
-    ):
+    # The last intervention's line is long: a column on a wide terminal only.
+    wide = console.width >= 140
+    columns = ("run", "name", "objective", "version", "heartbeat", "health")
+    for col in (*columns, "last intervention") if wide else columns:
         table.add_column(col, overflow="fold")
     now = time.time()
+    notes: list[str] = []
     for run in runs:
         tags = run.tags
         beat = tags.get(TAG_CLIENT_HEARTBEAT)
-        age = f"{now - float(beat):.0f} s ago" if beat else "never"
-        applied = tags.get(TAG_CLIENT_APPLIED_VERSION)
-        applied_text = f"v{applied} @ {tags.get(TAG_CLIENT_APPLIED_STEP, '?')}" if applied else "-"
-        if rejected := tags.get(TAG_CLIENT_REJECTED):
-            applied_text += f"\n[red]refused {rejected}[/]"
+        health = _shown_health(run, now)
+        state = health[0][0]
         table.add_row(
             run.run_id[:12],
-            run.name,
+            run.name if run.is_running else f"{run.name}\n({run.status.lower()})",
             tags.get(TAG_OBJECTIVE, DEFAULT_OBJECTIVE),
-            f"v{tags.get(TAG_PARAMS_VERSION, '0')}",
-            applied_text,
-            age,
-            "active" if beat else "advisory",
-            tags.get(TAG_LAST_INTERVENTION, ""),
+            _version_text(tags),
+            _age(now - float(beat)) if beat else "never",
+            f"[{_HEALTH_COLOUR.get(state, 'yellow')}]{state}[/]",
+            *([tags.get(TAG_LAST_INTERVENTION, "")] if wide else []),
         )
+        notes += [
+            f"{run.run_id[:12]}  {name}: {reason}"
+            for name, reason in health
+            if reason and name != HealthState.DECIDING.value and run.is_running
+        ]
+        if rejected := tags.get(TAG_CLIENT_REJECTED):
+            notes.append(f"{run.run_id[:12]}  [red]the client refused {rejected}[/]")
     console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
     if not runs:
-        console.print("no managed runs (mark one with `atm attach RUN`)")
+        ended = "" if all_runs else " running"
+        console.print(f"no{ended} managed runs (mark one with `atm attach RUN`)")
+
+
+_HEALTH_COLOUR = {
+    HealthState.DECIDING.value: "green",
+    HealthState.ADVISORY.value: "red",
+    HealthState.NO_KNOBS.value: "red",
+    "unwatched": "red",
+}
+
+
+def _shown_health(run: RunInfo, now: float) -> list[tuple[str, str]]:
+    """What `atm status` says of a run's health, the most pressing first: no daemon watching
+    a running run (no lease, or one left to expire), then the daemon's own judgement (the run
+    tag), or what the listing alone shows before any daemon has judged it."""
+    said: list[tuple[str, str]] = []
+    lease = Lease.parse(run.tags.get(TAG_DAEMON_LEASE))
+    if run.is_running and (lease is None or now - lease.renewed_at > 2 * lease.ttl_s):
+        since = f" since {_age(now - lease.renewed_at)}" if lease else ""
+        said.append(
+            ("unwatched", f"no daemon holds this run{since}: is `atm daemon` running on it?")
+        )
+    if (health := Health.parse(run.tags.get(TAG_HEALTH))) is not None:
+        said.append((health.state.value, health.reason))
+    elif TAG_CLIENT_HEARTBEAT not in run.tags:
+        said.append((HealthState.ADVISORY.value, "no client heartbeat: nothing will be applied"))
+    return said or [("-", "")]
+
+
+def _version_text(tags: dict[str, str]) -> str:
+    """The issued params version, and the one the client applied (at its step)."""
+    text = f"v{tags.get(TAG_PARAMS_VERSION, '0')}"
+    if applied := tags.get(TAG_CLIENT_APPLIED_VERSION):
+        text += f"\napplied v{applied} @ {tags.get(TAG_CLIENT_APPLIED_STEP, '?')}"
+    return text
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
 
 
 @app.command("log")
@@ -600,7 +677,8 @@ def log_(
 ) -> None:
     """The audit trail of a run: every decision, with the telemetry it was based on."""
     tracker = _tracker(tracking_uri)
-    tracker.get_run(run_id)
+    run = _find_run(tracker, run_id)
+    run_id = run.run_id
     records = AuditLog(tracker).records(run_id)
     if as_json:
         for record in records:
@@ -618,12 +696,16 @@ def log_(
             r.status + (f" v{r.params_version}" if r.params_version else ""),
             _changes_text(r),
             _telemetry_text(r.telemetry),
-            (r.proposal.reason if r.proposal else "") + (f" [red]{r.error}[/]" if r.error else ""),
+            (r.proposal.reason if r.proposal else "")
+            + (f"\n[dim]{r.note}[/]" if r.note else "")
+            + (f" [red]{r.error}[/]" if r.error else ""),
             _outcome_text(r),
         )
     console.print(table)
     if not records:
         console.print("no decisions yet")
+    if (health := Health.parse(run.tags.get(TAG_HEALTH))) is not None and not health.ok:
+        console.print(f"[yellow]{health.state.value}[/]: {health.reason}", highlight=False)
 
 
 def _by_text(r: AuditRecord) -> str:

@@ -21,6 +21,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from integrations.protocol import AuditRecord
 from integrations.trackers import Cursor, MetricPoint, PointsRead, RunInfo, Tracker, TrackerError
 from manager_daemon.audit import AuditLog
+from manager_daemon.health import HealthReporter
 from manager_daemon.leases import Leases
 from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy
@@ -127,6 +128,7 @@ class Daemon:
         self._last_tracker_ok: float | None = None
         self._tracker_problem = "no tick yet"
         self.reports = reports
+        self.run_health = HealthReporter(tracker)
 
     def run_once(self, wait: bool = True) -> TickReport:
         """One pass over every managed run. Never raises for one run's failure.
@@ -165,10 +167,10 @@ class Daemon:
                     mine = self._settle_leases(mine)
                 report.elsewhere = sum(1 for r in runs if r.run_id not in mine)
                 runs = [r for r in runs if r.run_id in mine]
-            self.metrics.managed_runs.set(len(runs))
             live = {r.run_id for r in runs}
             for gone in set(self.supervisors) - live - set(self._in_flight):
                 del self.supervisors[gone]
+                self.run_health.forget(gone)
                 if self.reports is not None:
                     self.reports.gone(gone)
             report.runs = len(runs)
@@ -182,6 +184,8 @@ class Daemon:
                 # A run whose listing shows nothing new costs this tick nothing more.
                 if supervisor.has_news(run):
                     news.append((supervisor, run))
+                else:
+                    self.run_health.report(run, supervisor.health(run))
             read = self._read_together(news)
             for supervisor, run in news:
                 self._in_flight[run.run_id] = self._pool.submit(
@@ -192,6 +196,8 @@ class Daemon:
                     with contextlib.suppress(Exception):
                         future.result()
                 self._collect(report)
+            for state, count in self.run_health.counts().items():
+                self.metrics.managed_runs.labels(state.value).set(count)
             self._tick_done(started)
         return report
 
@@ -239,7 +245,10 @@ class Daemon:
         read: tuple[list[MetricPoint], Cursor] | None,
     ) -> AuditRecord | None:
         with self.metrics.cycle_duration.time():
-            return supervisor.tick(self.policy, run, read)
+            try:
+                return supervisor.tick(self.policy, run, read)
+            finally:
+                self.run_health.report(run, supervisor.health(run))
 
     def _settle_leases(self, mine: set[str]) -> set[str]:
         """For a single pass (``--once``): wait until the leases just written can be read

@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from integrations.protocol import AuditRecord, Source
+from integrations.protocol import AuditRecord, HealthState, Source
 from manager_daemon.policies.base import PolicyAnswer
 
 # LLM calls take from well under a second (a small local model) to minutes (a large one).
@@ -76,7 +76,9 @@ class DaemonMetrics:
         )
         self.managed_runs = Gauge(
             "atm_managed_runs",
-            "Managed runs this replica supervises (holds the lease of)",
+            "Managed runs this replica supervises (holds the lease of), by health (deciding, "
+            "waiting_objective, no_steps, stale_answers, advisory, no_knobs)",
+            ["health"],
             registry=r,
         )
         self.tracker_runs = Gauge(
@@ -111,6 +113,8 @@ class DaemonMetrics:
             self.llm_tokens.labels(kind)
         for outcome in ("ok", "error"):
             self.llm_calls.labels(outcome)
+        for state in HealthState:
+            self.managed_runs.labels(state.value)
 
     def policy_answered(self, answer: PolicyAnswer, llm_policy: bool) -> None:
         """Count a policy's answer: its model calls, their latency and tokens, a fallback."""

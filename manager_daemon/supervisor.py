@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 from pydantic import BaseModel, Field, ValidationError
@@ -25,6 +26,7 @@ from integrations.protocol import (
     TAG_SPEC_DIGEST,
     AuditRecord,
     Command,
+    Health,
     Objective,
     ParamsVersion,
     Proposal,
@@ -41,6 +43,7 @@ from integrations.trackers import (
 )
 from manager_daemon.audit import AuditLog, VersionConflict, current_version
 from manager_daemon.crashpoints import crash_point
+from manager_daemon.health import ModelAnswer, RunView, assess
 from manager_daemon.leases import LeaseLost
 from manager_daemon.metrics import DaemonMetrics
 from manager_daemon.policies.base import Policy, PolicyAnswer
@@ -54,6 +57,12 @@ from manager_daemon.telemetry import (
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu, validate
 
 log = logging.getLogger(__name__)
+
+# The model answers a supervisor remembers, for telling a run whose answers keep arriving late.
+ANSWERS_KEPT = 8
+# Evaluations of the objective at one step that say it is logged without steps (a run may log
+# its last evaluation twice, as a Trainer's final evaluate() does).
+REPEATS_FOR_NO_STEPS = 3
 
 
 class SupervisorConfig(BaseModel):
@@ -104,6 +113,12 @@ class RunSupervisor:
         self._undecided_step = -1
         # The trusted params version, and the tags and spec it was judged under.
         self._trusted: tuple[tuple[str | None, ...], ParamsVersion | None] | None = None
+        # For the run's health: the model's recent answers, the objective logged again and
+        # again at one step, and why the last decision was made by whom it was.
+        self.answers: deque[ModelAnswer] = deque(maxlen=ANSWERS_KEPT)
+        self.repeats_at_step: tuple[int, int] | None = None  # (step, evaluations seen there)
+        self._listed: tuple[int | None, float | None] | None = None  # the objective's, listed
+        self.last_note: str | None = None
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -162,7 +177,14 @@ class RunSupervisor:
         read = self.telemetry.evals[-1][0] if self.telemetry.evals else -1
         if read > self.last_decision_step:
             return True  # read, but its decision could not be written yet
-        latest = run.latest_steps.get(self.telemetry.objective.metric)
+        metric = self.telemetry.objective.metric
+        latest = run.latest_steps.get(metric)
+        listed = (latest, run.latest_metrics.get(metric))
+        if latest == read and listed != self._listed and listed[1] != self.telemetry.evals[-1][1]:
+            # A new value at the step already read: the objective is logged without steps,
+            # and a read by step would never return it.
+            self._repeated(read)
+        self._listed = listed
         return latest is not None and latest > read
 
     def pending_read(self, run: RunInfo) -> PointsRead | None:
@@ -196,12 +218,56 @@ class RunSupervisor:
                 self.run_id, keys, self.cursor, window=self.telemetry.read_window
             )
         points, self.cursor = read
+        self._note_repeats(points)
         self.telemetry.add(points)
         for item in self.history:
             if item.applied_step is None:
                 item.applied_step = self.telemetry.applied_steps.get(item.version)
         self._write_outcomes()
         return run
+
+    def _note_repeats(self, points: list[MetricPoint]) -> None:
+        """Count evaluations of the objective logged at a step already seen; forget them once
+        the objective's steps move on."""
+        assert self.telemetry is not None
+        metric = self.telemetry.objective.metric
+        last = self.telemetry.evals[-1][0] if self.telemetry.evals else None
+        for point in points:
+            if point.key != metric:
+                continue
+            if last is not None and point.step <= last:
+                self._repeated(point.step)
+            else:
+                self.repeats_at_step = None
+            last = point.step
+
+    def _repeated(self, step: int) -> None:
+        seen = self.repeats_at_step
+        count = seen[1] + 1 if seen is not None and seen[0] == step else 2
+        self.repeats_at_step = (step, count)
+
+    # ---- health -------------------------------------------------------------------------
+
+    def health(self, run: RunInfo) -> Health:
+        """Whether the manager can do its job for this run, from what this supervisor holds."""
+        objective = (
+            self.telemetry.objective
+            if self.telemetry is not None
+            else Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
+        )
+        repeats = self.repeats_at_step
+        stuck = repeats is not None and repeats[1] >= REPEATS_FOR_NO_STEPS
+        view = RunView(
+            objective=objective,
+            has_spec=self.spec is not None,
+            spec_error=self.spec_error,
+            steps_stuck_at=repeats[0] if stuck and repeats else None,
+            seconds_per_eval=self.telemetry.seconds_per_eval() if self.telemetry else None,
+            decisions=self.last_decision_id,
+            issued=current_version(run.tags),
+            last_note=self.last_note,
+        )
+        return assess(run, view, self.answers)
 
     # ---- deciding -----------------------------------------------------------------------
 
@@ -227,7 +293,7 @@ class RunSupervisor:
         self.last_decision_step = latest_eval_step
         if any(Command.STOP.value in item.commands for item in self.history):
             return None  # the run is ending: nothing a policy issues now would take effect
-        return self.decide(run, policy.source, policy.name, policy.propose)
+        return self.decide(run, policy.source, policy.name, policy.propose, policy.fallback)
 
     def decide(
         self,
@@ -235,8 +301,13 @@ class RunSupervisor:
         source: Source,
         policy_name: str,
         propose: Callable[[Snapshot, Menu], PolicyAnswer],
+        fallback: Policy | None = None,
     ) -> AuditRecord | None:
-        """Snapshot → menu → proposal → validation → params version and audit record."""
+        """Snapshot → menu → proposal → validation → params version and audit record.
+
+        An answer that comes after the run has moved on is stale: ``fallback`` (the rules)
+        then decides on the run's current state, and the late answer stays in the record.
+        """
         assert self.telemetry is not None and self.spec is not None
         version = current_version(run.tags)
         trusted = self.trusted(run.tags)
@@ -250,6 +321,18 @@ class RunSupervisor:
         if self.metrics is not None:
             self.metrics.policy_answered(answer, llm_policy=source == Source.LLM)
         stale = self._staleness(snapshot, decided)
+        late = stale
+        if stale and fallback is not None:
+            state = self.run_state(trusted)
+            menu = build_menu(state, self.config.validation, fallback.source)
+            snapshot = self.telemetry.snapshot(self.spec, state.values, self.history)
+            instead = fallback.propose(snapshot, menu)
+            if instead.proposal.action != "no_action":
+                answer = _instead_of_late(answer, instead, fallback.source, stale)
+                stale = None
+        if answer.timings:  # a model answered (a rules or human answer takes no model time)
+            self.answers.append(ModelAnswer(decided, late, replaced=late is not None and not stale))
+        self.last_note = answer.note
         proposal = answer.proposal
         if proposal.action == "no_action" and not answer.error and not self.config.audit_no_action:
             log.debug(
@@ -288,6 +371,7 @@ class RunSupervisor:
             timings={"policy_s": round(decided, 4), **answer.timings},
             usage=answer.usage,
             error=answer.error,
+            note=answer.note,
         )
         issued = None
         try:
@@ -396,6 +480,24 @@ class RunSupervisor:
                 record = record.model_copy(update={"outcome": outcome})
                 self.records[item.decision_id] = record
                 self.audit.write_record(record)
+
+
+def _instead_of_late(
+    late: PolicyAnswer, instead: PolicyAnswer, source: Source, why: str
+) -> PolicyAnswer:
+    """``instead`` (the fallback's answer on the current state) in place of ``late``, whose
+    model, prompt, answer and timings the audit record keeps."""
+    return PolicyAnswer(
+        proposal=instead.proposal,
+        model=late.model,
+        prompt=late.prompt,
+        raw_response=late.raw_response,
+        timings=late.timings,
+        usage=late.usage,
+        error=late.error,
+        source=instead.source or source,
+        note=f"{why}; the rules decided on the run's current state instead",
+    )
 
 
 def human_proposal(changes: dict[str, float], commands: list[str], reason: str) -> Proposal:

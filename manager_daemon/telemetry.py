@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -58,6 +59,9 @@ class ObjectiveView(BaseModel):
     first: float | None = None
     recent: list[tuple[int, float]] = Field(default_factory=list)
     trend: float | None = Field(default=None, description="relative change per evaluation")
+    seconds_per_eval: float | None = Field(
+        default=None, description="median wall-clock seconds between the recent evaluations"
+    )
 
 
 class TrainView(BaseModel):
@@ -117,6 +121,8 @@ class RunTelemetry:
         self.window = window
         self.objective = objective
         self.evals: deque[tuple[int, float]] = deque(maxlen=objective_window)
+        # When the recent evaluations were logged (unix seconds): the run's pace.
+        self.eval_times: deque[float] = deque(maxlen=RECENT_EVALS + 1)
         self.evaluations = 0  # read by this reader, those before the window included
         self.train: deque[tuple[int, float]] = deque(maxlen=window)
         self.train_key: str | None = None
@@ -184,6 +190,7 @@ class RunTelemetry:
                 if len(self.evals) == self.evals.maxlen:
                     self._leaving(*self.evals[0])
                 self.evals.append((p.step, p.value))
+                self.eval_times.append(p.timestamp / 1000)
                 self.evaluations += 1
             elif p.key in TRAIN_LOSS_KEYS and self.train_key in (None, p.key):
                 self.train_key = p.key
@@ -240,7 +247,14 @@ class RunTelemetry:
         view.first = self.earlier_first if self.earlier_first is not None else finite[0][1]
         view.recent = [(s, round(v, 6)) for s, v in list(self.evals)[-RECENT_EVALS:]]
         view.trend = _relative_slope([v for _, v in finite[-4:]])
+        view.seconds_per_eval = self.seconds_per_eval()
         return view
+
+    def seconds_per_eval(self) -> float | None:
+        """The median wall-clock time between the recent evaluations (None before two)."""
+        times = sorted(self.eval_times)
+        gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
+        return round(statistics.median(gaps), 3) if gaps else None
 
     def train_view(self) -> TrainView:
         values = [v for _, v in self.train if math.isfinite(v)]

@@ -13,6 +13,7 @@ import pytest
 from integrations.protocol import (
     PARAMS_DIR,
     TAG_PARAMS_VERSION,
+    AuditRecord,
     Command,
     KnobSpec,
     Objective,
@@ -161,7 +162,8 @@ def test_server_without_response_format_gets_a_tool_call(memory, replay) -> None
     assert "tools" in replay.requests[-1] and "response_format" not in replay.requests[-1]
 
 
-def test_an_answer_that_arrives_after_the_run_moved_on_is_stale(memory, replay) -> None:
+def _late_answer(memory, replay, config: LLMConfig) -> tuple[str, AuditRecord]:
+    """A decision whose model answer comes after the run has logged three more evaluations."""
     run_id = overfitting_run(memory)
     replay.replies = [Reply(answer(changes=lr_change()), delay_s=2.5)]
     tracker = memory.tracker
@@ -174,10 +176,29 @@ def test_an_answer_that_arrives_after_the_run_moved_on_is_stale(memory, replay) 
 
     mover = threading.Thread(target=run_moves_on)
     mover.start()
-    record = supervisor.tick(LLMPolicy(OpenAIChat("m", base_url=replay.base_url)))
+    record = supervisor.tick(LLMPolicy(OpenAIChat("m", base_url=replay.base_url), config))
     mover.join()
+    assert record is not None
+    return run_id, record
+
+
+def test_an_answer_that_arrives_after_the_run_moved_on_is_replaced_by_the_rules(
+    memory, replay
+) -> None:
+    run_id, record = _late_answer(memory, replay, LLMConfig())
+    assert record.status == "issued" and record.source == Source.RULES
+    assert "moved on" in record.note and "rules decided on the run's current state" in record.note
+    # The late answer is kept for the audit; the decision is on the state after it.
+    assert record.raw_response and record.model == "m"
+    assert record.telemetry["objective"]["evaluations"] == 10
+    assert memory.tracker.list_artifacts(run_id, PARAMS_DIR)
+
+
+def test_a_late_answer_without_a_fallback_is_discarded_as_stale(memory, replay) -> None:
+    run_id, record = _late_answer(memory, replay, LLMConfig(fallback="none"))
     assert record.status == "stale" and "moved on" in record.error
-    assert tracker.list_artifacts(run_id, PARAMS_DIR) == []
+    assert record.summary().startswith("discarded as stale @ step")
+    assert memory.tracker.list_artifacts(run_id, PARAMS_DIR) == []
 
 
 def test_prompt_quotes_run_text_as_data_and_schema_lists_the_menu() -> None:

@@ -133,7 +133,7 @@ def test_prometheus_scrapes_a_running_daemon(
         )
         assert lint.returncode == 0, lint.stdout + lint.stderr
         assert _metric(exposition, "atm_params_versions_issued_total") == 1
-        assert _metric(exposition, "atm_managed_runs") == 1
+        assert _metric(exposition, 'atm_managed_runs{health="deciding"}') == 1
         assert _metric(exposition, 'atm_lease_events_total{event="taken"}') == 1
 
         config = tmp_path / "prometheus.yml"

@@ -105,8 +105,11 @@ class Tracker(Protocol):
         """The run's status, tags and latest metric values; raises RunNotFound."""
         ...
 
-    def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
-        """Running runs tagged as managed (in the named experiments, when given)."""
+    def find_managed_runs(
+        self, experiments: list[str] | None = None, *, finished: bool = False
+    ) -> list[RunInfo]:
+        """Running runs tagged as managed (in the named experiments, when given); with
+        ``finished``, the managed runs that have ended too."""
         ...
 
     def list_runs(self, experiment: str) -> list[RunInfo]:

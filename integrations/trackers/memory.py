@@ -94,14 +94,16 @@ class MemoryTracker:
         with self._lock:
             return _copy(self._run(run_id).info)
 
-    def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
+    def find_managed_runs(
+        self, experiments: list[str] | None = None, *, finished: bool = False
+    ) -> list[RunInfo]:
         self._call("find_managed_runs")
         with self._lock:
             return [
                 _copy(r.info)
                 for r in self._runs.values()
                 if r.info.tags.get(TAG_MANAGED) == "true"
-                and r.info.is_running
+                and (finished or r.info.is_running)
                 and (experiments is None or r.info.experiment_id in experiments)
             ]
 

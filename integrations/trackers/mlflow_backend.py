@@ -48,7 +48,8 @@ from integrations.trackers.base import (
 
 log = logging.getLogger(__name__)
 
-_MANAGED_FILTER = f"tags.`{TAG_MANAGED}` = 'true' and attributes.status = 'RUNNING'"
+_MANAGED_FILTER = f"tags.`{TAG_MANAGED}` = 'true'"
+_RUNNING_FILTER = " and attributes.status = 'RUNNING'"
 # The step-range history read returns at most this many points per run and request, sampled
 # evenly (first and last kept) when the range holds more; steps are 32-bit there.
 _RANGE_MAX = 2500
@@ -110,7 +111,9 @@ class MlflowTracker:
             run = self._client.get_run(run_id)
         return self._seen([run])[0]
 
-    def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
+    def find_managed_runs(
+        self, experiments: list[str] | None = None, *, finished: bool = False
+    ) -> list[RunInfo]:
         with _translated():
             experiment_ids = [
                 e.experiment_id
@@ -123,7 +126,7 @@ class MlflowTracker:
                 runs += _all_pages(
                     self._client.search_runs,
                     experiment_ids[i : i + 100],
-                    filter_string=_MANAGED_FILTER,
+                    filter_string=_MANAGED_FILTER + ("" if finished else _RUNNING_FILTER),
                 )
         return self._seen(runs, listing=True)
 

@@ -231,10 +231,13 @@ class WandbTracker:
     def get_run(self, run_id: str) -> RunInfo:
         return self._info(self._run(run_id))
 
-    def find_managed_runs(self, experiments: list[str] | None = None) -> list[RunInfo]:
+    def find_managed_runs(
+        self, experiments: list[str] | None = None, *, finished: bool = False
+    ) -> list[RunInfo]:
         if experiments is not None and self.project not in experiments:
             return []
-        return self._list({"tags": {"$in": [WANDB_TAG_MANAGED]}, "state": "running"})
+        managed: dict[str, Any] = {"tags": {"$in": [WANDB_TAG_MANAGED]}}
+        return self._list(managed if finished else {**managed, "state": "running"})
 
     def _list(self, filters: dict[str, Any] | None) -> list[RunInfo]:
         with _translated():

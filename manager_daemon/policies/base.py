@@ -23,10 +23,16 @@ class PolicyAnswer:
     error: str | None = None
     # Who actually decided, when not the policy itself (an LLM policy falling back to rules).
     source: Source | None = None
+    # Why the decision was made by whom it was (the rules acting for a model too slow for the
+    # run, say): kept in the audit record.
+    note: str | None = None
 
 
 class Policy(Protocol):
     name: str
     source: Source
+    # Who decides on the run's current state when this policy's answer arrives too late to
+    # use (None: the late answer is discarded and nothing is done).
+    fallback: Policy | None
 
     def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer: ...

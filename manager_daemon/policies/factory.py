@@ -6,6 +6,7 @@ import logging
 
 from integrations.redact import redact
 from manager_daemon.policies.base import Policy
+from manager_daemon.policies.calibration import typical_situation
 from manager_daemon.policies.llm import LLMPolicy
 from manager_daemon.policies.local_model import (
     LocalChat,
@@ -43,10 +44,13 @@ def make_policy(settings: DaemonSettings) -> tuple[Policy, str]:
     )
     if problem is None:
         local = LocalChat(n_threads=settings.llm_threads or None, busy_wait=settings.llm_busy_wait)
-        return (
-            LLMPolicy(local, settings.llm_config(), rules),
-            f"policy: llm, the embedded model {local.name} (no endpoint configured)",
-        )
+        policy = LLMPolicy(local, settings.llm_config(), rules)
+        # Timed once now, so that a run evaluating faster than the model answers is left to
+        # the rules from its first decision, not after a first answer that came too late.
+        took = policy.calibrate(*typical_situation())
+        pace = f"; it answers in {took:.1f} s here" if took is not None else ""
+        why = f"policy: llm, the embedded model {local.name} (no endpoint configured{pace})"
+        return policy, why
     if settings.policy is PolicyName.LLM:
         raise ValueError(
             f"no LLM available: no endpoint (OPENAI_BASE_URL / ATM_LLM_MODEL) and the embedded "

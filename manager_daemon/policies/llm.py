@@ -79,8 +79,26 @@ class LLMConfig(BaseModel):
     )
 
 
+class LatencyEstimate:
+    """How long a model takes to answer: a moving average of its recent calls."""
+
+    def __init__(self, weight: float = 0.5) -> None:
+        self.weight = weight
+        self.seconds: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        if self.seconds is None:
+            self.seconds = seconds
+        else:
+            self.seconds += self.weight * (seconds - self.seconds)
+
+
 class LLMPolicy:
-    """Decisions by a chat model, validated against the menu."""
+    """Decisions by a chat model, validated against the menu.
+
+    The rules decide at once where the model's answer would land only after the run's next
+    evaluation (``_too_slow_for``): a late answer is a decision on a state the run has left.
+    """
 
     name = "llm"
     source = Source.LLM
@@ -91,6 +109,9 @@ class LLMPolicy:
         self.model = model
         self.config = config or LLMConfig()
         self.rules = rules or RulesPolicy()
+        self.fallback = self.rules if self.config.fallback is LLMFallback.RULES else None
+        # How long the model takes to answer, from its recent calls (None before the first).
+        self.latency = LatencyEstimate()
 
     def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer:
         if menu.empty:
@@ -104,6 +125,8 @@ class LLMPolicy:
                 ),
                 source=Source.RULES,
             )
+        if (late := self._too_slow_for(snapshot)) is not None:
+            return self._without_model(diagnosis, late)
         options: list[dict[str, Any]] | None = None
         if self._mode() == "choose":
             options = answer_options(menu, diagnosis)
@@ -122,9 +145,11 @@ class LLMPolicy:
                 result = self.model.complete(messages, schema, timeout=self.config.timeout_s)
             except ChatError as exc:
                 answer.timings[f"llm_call_{attempt}_s"] = round(time.monotonic() - started, 3)
+                self.latency.observe(time.monotonic() - started)
                 problem = f"model call failed: {exc}"
                 break
             answer.timings[f"llm_call_{attempt}_s"] = round(time.monotonic() - started, 3)
+            self.latency.observe(time.monotonic() - started)
             answer.model = result.model
             answer.usage["prompt_tokens"] = answer.usage.get("prompt_tokens", 0) + (
                 result.prompt_tokens or 0
@@ -158,6 +183,52 @@ class LLMPolicy:
                     },
                 ]
         return self._fall_back(snapshot, menu, answer, problem)
+
+    def _too_slow_for(self, snapshot: Snapshot) -> str | None:
+        """Why the model's answer would land only after the run's next evaluation, or None.
+
+        An answer that arrives later is decided on a state the run has left; the rules,
+        which answer at once, do better then. Unknown until the model has answered once (or
+        been timed by ``calibrate``) and the run has evaluated twice.
+        """
+        pace = snapshot.objective.seconds_per_eval
+        expected = self.latency.seconds
+        if pace is None or expected is None or expected <= pace:
+            return None
+        return (
+            f"the model answers in about {expected:.1f} s and the run evaluates every "
+            f"{pace:.1f} s, so its answer would come after the next evaluation"
+        )
+
+    def _without_model(self, diagnosis: Proposal, late: str) -> PolicyAnswer:
+        """The rules' decision, at once, for a run the model cannot keep pace with."""
+        if diagnosis.action == "no_action":
+            return PolicyAnswer(
+                Proposal(action="no_action", reason=f"model not consulted: {late}"[:200]),
+                source=Source.RULES,
+                note=f"model not consulted: {late}",
+            )
+        return PolicyAnswer(
+            diagnosis, model=None, source=Source.RULES, note=f"the rules acted at once: {late}"
+        )
+
+    def calibrate(self, snapshot: Snapshot, menu: Menu) -> float | None:
+        """Time one answer on a typical situation, so that the first real decision already
+        knows whether the model keeps pace with the run; the seconds it took, or None when the
+        model failed."""
+        diagnosis = self.rules.decide(snapshot, menu)
+        options = answer_options(menu, diagnosis) if self._mode() == "choose" else None
+        prompt = build_prompt(snapshot, menu, diagnosis=diagnosis, options=options)
+        schema = options_schema(options) if options is not None else decision_schema(menu)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        started = time.monotonic()
+        try:
+            self.model.complete(messages, schema, timeout=self.config.timeout_s)
+        except ChatError:
+            return None
+        took = time.monotonic() - started
+        self.latency.observe(took)
+        return took
 
     def _mode(self) -> str:
         if self.config.mode != "auto":

@@ -88,6 +88,7 @@ class RulesPolicy:
 
     name = "rules"
     source = Source.RULES
+    fallback = None  # the rules answer at once: never too late
 
     def __init__(self, config: RulesConfig | None = None) -> None:
         self.config = config or RulesConfig()
