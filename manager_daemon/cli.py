@@ -684,6 +684,18 @@ def log_(
         for record in records:
             sys.stdout.write(record.model_dump_json() + "\n")
         return
+    # A table of nine columns needs a wide terminal; a narrow one gets a block per decision.
+    if console.width >= 140:
+        _log_table(run_id, records)
+    else:
+        _log_blocks(run_id, records)
+    if not records:
+        console.print("no decisions yet")
+    if (health := Health.parse(run.tags.get(TAG_HEALTH))) is not None and not health.ok:
+        console.print(f"[yellow]{health.state.value}[/]: {health.reason}", highlight=False)
+
+
+def _log_table(run_id: str, records: list[AuditRecord]) -> None:
     table = Table(title=f"audit trail of {run_id}")
     for col in ("id", "time", "step", "by", "status", "changes", "telemetry", "reason", "outcome"):
         table.add_column(col, overflow="fold")
@@ -693,19 +705,48 @@ def log_(
             time.strftime("%H:%M:%S", time.localtime(r.created_at)),
             str(r.step),
             _by_text(r),
-            r.status + (f" v{r.params_version}" if r.params_version else ""),
+            _status_text(r),
             _changes_text(r),
             _telemetry_text(r.telemetry),
-            (r.proposal.reason if r.proposal else "")
-            + (f"\n[dim]{r.note}[/]" if r.note else "")
-            + (f" [red]{r.error}[/]" if r.error else ""),
+            _reason_text(r),
             _outcome_text(r),
         )
     console.print(table)
-    if not records:
-        console.print("no decisions yet")
-    if (health := Health.parse(run.tags.get(TAG_HEALTH))) is not None and not health.ok:
-        console.print(f"[yellow]{health.state.value}[/]: {health.reason}", highlight=False)
+
+
+def _log_blocks(run_id: str, records: list[AuditRecord]) -> None:
+    console.print(f"[bold]audit trail of {run_id}[/]")
+    for r in records:
+        when = time.strftime("%H:%M:%S", time.localtime(r.created_at))
+        by = _by_text(r).replace("\n", ", ")
+        console.print(
+            f"\n[bold]d{r.decision_id:06d}[/]  {when}  step {r.step}  {_status_text(r)}  by {by}",
+            highlight=False,
+        )
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="dim", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for label, text in (
+            ("changes", _changes_text(r)),
+            ("reason", _reason_text(r)),
+            ("telemetry", _telemetry_text(r.telemetry)),
+            ("outcome", _outcome_text(r)),
+        ):
+            if text and text != "-":
+                grid.add_row(f"  {label}", text)
+        console.print(grid)
+
+
+def _status_text(r: AuditRecord) -> str:
+    return r.status + (f" v{r.params_version}" if r.params_version else "")
+
+
+def _reason_text(r: AuditRecord) -> str:
+    return (
+        (r.proposal.reason if r.proposal else "")
+        + (f"\n[dim]{r.note}[/]" if r.note else "")
+        + (f" [red]{r.error}[/]" if r.error else "")
+    )
 
 
 def _by_text(r: AuditRecord) -> str:

@@ -264,7 +264,7 @@ class RunSupervisor:
             steps_stuck_at=repeats[0] if stuck and repeats else None,
             seconds_per_eval=self.telemetry.seconds_per_eval() if self.telemetry else None,
             decisions=self.last_decision_id,
-            issued=current_version(run.tags),
+            issued=max([current_version(run.tags), *(i.version for i in self.history)]),
             last_note=self.last_note,
         )
         return assess(run, view, self.answers)
