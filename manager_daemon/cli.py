@@ -333,6 +333,9 @@ def daemon(
         for record in report.decisions:
             console.print(f"{record.run_id[:12]}  {record.summary()}")
         console.print(f"{report.runs} managed run(s), {len(report.decisions)} decision(s)")
+        for run_id, health in sorted(runner.run_health.latest.items()):
+            if not health.ok:
+                console.print(f"{run_id[:12]}  [yellow]{health}[/]", highlight=False)
         console.print(runner.totals_line())
         if report.elsewhere:
             console.print(

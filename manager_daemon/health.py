@@ -158,13 +158,13 @@ class HealthReporter:
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
         self.runs: dict[str, _Said] = {}
-        self.states: dict[str, HealthState] = {}
+        self.latest: dict[str, Health] = {}
         self._lock = threading.Lock()  # reports come from the tick and the worker threads
 
     def report(self, run: RunInfo, health: Health) -> None:
         with self._lock:
             said = self.runs.setdefault(run.run_id, _Said(tag=run.tags.get(TAG_HEALTH)))
-            self.states[run.run_id] = health.state
+            self.latest[run.run_id] = health
         self._log(run, health, said)
         value = health.tag_value()
         if value not in (said.tag, run.tags.get(TAG_HEALTH)):
@@ -197,12 +197,12 @@ class HealthReporter:
         """A run no longer supervised here."""
         with self._lock:
             self.runs.pop(run_id, None)
-            self.states.pop(run_id, None)
+            self.latest.pop(run_id, None)
 
     def counts(self) -> dict[HealthState, int]:
         """How many of the runs supervised here are in each state."""
         counts = dict.fromkeys(HealthState, 0)
         with self._lock:
-            for state in self.states.values():
-                counts[state] += 1
+            for health in self.latest.values():
+                counts[health.state] += 1
         return counts
