@@ -91,9 +91,18 @@ def test_a_run_that_only_started_is_waiting_without_a_warning(
     assert not [r for r in caplog.records if r.name == "manager_daemon.health"]
 
 
-def test_an_objective_logged_without_steps_is_named(backend: Backend) -> None:
+@pytest.fixture(params=["memory", "mlflow"])
+def stepped_backend(request: pytest.FixtureRequest) -> Backend:
+    """The trackers on which a script can log a point at a step it has passed (W&B's steps
+    only go forward: `wandb.log` without a step counts on)."""
+    name = "memory" if request.param == "memory" else "mlflow_backend"
+    return request.getfixturevalue(name)
+
+
+def test_an_objective_logged_without_steps_is_named(stepped_backend: Backend) -> None:
     """Every evaluation at step 0 (`mlflow.log_metric` without `step=`): after the third, the
     daemon says why it decides nothing more."""
+    backend = stepped_backend
     run_id = managed_run(backend, "minimize:eval_loss", [(s, {"loss": 2.0}) for s in range(30)])
     daemon = Daemon(backend.tracker, RulesPolicy(), experiments=[backend.experiment])
     for value in (2.0, 1.9, 1.95, 2.1):
