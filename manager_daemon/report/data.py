@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from integrations.health import objective_missing
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
     METRIC_PARAMS_VERSION,
     SPEC_PATH,
+    TAG_HEALTH,
     TAG_MANAGED,
     TAG_OBJECTIVE,
     AuditRecord,
+    Health,
+    HealthState,
     Objective,
     RunSpec,
 )
@@ -27,6 +31,13 @@ from manager_daemon.telemetry import TRAIN_LOSS_KEYS
 
 # Metric keys that hold evaluations: ``eval_loss``, ``eval/success``, ``val_acc``, ``test/…``.
 _EVALUATED = re.compile(r"^(eval|evaluation|val|valid|validation|test)([_/.\-]|$)")
+# Counters of how fast or how big, not of how well: ``eval_runtime``,
+# ``eval_samples_per_second``, ``total_flos``, ``eval/mem_gb``, ``time/fps``.
+_THROUGHPUT = re.compile(
+    r"(^|[_/.\-])(runtime|time|duration|fps|flos|flops|mem|memory)([_/.\-]|$)"
+    r"|per_second|per_sec([_/.\-]|$)|throughput",
+    re.IGNORECASE,
+)
 # Other evaluated metrics a report plots at most, besides the objective.
 MAX_OTHER_METRICS = 6
 
@@ -49,6 +60,9 @@ class RunData:
     applied: dict[int, int] = field(default_factory=dict)
     train_key: str | None = None
     spec_error: str | None = None
+    # The params versions after whose application the objective was evaluated again.
+    evaluated_after: set[int] = field(default_factory=set)
+    health: Health | None = None
 
     @property
     def name(self) -> str:
@@ -57,6 +71,27 @@ class RunData:
     @property
     def objective_series(self) -> Series:
         return self.series.get(self.objective.metric, [])
+
+    @property
+    def objective_note(self) -> str | None:
+        """Why the report shows no objective (it was never logged), unless the run's health
+        says so already; else None."""
+        waiting = self.health is not None and self.health.state is HealthState.WAITING_OBJECTIVE
+        if self.objective_series or waiting:
+            return None
+        return objective_missing(self.objective.metric, self.run.latest_metrics)
+
+    @property
+    def notes(self) -> list[str]:
+        """What a report says first: the manager not deciding for the run, and why; an
+        objective the run never logged."""
+        found = []
+        if self.health is not None and not self.health.ok:
+            reason = f" — {self.health.reason}" if self.health.reason else ""
+            found.append(f"Not deciding: {self.health.state.value}{reason}")
+        if self.objective_note:
+            found.append(self.objective_note)
+        return found
 
     @property
     def other_metrics(self) -> list[str]:
@@ -75,14 +110,22 @@ class RunData:
 
 
 def evaluated_metrics(keys: list[str]) -> list[str]:
-    """The keys of ``keys`` that hold evaluations, by their names."""
-    return sorted(k for k in keys if _EVALUATED.match(k))
+    """The keys of ``keys`` that hold evaluations, by their names; throughput counters
+    (runtimes, rates, FLOPs, memory) are left out."""
+    return sorted(k for k in keys if _EVALUATED.match(k) and not _THROUGHPUT.search(k))
 
 
-def collect_run(tracker: Tracker, run_id: str, audit: AuditLog | None = None) -> RunData:
-    """Read one run's report data; raises RunNotFound for a run the tracker does not have."""
+def collect_run(
+    tracker: Tracker,
+    run_id: str,
+    audit: AuditLog | None = None,
+    *,
+    objective: Objective | None = None,
+) -> RunData:
+    """Read one run's report data, on ``objective`` (default: the run's own, from its tag);
+    raises RunNotFound for a run the tracker does not have."""
     run = tracker.get_run(run_id)
-    objective = Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
+    objective = objective or Objective.parse(run.tags.get(TAG_OBJECTIVE) or DEFAULT_OBJECTIVE)
     audit = audit or AuditLog(tracker)
     records = audit.records(run_id)
     spec, spec_error = _spec(tracker, run_id)
@@ -94,11 +137,14 @@ def collect_run(tracker: Tracker, run_id: str, audit: AuditLog | None = None) ->
     points, _ = tracker.read_new_points(run_id, keys, None)
     series: dict[str, Series] = {k: [] for k in keys if k != METRIC_PARAMS_VERSION}
     applied: dict[int, int] = {}
+    evaluated_after: set[int] = set()
     for point in sorted(points, key=lambda p: (p.step, p.timestamp)):
         if point.key == METRIC_PARAMS_VERSION:
             applied.setdefault(int(point.value), point.step)
         else:
             series[point.key].append((point.step, point.value))
+            if point.key == objective.metric:
+                evaluated_after.update(applied)
     return RunData(
         run=run,
         objective=objective,
@@ -109,14 +155,30 @@ def collect_run(tracker: Tracker, run_id: str, audit: AuditLog | None = None) ->
         applied=applied,
         train_key=train_key,
         spec_error=spec_error,
+        evaluated_after=evaluated_after,
+        health=Health.parse(run.tags.get(TAG_HEALTH)),
     )
 
 
-def collect_experiment(tracker: Tracker, experiment: str) -> list[RunData]:
-    """Report data of every run of an experiment, managed or not, oldest first."""
+def collect_experiment(
+    tracker: Tracker, experiment: str, objective: Objective | None = None
+) -> list[RunData]:
+    """Report data of every run of an experiment, managed or not, oldest first, each read on
+    ``objective``; without it, a run that declared an objective (``atm.objective``) is read on
+    its own, any other on the objective the declared ones share (else the default)."""
     runs = sorted(tracker.list_runs(experiment), key=lambda r: r.start_time or 0)
+    declared = {r.tags[TAG_OBJECTIVE] for r in runs if r.tags.get(TAG_OBJECTIVE)}
+    shared = declared.pop() if len(declared) == 1 else DEFAULT_OBJECTIVE
     audit = AuditLog(tracker)
-    return [collect_run(tracker, r.run_id, audit) for r in runs]
+    return [
+        collect_run(
+            tracker,
+            r.run_id,
+            audit,
+            objective=objective or Objective.parse(r.tags.get(TAG_OBJECTIVE) or shared),
+        )
+        for r in runs
+    ]
 
 
 def _spec(tracker: Tracker, run_id: str) -> tuple[RunSpec | None, str | None]:
