@@ -34,7 +34,12 @@ from manager_daemon.report.plots import Axis, focus
 from tests import report_scenario
 from tests.conftest import Backend
 from tests.helpers import overfitting_run
-from tests.test_report import Page, check_page, wide_console  # noqa: F401  (a fixture)
+from tests.test_report import (  # noqa: F401  (wide_console: a fixture)
+    Page,
+    _wandb_spec,
+    check_page,
+    wide_console,
+)
 
 runner = CliRunner()
 
@@ -207,6 +212,27 @@ def test_the_baseline_is_the_unmanaged_run_closest_in_start_time_that_logs_the_o
     assert result.exit_code == 2 and "is the run reported" in result.output
     result = runner.invoke(app, [*base, "no-such-run"])
     assert result.exit_code == 1 and "no-such-run" in result.output
+
+
+def test_the_wandb_report_plots_the_baseline_beside_the_run_and_compares_them(
+    memory: Backend,
+) -> None:
+    managed = overfitting_run(memory)
+    plain = memory.new_run("plain")
+    memory.log_history(plain, [(10, {"eval_loss": 3.0}), (70, {"eval_loss": 3.2})])
+    report = build_run_report(memory.tracker, managed)
+    spec = _wandb_spec(
+        wandb_report.build(
+            [report.data], "atm-tests", "atm-reports", title="run", baseline=report.baseline
+        )
+    )
+    blocks = spec["spec"]["blocks"]
+    (grid,) = [b for b in blocks if b["type"] == "panel-grid"]
+    (runset,) = grid["metadata"]["runSets"]
+    assert runset["filters"]["filters"][0]["value"] == [managed, plain]
+    summary = next(b["content"] for b in blocks if b["type"] == "markdown-block")
+    assert f"- baseline: plain ({plain}), the unmanaged run closest in start time" in summary
+    assert "- this run ÷ baseline: best ×0.700 (-30.0%); final ×0.750 (-25.0%)" in summary
 
 
 # ---- plots ------------------------------------------------------------------------------------
