@@ -24,6 +24,7 @@ from integrations.protocol import (
     TAG_OBJECTIVE,
     Health,
     HealthState,
+    Objective,
 )
 from integrations.trackers import memory as memory_tracker
 from manager_daemon.cli import app
@@ -233,6 +234,20 @@ def test_the_wandb_report_plots_the_baseline_beside_the_run_and_compares_them(
     summary = next(b["content"] for b in blocks if b["type"] == "markdown-block")
     assert f"- baseline: plain ({plain}), the unmanaged run closest in start time" in summary
     assert "- this run ÷ baseline: best ×0.700 (-30.0%); final ×0.750 (-25.0%)" in summary
+
+
+def test_metrics_logged_without_steps_are_numbered_in_the_order_logged(memory: Backend) -> None:
+    run_id = memory.new_run("no-steps")
+    values = [3.0, 2.0, 1.5, 1.6, 1.8]
+    for value in values:  # as mlflow.log_metrics({...}) without step= logs them
+        memory.log_history(run_id, [(0, {"val_loss": value, "train_loss": value / 2})])
+    report = build_run_report(
+        memory.tracker, run_id, objective=Objective.parse("minimize:val_loss")
+    )
+    assert report.data.objective_series == list(enumerate(values))
+    assert (report.summary.best, report.summary.final) == ((2, 1.5), (4, 1.8))
+    note = "train_loss, val_loss logged without steps (every point at one step): numbered here"
+    assert note in text_of(report.html)
 
 
 # ---- plots ------------------------------------------------------------------------------------

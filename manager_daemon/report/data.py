@@ -7,6 +7,7 @@ backend; the rest of the package works on these plain values and never asks a tr
 from __future__ import annotations
 
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -25,7 +26,7 @@ from integrations.protocol import (
     Objective,
     RunSpec,
 )
-from integrations.trackers import CorruptArtifact, RunInfo, Tracker
+from integrations.trackers import CorruptArtifact, MetricPoint, RunInfo, Tracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.telemetry import TRAIN_LOSS_KEYS
 
@@ -63,6 +64,8 @@ class RunData:
     # The params versions after whose application the objective was evaluated again.
     evaluated_after: set[int] = field(default_factory=set)
     health: Health | None = None
+    # Metrics logged without steps: their series are numbered in the order logged.
+    stepless: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -83,14 +86,23 @@ class RunData:
 
     @property
     def notes(self) -> list[str]:
-        """What a report says first: the manager not deciding for the run, and why; an
-        objective the run never logged."""
-        found = []
-        if self.health is not None and not self.health.ok:
-            reason = f" — {self.health.reason}" if self.health.reason else ""
-            found.append(f"Not deciding: {self.health.state.value}{reason}")
-        if self.objective_note:
-            found.append(self.objective_note)
+        """What a report says first: the manager not deciding for the run, and why; then the
+        ``remarks``."""
+        if self.health is None or self.health.ok:
+            return self.remarks
+        reason = f" — {self.health.reason}" if self.health.reason else ""
+        return [f"Not deciding: {self.health.state.value}{reason}", *self.remarks]
+
+    @property
+    def remarks(self) -> list[str]:
+        """What the report cannot show as the run meant it: an objective never logged,
+        metrics logged without steps."""
+        found = [self.objective_note] if self.objective_note else []
+        if self.stepless:
+            found.append(
+                f"{', '.join(self.stepless)} logged without steps (every point at one step): "
+                "numbered here in the order logged"
+            )
         return found
 
     @property
@@ -135,29 +147,57 @@ def collect_run(
     keys = [objective.metric, *others[:MAX_OTHER_METRICS]]
     keys += [k for k in (train_key, METRIC_PARAMS_VERSION) if k is not None and k in available]
     points, _ = tracker.read_new_points(run_id, keys, None)
-    series: dict[str, Series] = {k: [] for k in keys if k != METRIC_PARAMS_VERSION}
-    applied: dict[int, int] = {}
-    evaluated_after: set[int] = set()
-    for point in sorted(points, key=lambda p: (p.step, p.timestamp)):
-        if point.key == METRIC_PARAMS_VERSION:
-            applied.setdefault(int(point.value), point.step)
-        else:
-            series[point.key].append((point.step, point.value))
-            if point.key == objective.metric:
-                evaluated_after.update(applied)
+    read = _Read(objective.metric, points)
     return RunData(
         run=run,
         objective=objective,
         managed=run.tags.get(TAG_MANAGED) == "true" or bool(records),
         spec=spec,
         records=records,
-        series={k: v for k, v in series.items() if v or k == objective.metric},
-        applied=applied,
+        series={
+            k: read.series.get(k, [])
+            for k in keys
+            if k != METRIC_PARAMS_VERSION and (read.series.get(k) or k == objective.metric)
+        },
+        applied=read.applied,
         train_key=train_key,
         spec_error=spec_error,
-        evaluated_after=evaluated_after,
+        evaluated_after=read.evaluated_after,
         health=Health.parse(run.tags.get(TAG_HEALTH)),
+        stepless=read.stepless,
     )
+
+
+class _Read:
+    """A run's points sorted out: the series of each metric, the step each params version was
+    applied at, and the versions the objective was evaluated after.
+
+    A metric logged without steps (every point at the same step, as ``mlflow.log_metric``
+    without ``step=`` logs) is numbered in the order it was logged, and read in that order.
+    """
+
+    def __init__(self, metric: str, points: list[MetricPoint]) -> None:
+        steps: dict[str, set[int]] = defaultdict(set)
+        counts: Counter[str] = Counter()
+        for point in points:
+            steps[point.key].add(point.step)
+            counts[point.key] += 1
+        self.stepless = sorted(
+            k for k, found in steps.items()
+            if k != METRIC_PARAMS_VERSION and counts[k] > 1 and len(found) == 1
+        )  # fmt: skip
+        self.series: dict[str, Series] = defaultdict(list)
+        self.applied: dict[int, int] = {}
+        self.evaluated_after: set[int] = set()
+        in_order = metric in self.stepless  # then the order logged is the only order there is
+        for point in sorted(points, key=lambda p: (0 if in_order else p.step, p.timestamp)):
+            if point.key == METRIC_PARAMS_VERSION:
+                self.applied.setdefault(int(point.value), point.step)
+                continue
+            step = len(self.series[point.key]) if point.key in self.stepless else point.step
+            self.series[point.key].append((step, point.value))
+            if point.key == metric:
+                self.evaluated_after.update(self.applied)
 
 
 def collect_experiment(

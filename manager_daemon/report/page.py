@@ -214,15 +214,15 @@ _EXPERIMENT = """{% extends "base" %}{% block body %}
 {% endblock %}
 """
 
-# What the manager cannot do for the run, and an objective never logged, where it shows first.
+# What the manager cannot do for the run, and what the report cannot show: where it shows first.
 _NOTES = """{% if data.health and not data.health.ok %}
 <p class="health" data-health="{{ data.health.state.value }}"><b>Not deciding:
   {{ data.health.state.value }}</b>{% if data.health.reason %} — {{ data.health.reason }}
   {%- endif %}</p>
 {% endif %}
-{% if data.objective_note %}
-<p class="error" data-objective-note>{{ data.objective_note }}</p>
-{% endif %}
+{% for remark in data.remarks %}
+<p class="error" data-remark>{{ remark }}</p>
+{% endfor %}
 """
 
 _ENV = jinja2.Environment(

@@ -140,7 +140,7 @@ def comparison_plot(runs: list[RunData]) -> Plot:
     _set_focus(ax, [d.objective_series for d in runs])
     metrics = sorted({str(d.objective) for d in runs})
     ax.set_title("objective: " + ", ".join(metrics))
-    ax.set_xlabel("step")
+    ax.set_xlabel(_steps_label(runs))
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(loc="best", fontsize=8)
@@ -167,7 +167,7 @@ def _objective_plot(data: RunData, table: list[Row], baseline: RunData | None) -
     _set_focus(ax, evaluated)
     _mark_interventions(ax, table, labels=True)
     ax.set_title(f"{data.objective.direction} {metric}", loc="left")
-    ax.set_xlabel("step")
+    ax.set_xlabel(_steps_label([data, *([baseline] if baseline else [])]))
     ax.grid(alpha=0.3)
     ax.legend(handles=_legend(ax, table), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return _png(canvas, "objective", f"Objective: {metric}", WIDTH, OBJECTIVE_HEIGHT, [ax])
@@ -184,8 +184,14 @@ def _metrics_plot(data: RunData, table: list[Row]) -> Plot:
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
         _mark_interventions(ax, table, labels=False)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(_steps_label([data]))
     return _png(canvas, "metrics", "Other evaluated metrics", WIDTH, height, list(axes))
+
+
+def _steps_label(runs: list[RunData]) -> str:
+    if any(d.stepless for d in runs):
+        return "step (metrics logged without steps: their order logged)"
+    return "step"
 
 
 def _set_focus(ax: Axes, series: list[Series]) -> None:
