@@ -53,7 +53,7 @@ tr.row-advisory td { background: #fafafa; }
 .legend { font-size: 12px; color: #555; }
 .health { border-left: 4px solid #b71c1c; background: #fdecea; color: #7f1d1d;
           padding: 8px 12px; margin: 8px 0; font-size: 15px; }
-.compare { width: auto; min-width: 50%; margin: 10px 0 4px; }
+.compare { width: auto; min-width: 50%; margin: 10px 0 16px; }
 </style>
 </head>
 <body>
