@@ -823,6 +823,23 @@ def report(
             show_default=False,
         ),
     ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="The objective to read, e.g. minimize:val_loss (default: a run's own "
+            "atm.objective; in an experiment, other runs take the one its managed runs share, "
+            "else minimize:eval_loss).",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="The run to compare the run with (default: the unmanaged run of its "
+            "experiment closest in start time that logs its objective).",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -832,27 +849,36 @@ def report(
     budget: Annotated[int | None, _setting("budget")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """What the manager did to a run: plots, every decision, a summary.
+    """What the manager did to a run: plots, every decision, a summary, beside its baseline.
 
     The page (self-contained HTML) and its plots are logged into the run under atm/report/;
     on W&B a W&B Report is saved to the project too, and its address printed.
     """
     from manager_daemon import report as reports
     from manager_daemon.report import wandb_report
+    from manager_daemon.report.baseline import compared as compared_line
 
     if (run_id is None) == (experiment is None):
         raise CliError("name a run (atm report RUN) or an experiment (--experiment NAME)")
+    if experiment is not None and baseline is not None:
+        raise CliError("--baseline compares one run; it does not go with --experiment")
+    parsed = Objective.parse(objective) if objective is not None else None
     settings = _settings(tracking_uri=tracking_uri, budget=budget)
     tracker = _tracker(settings.tracking_uri)
     target = wandb_report.target(tracker.uri)
     if experiment is not None:
-        compared = reports.build_experiment_report(tracker, experiment, budget=settings.budget)
+        compared = reports.build_experiment_report(
+            tracker, experiment, budget=settings.budget, objective=parsed
+        )
         folder = out or Path(f"atm-report-{_slug(experiment)}")
         for name, content in compared.files().items():
             reports.write_local(folder, name, content)
         console.print(
             f"compared {len(compared.runs)} run(s) of {experiment}: {folder / 'index.html'}"
         )
+        for data, _ in compared.runs:
+            for note in data.notes:
+                console.print(f"{data.name}: {note}", style="yellow", markup=False)
         if target is not None:
             saved = wandb_report.save(
                 wandb_report.build(
@@ -862,17 +888,29 @@ def report(
             console.print(f"W&B report: {saved}")
         return
     assert run_id is not None
-    made = reports.publish_run_report(tracker, run_id, budget=settings.budget, out=out)
+    made = reports.publish_run_report(
+        tracker, run_id, budget=settings.budget, out=out, objective=parsed, baseline=baseline
+    )
     s = made.summary
     console.print(
         f"report of {made.data.name}: {s.decisions} decision(s), {s.issued} issued; "
         f"logged to the run under {REPORT_DIR}/ ({len(made.files())} files)"
     )
+    for note in made.data.notes:
+        console.print(note, style="yellow", markup=False)
+    if made.baseline is not None:
+        console.print(compared_line(made.summary, made.baseline), markup=False)
     if out is not None:
         console.print(f"written to {out / 'index.html'}")
     if target is not None:
         saved = wandb_report.save(
-            wandb_report.build([made.data], *target, title=made.data.name, budget=settings.budget)
+            wandb_report.build(
+                [made.data],
+                *target,
+                title=made.data.name,
+                budget=settings.budget,
+                baseline=made.baseline,
+            )
         )
         console.print(f"W&B report: {saved}")
 

@@ -61,7 +61,7 @@ def _answer(action: str, changes: dict | None = None, reason: str = "") -> str:
     )
 
 
-class _Training:
+class Training:
     """The training side: metrics logged step by step, the real client applying versions."""
 
     def __init__(self, tracker: Tracker, run_id: str) -> None:
@@ -72,21 +72,25 @@ class _Training:
     def train(self, evals: list[float]) -> None:
         """Ten steps per evaluation; a staged version is applied two steps in."""
         for value in evals:
-            for _ in range(10):
-                self.step += 1
-                if self.step % 10 == 2:
-                    self.client.poll_once()
-                    self.client.apply_pending(Boundary.STEP, self.step, lambda _c, _k: None)
-                    self.client.poll_once()  # the acknowledgement: atm.params_version @ step
-                loss = max(0.2, 3.2 - 0.02 * self.step)
-                self.tracker.log_metrics(self.run_id, {"loss": loss}, self.step)
+            self.steps(10)
             self.tracker.log_metrics(self.run_id, {"eval_loss": value}, self.step)
+
+    def steps(self, count: int) -> None:
+        """Training steps without an evaluation; a staged version is applied at steps 2, 12…"""
+        for _ in range(count):
+            self.step += 1
+            if self.step % 10 == 2:
+                self.client.poll_once()
+                self.client.apply_pending(Boundary.STEP, self.step, lambda _c, _k: None)
+                self.client.poll_once()  # the acknowledgement: atm.params_version @ step
+            loss = max(0.2, 3.2 - 0.02 * self.step)
+            self.tracker.log_metrics(self.run_id, {"loss": loss}, self.step)
 
 
 def build(tracker: Tracker, run_id: str, replay: ReplayServer) -> Scenario:
     """LLM, rules and human decisions, a rollback, a clamp, a rejected proposal, a stop."""
     scenario = Scenario(run_id, tracker)
-    training = _Training(tracker, run_id)
+    training = Training(tracker, run_id)
     llm = LLMPolicy(OpenAIChat("replay-model", base_url=replay.base_url))
     runner = CliRunner()
 

@@ -113,8 +113,8 @@ class Tracker(Protocol):
         ...
 
     def list_runs(self, experiment: str) -> list[RunInfo]:
-        """Every run of the experiment named, managed or not, whatever its status (none when
-        there is no such experiment)."""
+        """Every run of the experiment named (or with that id: a run's ``experiment_id``),
+        managed or not, whatever its status (none when there is no such experiment)."""
         ...
 
     def read_new_points(

@@ -132,11 +132,24 @@ class MlflowTracker:
 
     def list_runs(self, experiment: str) -> list[RunInfo]:
         with _translated():
-            found = self._client.get_experiment_by_name(experiment)
-            if found is None:
+            experiment_id = self._experiment_id(experiment)
+            if experiment_id is None:
                 return []
-            runs = _all_pages(self._client.search_runs, [found.experiment_id])
+            runs = _all_pages(self._client.search_runs, [experiment_id])
         return [_run_info(r) for r in runs]
+
+    def _experiment_id(self, experiment: str) -> str | None:
+        """The id of the experiment named ``experiment``, else of the one with that id (a
+        run's ``experiment_id``), else None."""
+        found = self._client.get_experiment_by_name(experiment)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self._client.get_experiment(experiment).experiment_id)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
 
     def read_new_points(
         self,

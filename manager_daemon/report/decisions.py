@@ -143,7 +143,11 @@ class Summary:
     stops: int = 0
     first: tuple[int, float] | None = None
     best: tuple[int, float] | None = None
+    # The objective of the weights the run ends with: its last evaluation, or, where the run
+    # was rolled back to its best state and not evaluated since, that state's evaluation.
     final: tuple[int, float] | None = None
+    last: tuple[int, float] | None = None  # the last evaluation logged
+    restored_at: int | None = None  # the step the final (best) state was restored at
     llm_calls: int = 0
     llm_seconds: float = 0.0
     prompt_tokens: int = 0
@@ -175,12 +179,39 @@ def summarize(data: RunData, table: list[Row], budget: int | None = None) -> Sum
         summary.completion_tokens += r.usage.get("completion_tokens", 0)
     finite = [(s, v) for s, v in data.objective_series if math.isfinite(v)]
     if finite:
-        summary.first, summary.final = finite[0], finite[-1]
-        summary.best = finite[0]
-        for step, value in finite:
-            if data.objective.better(value, summary.best[1]):
-                summary.best = (step, value)
+        summary.first, summary.last = finite[0], finite[-1]
+        summary.best = _best(data, finite)
+        summary.final = summary.last
+        summary.restored_at = _restored_at(data, table)
+        restored = [p for p in finite if p[0] <= (summary.restored_at or -1)]
+        if restored:
+            summary.final = _best(data, restored)
+        else:
+            summary.restored_at = None
     return summary
+
+
+def _best(data: RunData, points: list[tuple[int, float]]) -> tuple[int, float]:
+    best = points[0]
+    for step, value in points:
+        if data.objective.better(value, best[1]):
+            best = (step, value)
+    return best
+
+
+def _restored_at(data: RunData, table: list[Row]) -> int | None:
+    """The step at which the run's weights were last restored to its best state, when it has
+    not been evaluated since (a stop or a checkpoint after it leaves the weights as they
+    were); else None."""
+    restored = [
+        r
+        for r in table
+        if Command.ROLLBACK_TO_BEST.value in r.commands and r.applied_step is not None
+    ]
+    if not restored:
+        return None
+    last = max(restored, key=lambda r: (r.applied_step or 0, r.version or 0))
+    return None if last.version in data.evaluated_after else last.applied_step
 
 
 def _text(value: object) -> str:

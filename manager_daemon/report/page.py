@@ -12,6 +12,7 @@ import math
 import jinja2
 from markupsafe import Markup
 
+from manager_daemon.report.baseline import Baseline, ratio, ratio_text
 from manager_daemon.report.data import RunData
 from manager_daemon.report.decisions import STATUSES, VERDICTS, Row, Summary
 from manager_daemon.report.plots import COLOURS, Plot
@@ -50,6 +51,9 @@ ul.v { list-style: none; margin: 0; padding: 0; } ul.v li { margin: 0 0 2px; }
 .why { color: #555; font-size: 12px; } .error { color: #b71c1c; font-size: 12px; }
 tr.row-advisory td { background: #fafafa; }
 .legend { font-size: 12px; color: #555; }
+.health { border-left: 4px solid #b71c1c; background: #fdecea; color: #7f1d1d;
+          padding: 8px 12px; margin: 8px 0; font-size: 15px; }
+.compare { width: auto; min-width: 50%; margin: 10px 0 16px; }
 </style>
 </head>
 <body>
@@ -68,11 +72,14 @@ objective <code>{{ data.objective }}</code>{% if not data.managed %} · not mana
 {% if data.spec_error %}<p class="error">{{ data.spec_error }}</p>{% endif %}
 
 <h2>Summary</h2>
+{% include "notes" %}
 <div class="cards">
   <div class="card" id="best"><span>best {{ data.objective.metric }}</span>
     <b>{{ point(summary.best) }}</b></div>
   <div class="card" id="final"><span>final {{ data.objective.metric }}</span>
-    <b>{{ point(summary.final) }}</b></div>
+    <b>{{ point(summary.final) }}</b>{% if summary.restored_at is not none %}
+    <span>the best state, restored at step {{ summary.restored_at }}; last evaluation
+      {{ point(summary.last) }}</span>{% endif %}</div>
   <div class="card" id="decisions-count"><span>decisions</span><b>{{ summary.decisions }}</b></div>
   <div class="card" id="issued"><span>interventions issued</span><b>{{ summary.issued }}</b>
     <span>{{ summary.rollbacks }} rollback(s), {{ summary.stops }} stop(s)</span></div>
@@ -83,6 +90,27 @@ objective <code>{{ data.objective }}</code>{% if not data.managed %} · not mana
     <span>{{ "%.1f" | format(summary.llm_seconds) }} s,
       {{ summary.prompt_tokens }} + {{ summary.completion_tokens }} tokens</span></div>
 </div>
+{% if baseline %}
+<table id="baseline" class="compare">
+  <thead><tr><th>{{ data.objective.metric }}</th><th class="num">best</th>
+    <th class="num">final</th></tr></thead>
+  <tbody>
+  <tr data-run="{{ data.run.run_id }}" data-role="run"><td>{{ data.name }} (this run)</td>
+    <td class="num">{{ point(summary.best) }}</td>
+    <td class="num">{{ point(summary.final) }}</td></tr>
+  <tr data-run="{{ baseline.data.run.run_id }}" data-role="baseline">
+    <td>baseline: {{ baseline.data.name }} <code class="why">{{ baseline.data.run.run_id }}</code>
+      <div class="why">{{ baseline.chosen }}</div></td>
+    <td class="num">{{ point(baseline.summary.best) }}</td>
+    <td class="num">{{ point(baseline.summary.final) }}</td></tr>
+  <tr data-role="ratio"><td>this run ÷ baseline</td>
+    <td class="num" data-ratio="{{ num(ratio(summary.best, baseline.summary.best)) }}">
+      {{ times(ratio(summary.best, baseline.summary.best)) }}</td>
+    <td class="num" data-ratio="{{ num(ratio(summary.final, baseline.summary.final)) }}">
+      {{ times(ratio(summary.final, baseline.summary.final)) }}</td></tr>
+  </tbody>
+</table>
+{% endif %}
 {% if summary.decisions %}
 <table id="by-source">
   <thead><tr><th>source</th>
@@ -171,7 +199,7 @@ _EXPERIMENT = """{% extends "base" %}{% block body %}
 <tbody>
 {% for data, summary in runs %}
 <tr data-run="{{ data.run.run_id }}" data-managed="{{ data.managed | lower }}">
-  <td>{{ data.name }}<br><code class="why">{{ data.run.run_id }}</code></td>
+  <td>{{ data.name }}<br><code class="why">{{ data.run.run_id }}</code>{% include "notes" %}</td>
   <td>{{ "managed" if data.managed else "unmanaged" }}</td>
   <td>{{ data.run.status | lower }}</td><td><code>{{ data.objective }}</code></td>
   <td class="num" data-best="{{ num(summary.best[1] if summary.best else none) }}">
@@ -186,8 +214,21 @@ _EXPERIMENT = """{% extends "base" %}{% block body %}
 {% endblock %}
 """
 
+# What the manager cannot do for the run, and what the report cannot show: where it shows first.
+_NOTES = """{% if data.health and not data.health.ok %}
+<p class="health" data-health="{{ data.health.state.value }}"><b>Not deciding:
+  {{ data.health.state.value }}</b>{% if data.health.reason %} — {{ data.health.reason }}
+  {%- endif %}</p>
+{% endif %}
+{% for remark in data.remarks %}
+<p class="error" data-remark>{{ remark }}</p>
+{% endfor %}
+"""
+
 _ENV = jinja2.Environment(
-    loader=jinja2.DictLoader({"base": _BASE, "run": _RUN, "experiment": _EXPERIMENT}),
+    loader=jinja2.DictLoader(
+        {"base": _BASE, "run": _RUN, "experiment": _EXPERIMENT, "notes": _NOTES}
+    ),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
@@ -224,6 +265,8 @@ _ENV.globals.update(
     point=_point,
     delta=_delta,
     dot=_dot,
+    ratio=ratio,
+    times=ratio_text,
     encode=lambda png: base64.b64encode(png).decode("ascii"),
     statuses=STATUSES,
     verdicts=VERDICTS,
@@ -231,14 +274,21 @@ _ENV.globals.update(
 )
 
 
-def run_page(data: RunData, rows: list[Row], summary: Summary, plots: list[Plot]) -> str:
-    """The report page of one run."""
+def run_page(
+    data: RunData,
+    rows: list[Row],
+    summary: Summary,
+    plots: list[Plot],
+    baseline: Baseline | None = None,
+) -> str:
+    """The report page of one run (beside its baseline, if any)."""
     return _ENV.get_template("run").render(
         title=f"atm report: {data.name}",
         data=data,
         rows=rows,
         summary=summary,
         plots=plots,
+        baseline=baseline,
         made_at=_now(),
     )
 

@@ -4,6 +4,10 @@ Figures are made without pyplot, so reports can be drawn on worker threads. Ever
 intervention is marked where it was issued (dotted) and where the client applied it (solid),
 in its source's colour; rollbacks and stops have their own markers, advisory decisions are
 grey and dashed (nothing was applied), rejected proposals are crosses along the bottom.
+
+Evaluated metrics are drawn on a scale set by their later evaluations (``focus``): the first
+evaluations of a run are far from the rest, and an axis stretched to hold them squashes the
+late rise that overfitting is.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import io
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -39,22 +43,79 @@ ADVISORY = "#8a8a8a"
 REJECTED = "#c62828"
 STOP = "#c62828"
 ROLLBACK = "#2e7d32"
+BASELINE = "#d1495b"
+CLIPPED = "#777777"
+# The later evaluations that set an axis: those after this share of the steps evaluated.
+EARLY_SHARE = 0.25
+# How far past the later evaluations' range an axis reaches toward earlier ones, as a share
+# of that range; and the stretch (full range ÷ the axis) below which the axis holds all.
+REACH = 0.5
+SQUASH = 1.5
+# Values spanning this ratio or more (all positive) are drawn on a log scale.
+LOG_RATIO = 100.0
+
+
+@dataclass(frozen=True)
+class Axis:
+    """What one axis of a plot was drawn from: its series (by label) and its y scale."""
+
+    label: str
+    series: tuple[str, ...]
+    ylim: tuple[float, float]
+    yscale: str
 
 
 @dataclass(frozen=True)
 class Plot:
-    """One PNG of the report and its size in pixels."""
+    """One PNG of the report and its size in pixels, and what its axes were drawn from."""
 
     name: str
     title: str
     png: bytes
     width: int
     height: int
+    axes: tuple[Axis, ...] = field(default=())
 
 
-def run_plots(data: RunData, table: list[Row]) -> list[Plot]:
-    """The objective, the other evaluated metrics (if any) and the knobs (if any)."""
-    plots = [_objective_plot(data, table)]
+@dataclass(frozen=True)
+class Focus:
+    """The y scale of evaluated series: linear or log, and the limits (None: all of it)."""
+
+    yscale: str = "linear"
+    ylim: tuple[float, float] | None = None
+
+
+def focus(series: list[Series]) -> Focus:
+    """The y scale on which the later evaluations of ``series`` fill the axis: a log scale
+    where the values span orders of magnitude, and limits that reach only part of the way to
+    earlier values far from the rest (a run's first evaluations)."""
+    points = [(s, v) for one in series for s, v in one if math.isfinite(v)]
+    values = [v for _, v in points]
+    if len(points) < 4:
+        return Focus()
+    log = min(values) > 0 and max(values) / min(values) >= LOG_RATIO
+    if log:
+        points = [(s, math.log10(v)) for s, v in points]
+    first, last = min(s for s, _ in points), max(s for s, _ in points)
+    cut = first + EARLY_SHARE * (last - first)
+    late = [v for s, v in points if s >= cut]
+    every = [v for _, v in points]
+    low, high = min(late), max(late)
+    span = (high - low) or abs(high) * 0.1 or 1.0
+    low, high = max(min(every), low - REACH * span), min(max(every), high + REACH * span)
+    pad = 0.05 * ((high - low) or span)
+    low, high = low - pad, high + pad
+    if max(every) - min(every) <= SQUASH * (high - low):
+        return Focus("log" if log else "linear")
+    if log:
+        return Focus("log", (10**low, 10**high))
+    return Focus("linear", (low, high))
+
+
+def run_plots(data: RunData, table: list[Row], baseline: RunData | None = None) -> list[Plot]:
+    """The objective (beside the baseline's, if any), the other evaluated metrics (if any)
+    and the knobs (if any)."""
+    plots = [_objective_plot(data, table, baseline)]
     if data.other_metrics:
         plots.append(_metrics_plot(data, table))
     if data.knob_names:
@@ -76,33 +137,40 @@ def comparison_plot(runs: list[RunData]) -> Plot:
             markersize=3,
             label=f"{data.name} ({'managed' if data.managed else 'unmanaged'})",
         )
+    _set_focus(ax, [d.objective_series for d in runs])
     metrics = sorted({str(d.objective) for d in runs})
     ax.set_title("objective: " + ", ".join(metrics))
-    ax.set_xlabel("step")
+    ax.set_xlabel(_steps_label(runs))
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(loc="best", fontsize=8)
-    return _png(canvas, "comparison", "Objective of each run", WIDTH, OBJECTIVE_HEIGHT)
+    return _png(canvas, "comparison", "Objective of each run", WIDTH, OBJECTIVE_HEIGHT, [ax])
 
 
-def _objective_plot(data: RunData, table: list[Row]) -> Plot:
+def _objective_plot(data: RunData, table: list[Row], baseline: RunData | None) -> Plot:
     fig, canvas = _figure(WIDTH, OBJECTIVE_HEIGHT)
     ax = fig.add_subplot()
     metric = data.objective.metric
     steps, values = _xy(data.objective_series)
-    ax.plot(steps, values, color="black", marker="o", markersize=3, label=metric)
+    ax.plot(steps, values, color="black", marker="o", markersize=3, label=metric, zorder=3)
+    evaluated = [data.objective_series]
+    if baseline is not None:  # under the run's curve where the two are the same
+        ax.plot(*_xy(baseline.objective_series), color=BASELINE, linestyle="--", marker="o",
+                markersize=3, label=f"baseline: {baseline.name}", zorder=2)  # fmt: skip
+        evaluated.append(baseline.objective_series)
     if data.train_key and data.objective.direction == "minimize" and "loss" in metric:
         train_steps, train_values = _xy(data.series.get(data.train_key, []))
         ax.plot(train_steps, train_values, color="#bbbbbb", linewidth=1, label=data.train_key)
     best = _best(data)
     if best is not None:
-        ax.plot(*best, marker="*", markersize=14, color="#f2b705", linestyle="", label="best")
+        ax.plot(*best, marker="*", markersize=14, color="#f2b705", ls="", label="best", zorder=4)
+    _set_focus(ax, evaluated)
     _mark_interventions(ax, table, labels=True)
     ax.set_title(f"{data.objective.direction} {metric}", loc="left")
-    ax.set_xlabel("step")
+    ax.set_xlabel(_steps_label([data, *([baseline] if baseline else [])]))
     ax.grid(alpha=0.3)
     ax.legend(handles=_legend(ax, table), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    return _png(canvas, "objective", f"Objective: {metric}", WIDTH, OBJECTIVE_HEIGHT)
+    return _png(canvas, "objective", f"Objective: {metric}", WIDTH, OBJECTIVE_HEIGHT, [ax])
 
 
 def _metrics_plot(data: RunData, table: list[Row]) -> Plot:
@@ -111,12 +179,41 @@ def _metrics_plot(data: RunData, table: list[Row]) -> Plot:
     fig, canvas = _figure(WIDTH, height)
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys, strict=True):
-        ax.plot(*_xy(data.series[key]), color="black", marker="o", markersize=3)
+        ax.plot(*_xy(data.series[key]), color="black", marker="o", markersize=3, label=key)
+        _set_focus(ax, [data.series[key]])
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
         _mark_interventions(ax, table, labels=False)
-    axes[-1].set_xlabel("step")
-    return _png(canvas, "metrics", "Other evaluated metrics", WIDTH, height)
+    axes[-1].set_xlabel(_steps_label([data]))
+    return _png(canvas, "metrics", "Other evaluated metrics", WIDTH, height, list(axes))
+
+
+def _steps_label(runs: list[RunData]) -> str:
+    if any(d.stepless for d in runs):
+        return "step (metrics logged without steps: their order logged)"
+    return "step"
+
+
+def _set_focus(ax: Axes, series: list[Series]) -> None:
+    """Scale ``ax`` by ``focus``; say how many points are off the axis and how far."""
+    chosen = focus(series)
+    ax.set_yscale(chosen.yscale)
+    if chosen.ylim is None:
+        return
+    ax.set_ylim(*chosen.ylim)
+    low, high = chosen.ylim
+    values = [v for one in series for _, v in one if math.isfinite(v)]
+    notes = [
+        f"{len(off)} earlier point(s) {where} the axis, to {extreme(off):.4g}"
+        for off, where, extreme in (
+            ([v for v in values if v > high], "above", max),
+            ([v for v in values if v < low], "below", min),
+        )
+        if off
+    ]
+    # Below the axis, left of the step label: where the clipped points are, the curve is.
+    ax.text(0.0, -0.07, "; ".join(notes), transform=ax.transAxes, ha="left", va="top",
+            fontsize=8, color=CLIPPED)  # fmt: skip
 
 
 def _knobs_plot(data: RunData, table: list[Row]) -> Plot:
@@ -260,7 +357,25 @@ def _figure(width: int, height: int) -> tuple[Figure, FigureCanvasAgg]:
     return fig, FigureCanvasAgg(fig)
 
 
-def _png(canvas: FigureCanvasAgg, name: str, title: str, width: int, height: int) -> Plot:
+def _png(
+    canvas: FigureCanvasAgg,
+    name: str,
+    title: str,
+    width: int,
+    height: int,
+    axes: list[Axes] | None = None,
+) -> Plot:
     buffer = io.BytesIO()
     canvas.print_png(buffer)
-    return Plot(name, title, buffer.getvalue(), width, height)
+    drawn = tuple(_axis(ax) for ax in axes or [])
+    return Plot(name, title, buffer.getvalue(), width, height, drawn)
+
+
+def _axis(ax: Axes) -> Axis:
+    # Lines without a label of their own (markers of interventions) are not series.
+    labels = tuple(
+        str(ln.get_label()) for ln in ax.get_lines() if not ln.get_label().startswith("_")
+    )
+    low, high = ax.get_ylim()
+    return Axis(ax.get_ylabel() or ax.get_title(loc="left") or ax.get_title(), labels,
+                (float(low), float(high)), ax.get_yscale())  # fmt: skip

@@ -13,6 +13,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from integrations.protocol import METRIC_PARAMS_VERSION
+from manager_daemon.report.baseline import Baseline, ratio, ratio_text
 from manager_daemon.report.data import RunData
 from manager_daemon.report.decisions import Row, Summary, rows, summarize
 
@@ -43,11 +44,19 @@ def _reports() -> Any:
 
 
 def build(
-    runs: list[RunData], entity: str, project: str, *, title: str, budget: int | None = None
+    runs: list[RunData],
+    entity: str,
+    project: str,
+    *,
+    title: str,
+    budget: int | None = None,
+    baseline: Baseline | None = None,
 ) -> wr.Report:
-    """A W&B Report of ``runs`` (one run, or an experiment's runs) in ``entity/project``."""
+    """A W&B Report of ``runs`` (one run, or an experiment's runs) in ``entity/project``; a
+    ``baseline`` is plotted beside them and compared in the summary."""
     wr = _reports()
-    runset = wr.Runset(name="runs", filters=_filter(runs))
+    plotted = runs + ([baseline.data] if baseline else [])
+    runset = wr.Runset(name="runs", filters=_filter(plotted))
     blocks: list[Any] = [wr.H1(f"What the manager did: {title}")]
     metrics = sorted({d.objective.metric for d in runs})
     knobs = sorted({k for d in runs for k in d.knob_names})
@@ -65,7 +74,7 @@ def build(
         if len(runs) > 1:
             blocks.append(wr.H2(f"{data.name} ({'managed' if data.managed else 'unmanaged'})"))
         blocks.append(wr.H2("Summary") if len(runs) == 1 else wr.H3("Summary"))
-        blocks.append(wr.MarkdownBlock(text=summary_markdown(data, summary)))
+        blocks.append(wr.MarkdownBlock(text=summary_markdown(data, summary, baseline)))
         if table:
             blocks.append(wr.H2("Decisions") if len(runs) == 1 else wr.H3("Decisions"))
             blocks.append(wr.MarkdownBlock(text=decisions_markdown(table)))
@@ -89,11 +98,21 @@ def _filter(runs: list[RunData]) -> str:
     return f"ID in [{ids}]"
 
 
-def summary_markdown(data: RunData, summary: Summary) -> str:
-    """The summary as markdown: objective, interventions by source and status, budget."""
+def summary_markdown(data: RunData, summary: Summary, baseline: Baseline | None = None) -> str:
+    """The summary as markdown: the run's health where it is not deciding, the objective
+    (beside the baseline's), interventions by source and status, budget."""
     metric = _cell(data.objective.metric)
-    lines = [
-        f"- best {metric}: {_point(summary.best)}; final: {_point(summary.final)}",
+    lines = _notes(data)
+    final = _point(summary.final)
+    if summary.restored_at is not None:
+        final += (
+            f", the best state restored at step {summary.restored_at} "
+            f"(last evaluation {_point(summary.last)})"
+        )
+    lines += [f"- best {metric}: {_point(summary.best)}; final: {final}"]
+    if baseline is not None:
+        lines += _comparison(data, summary, baseline)
+    lines += [
         f"- decisions: {summary.decisions}; interventions issued: {summary.issued} "
         f"({summary.rollbacks} rollback(s), {summary.stops} stop(s))",
         f"- automatic interventions used: {summary.automatic_issued}"
@@ -111,6 +130,20 @@ def summary_markdown(data: RunData, summary: Summary) -> str:
             counts += [summary.by_verdict[(source, v)] for v in verdicts]
             lines.append(f"| {source} | " + " | ".join(str(c) for c in counts) + " |")
     return "\n".join(lines)
+
+
+def _notes(data: RunData) -> list[str]:
+    return [*(f"**{_cell(note)}**" for note in data.notes), ""] if data.notes else []
+
+
+def _comparison(data: RunData, summary: Summary, baseline: Baseline) -> list[str]:
+    other = baseline.summary
+    return [
+        f"- baseline: {_cell(baseline.data.name)} ({baseline.data.run.run_id}), "
+        f"{_cell(baseline.chosen)}: best {_point(other.best)}; final {_point(other.final)}",
+        f"- this run ÷ baseline: best {ratio_text(ratio(summary.best, other.best))}; "
+        f"final {ratio_text(ratio(summary.final, other.final))}",
+    ]
 
 
 def decisions_markdown(table: list[Row]) -> str:
