@@ -888,6 +888,9 @@ def report(
             console.print(f"W&B report: {saved}")
         return
     assert run_id is not None
+    run_id = _find_run(tracker, run_id).run_id
+    if baseline is not None:
+        baseline = _find_run(tracker, baseline).run_id
     made = reports.publish_run_report(
         tracker, run_id, budget=settings.budget, out=out, objective=parsed, baseline=baseline
     )
