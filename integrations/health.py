@@ -48,3 +48,14 @@ def objective_missing(metric: str, logged: Iterable[str]) -> str:
     if (match := closest(metric, keys)) is not None:
         text += f"; closest: {match}"
     return text
+
+
+def no_tracker_logger(what: str, loggers: Iterable[str], fix: str) -> str:
+    """Why a framework's run is not managed: ``what`` (a Lightning Trainer, an Accelerator)
+    logs through none of the trackers the manager reads; ``loggers`` are what it logs through
+    instead, ``fix`` what the user can do."""
+    named = ", ".join(loggers) or "none"
+    return (
+        f"{what} logs to no MLflow or W&B logger (its loggers: {named}); "
+        f"the run is not managed — {fix}"
+    )
