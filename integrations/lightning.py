@@ -195,8 +195,9 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
-        # The values take effect from the next optimizer step.
-        self.apply_pending(Boundary.STEP, trainer.global_step + 1)
+        # Lightning logs this batch's metrics at step global_step (the optimizer steps done
+        # before it): the first step whose logged values show the change.
+        self.apply_pending(Boundary.STEP, trainer.global_step)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or self.client is None:
@@ -204,7 +205,7 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
         metrics = _scalars(trainer.callback_metrics)
         self._check_objective(metrics)
         self.offer_evaluation(metrics, trainer.global_step)
-        self.apply_pending(Boundary.EVAL, trainer.global_step + 1)
+        self.apply_pending(Boundary.EVAL, trainer.global_step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":

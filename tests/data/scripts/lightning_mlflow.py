@@ -1,22 +1,18 @@
 """A PyTorch Lightning script that logs through Lightning's own ``MLFlowLogger``.
 
 Test data: an unmodified training script that knows nothing of the manager. Usage:
-``python lightning_mlflow.py [MAX_STEPS] [SLEEP_S] [LOGGER]``. LOGGER is ``mlflow`` (the
-default: an ``MLFlowLogger`` on ``MLFLOW_TRACKING_URI``, in the experiment
-``MLFLOW_EXPERIMENT_NAME``) or ``csv`` (a ``CSVLogger`` only). It imports Lightning as
-``lightning.pytorch``, or as ``pytorch_lightning`` with ``LIGHTNING_NAMESPACE=pytorch_lightning``.
+``python lightning_mlflow.py [MAX_STEPS] [SLEEP_S]``; the logger reads its tracking URI from
+``MLFLOW_TRACKING_URI`` and the script names the experiment after ``MLFLOW_EXPERIMENT_NAME``.
 """
 
-import importlib
 import os
 import sys
 import time
 
+import lightning.pytorch as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-L = importlib.import_module(os.environ.get("LIGHTNING_NAMESPACE", "lightning.pytorch"))
 
 
 class Regressor(L.LightningModule):
@@ -69,11 +65,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     max_steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     sleep_s = float(sys.argv[2]) if len(sys.argv) > 2 else 0.02
-    if len(sys.argv) > 3 and sys.argv[3] == "csv":
-        logger = L.loggers.CSVLogger("logs")
-    else:
-        logger = L.loggers.MLFlowLogger(
-            experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "lightning_logs"),
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
-        )
+    logger = L.loggers.MLFlowLogger(
+        experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "lightning_logs"),
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+    )
     train(logger, max_steps, sleep_s)
