@@ -266,7 +266,7 @@ def _say_if_accelerator_unbound(accelerator: Any) -> None:
         return
     trackers = [str(tracker.name) for tracker in accelerator.trackers]
     fix = 'use Accelerator(log_with="mlflow") or log_with="wandb", or start an MLflow run'
-    log.warning("atm: %s", no_tracker_logger("this Accelerator", trackers, fix))
+    log.warning("atm: %s", no_tracker_logger("this Accelerator", "tracker", trackers, fix))
 
 
 def _contains(callback: Any, kind: type) -> bool:

@@ -232,6 +232,7 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
             _say_once(
                 no_tracker_logger(
                     "this Lightning Trainer",
+                    "logger",
                     loggers,
                     "add MLFlowLogger or WandbLogger, or start an MLflow run",
                 )
