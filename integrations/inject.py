@@ -9,9 +9,13 @@ and only if, the script imports it:
 - ``transformers.trainer``: every ``Trainer`` gets the manager's callback;
 - ``stable_baselines3.common.base_class``: every ``learn()`` gets the manager's callback, and
   SB3's own training metrics go to the tracker run;
+- ``lightning.pytorch`` and ``pytorch_lightning``: every Lightning ``Trainer`` gets the
+  manager's callback, bound to the run of its MLflow or W&B logger;
 - ``torch.optim``: for hand-written loops, a global optimizer step hook manages the first
   optimizer that steps (its lr, weight decay, and the lr schedulers built on it), unless a
-  Trainer or an SB3 algorithm is already managing the process.
+  Trainer or an SB3 algorithm is already managing the process;
+- ``accelerate.accelerator``: an Accelerate loop is such a loop; when the Accelerator's
+  trackers give no run the manager reads, it says so once.
 
 Each integration finds the run the script logs to (the tracker backend says how: MLflow's
 active run, or ``MLFLOW_RUN_ID``) when training starts, marks it managed and publishes its
