@@ -35,7 +35,7 @@ from integrations import session
 from integrations.adapter import KnobRow, ManagedTraining
 from integrations.health import no_tracker_logger, objective_missing
 from integrations.knobs import BoundsOverrides, Knob
-from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command
+from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command, Health, HealthState
 from integrations.torch_ops import (
     base_learning_rate,
     current_dropout,
@@ -146,6 +146,8 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.decay_groups: list[int] = []
+        # Why this callback manages nothing, when it does not (None while it does).
+        self.health: Health | None = None
         self._objective_checked = False
 
     # ---- the framework's side of the template --------------------------------------------
@@ -185,7 +187,7 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
             None,
         )
         self.decay_groups = decaying_groups(self.optimizer) if self.optimizer else []
-        self._objective_checked = False
+        self.health, self._objective_checked = None, False
         ranks = self.join_ranks()
         # Another rank follows rank 0 and never looks for the run.
         if (ranks is None or ranks.leads) and not self._find_run(trainer):
@@ -217,29 +219,28 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
     # ---- finding the run ----------------------------------------------------------------
 
     def _find_run(self, trainer: Any) -> bool:
-        """Point the manager at the run the Trainer's loggers write to; say so once where
-        there is none. Never raises."""
+        """Point the manager at the run the Trainer's loggers write to; where there is none,
+        say so once and keep why in ``health``. Never raises."""
         try:
             binding = self._logger_run(trainer)
         except Exception as exc:  # a logger the manager cannot use leaves training unmanaged
-            _say_once(
-                f"this Lightning Trainer's logger cannot be managed ({exc}); the run is "
-                "not managed — log to an MLflow server or to W&B"
+            reason = (
+                f"this Lightning Trainer's logger cannot be managed ({exc}); the run is not "
+                "managed — log to an MLflow server or to W&B"
             )
-            return False
-        if binding is None:
-            loggers = [type(logger).__name__ for logger in trainer.loggers]
-            _say_once(
-                no_tracker_logger(
-                    "this Lightning Trainer",
-                    "logger",
-                    loggers,
-                    "add MLFlowLogger or WandbLogger, or start an MLflow run",
-                )
+        else:
+            if binding is not None:
+                self.run_id, self.tracking_uri = binding.run_id, binding.tracker.uri
+                return True
+            reason = no_tracker_logger(
+                "this Lightning Trainer",
+                "logger",
+                [type(logger).__name__ for logger in trainer.loggers],
+                "add MLFlowLogger or WandbLogger, or start an MLflow run",
             )
-            return False
-        self.run_id, self.tracking_uri = binding.run_id, binding.tracker.uri
-        return True
+        self.health = Health(state=HealthState.UNBOUND, reason=reason)
+        _say_once(reason)
+        return False
 
     def _logger_run(self, trainer: Any) -> RunBinding | None:
         if any(self.named_run):

@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import integrations.lightning
+from integrations import inject, session
 from integrations.lightning import ManagerLightningCallback
 from integrations.protocol import (
     TAG_CLIENT_APPLIED_STEP,
@@ -27,7 +28,10 @@ from integrations.protocol import (
     TAG_CLIENT_REJECTED,
     TAG_MANAGED,
     Command,
+    Health,
+    HealthState,
 )
+from integrations.session import InjectConfig
 from integrations.trackers import open_tracker
 from tests.conftest import Backend
 from tests.helpers import issue, wait_for
@@ -217,11 +221,13 @@ def test_a_trainer_without_a_tracker_logger_says_so_once(
         for _ in range(2):
             trainer = fit(callback, 3, logger=L.loggers.CSVLogger(tmp_path))
             assert trainer.global_step == 3 and callback.client is None
-    said = [r.getMessage() for r in caplog.records if r.name == "integrations.lightning"]
-    assert said == [
-        "atm: this Lightning Trainer logs to no MLflow or W&B logger (its loggers: CSVLogger); "
+    reason = (
+        "this Lightning Trainer logs to no MLflow or W&B logger (its loggers: CSVLogger); "
         "the run is not managed — add MLFlowLogger or WandbLogger, or start an MLflow run"
-    ]
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "integrations.lightning"]
+    assert said == [f"atm: {reason}"]
+    assert callback.health == Health(state=HealthState.UNBOUND, reason=reason)
 
 
 def test_pytorch_lightnings_trainer_is_served_by_the_same_callback(memory: Backend) -> None:
@@ -236,6 +242,26 @@ def test_pytorch_lightnings_trainer_is_served_by_the_same_callback(memory: Backe
 
     assert harness.train(6, {2: halve, 4: lambda h: lrs.append(h.lr())}) == 6
     assert lrs == [0.01, pytest.approx(0.005)]
+
+
+def test_under_atm_run_each_trainer_gets_the_callback_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = InjectConfig(objective="minimize:val_loss", apply_at="eval", poll_interval=2.0)
+    monkeypatch.setattr(session, "_current", session.Session(config))
+    plain = L.Trainer(logger=False)
+    inject._add_lightning_callback(plain)
+    ours = ManagerLightningCallback()
+    own = L.Trainer(logger=False, callbacks=[ours])
+    inject._add_lightning_callback(own)
+    added = [c for c in plain.callbacks if isinstance(c, ManagerLightningCallback)]
+    assert len(added) == 1
+    assert (added[0].objective, added[0].apply_at, added[0].poll_interval) == (
+        "minimize:val_loss",
+        "eval",
+        2.0,
+    )
+    assert [c for c in own.callbacks if isinstance(c, ManagerLightningCallback)] == [ours]
+    # The global optimizer hook stands back from a process a Trainer manages.
+    assert session.current().owner == "lightning"
 
 
 # ---- unmodified scripts under `atm run` ----------------------------------------------------------
