@@ -175,10 +175,25 @@ def test_validations_keep_the_best_state_and_open_the_eval_boundary(memory: Back
         staged(callback, 1)
 
     plan = {2: halve, 4: record, 5: record, 6: record}
-    fit(callback, 12, plan, val_check_interval=5)
+    validations = Validations()
+    trainer = lightning_trainer(L, 20, [AtStep(plan), validations, callback], val_check_interval=5)
+    trainer.fit(Logging(), tiny_loader(), tiny_loader())
     # Staged at step 2, applied by the validation after step 5 only.
     assert lrs == {2: 0.01, 4: 0.01, 5: 0.01, 6: pytest.approx(0.005)}
-    assert callback.best is not None and callback.best.step in (5, 10)
+    best_step, best_loss = min(validations.losses.items(), key=lambda item: item[1])
+    assert callback.best is not None
+    assert (callback.best.step, callback.best.value) == (best_step, pytest.approx(best_loss))
+
+
+class Validations(L.Callback):
+    """The ``val_loss`` of each validation, by step."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module):  # type: ignore[override]
+        if not trainer.sanity_checking:
+            self.losses[trainer.global_step] = float(trainer.callback_metrics["val_loss"])
 
 
 def test_a_checkpoint_command_saves_the_trainer_into_the_given_folder(
@@ -245,7 +260,12 @@ def test_pytorch_lightnings_trainer_is_served_by_the_same_callback(memory: Backe
 
 
 def test_under_atm_run_each_trainer_gets_the_callback_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = InjectConfig(objective="minimize:val_loss", apply_at="eval", poll_interval=2.0)
+    config = InjectConfig(
+        objective="minimize:val_loss",
+        apply_at="eval",
+        poll_interval=2.0,
+        bounds={"learning_rate": {"max": 0.02}},
+    )
     monkeypatch.setattr(session, "_current", session.Session(config))
     plain = L.Trainer(logger=False)
     inject._add_lightning_callback(plain)
@@ -254,11 +274,13 @@ def test_under_atm_run_each_trainer_gets_the_callback_once(monkeypatch: pytest.M
     inject._add_lightning_callback(own)
     added = [c for c in plain.callbacks if isinstance(c, ManagerLightningCallback)]
     assert len(added) == 1
-    assert (added[0].objective, added[0].apply_at, added[0].poll_interval) == (
+    callback = added[0]
+    assert (callback.objective, callback.apply_at, callback.poll_interval) == (
         "minimize:val_loss",
         "eval",
         2.0,
     )
+    assert callback.bounds == {"learning_rate": {"max": 0.02}}
     assert [c for c in own.callbacks if isinstance(c, ManagerLightningCallback)] == [ours]
     # The global optimizer hook stands back from a process a Trainer manages.
     assert session.current().owner == "lightning"
