@@ -48,3 +48,14 @@ def objective_missing(metric: str, logged: Iterable[str]) -> str:
     if (match := closest(metric, keys)) is not None:
         text += f"; closest: {match}"
     return text
+
+
+def no_tracker_logger(what: str, kind: str, names: Iterable[str], fix: str) -> str:
+    """Why a framework's run is not managed: ``what`` (a Lightning Trainer, an Accelerator)
+    logs through none of the trackers the manager reads; ``names`` are the ``kind`` (logger,
+    tracker) it logs through instead, ``fix`` what the user can do."""
+    named = ", ".join(names) or "none"
+    return (
+        f"{what} logs to no MLflow or W&B {kind} (its {kind}s: {named}); "
+        f"the run is not managed — {fix}"
+    )

@@ -9,9 +9,13 @@ and only if, the script imports it:
 - ``transformers.trainer``: every ``Trainer`` gets the manager's callback;
 - ``stable_baselines3.common.base_class``: every ``learn()`` gets the manager's callback, and
   SB3's own training metrics go to the tracker run;
+- ``lightning.pytorch`` and ``pytorch_lightning``: every Lightning ``Trainer`` gets the
+  manager's callback, bound to the run of its MLflow or W&B logger;
 - ``torch.optim``: for hand-written loops, a global optimizer step hook manages the first
   optimizer that steps (its lr, weight decay, and the lr schedulers built on it), unless a
-  Trainer or an SB3 algorithm is already managing the process.
+  Trainer or an SB3 algorithm is already managing the process;
+- ``accelerate.accelerator``: an Accelerate loop is such a loop; when the Accelerator's
+  trackers give no run the manager reads, it says so once.
 
 Each integration finds the run the script logs to (the tracker backend says how: MLflow's
 active run, or ``MLFLOW_RUN_ID``) when training starts, marks it managed and publishes its
@@ -21,6 +25,7 @@ no thread and hooks nothing.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import logging
@@ -56,6 +61,9 @@ def install(config: InjectConfig | None = None) -> None:
         "stable_baselines3.common.base_class": _patch_sb3,
         "torch.optim.optimizer": _patch_torch_optimizer,
         "torch.optim.lr_scheduler": _patch_torch_schedulers,
+        "lightning.pytorch.trainer.trainer": _patch_lightning,
+        "pytorch_lightning.trainer.trainer": _patch_lightning,
+        "accelerate.accelerator": _patch_accelerate,
     }
     finder = _PostImportFinder(hooks)
     sys.meta_path.insert(0, finder)
@@ -198,6 +206,71 @@ def _patch_sb3(module: ModuleType) -> None:
         return original_init_callback(self, callback, *args, **kwargs)
 
     algorithm_cls._init_callback = _init_callback
+
+
+def _patch_lightning(module: ModuleType) -> None:
+    trainer_cls = module.Trainer
+    original_init = trainer_cls.__init__
+
+    # wraps: LightningCLI reads the Trainer's arguments from this signature.
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        try:
+            _add_lightning_callback(self)
+        except Exception:
+            log.warning("atm: cannot manage this Lightning Trainer", exc_info=True)
+
+    trainer_cls.__init__ = __init__
+
+
+def _add_lightning_callback(trainer: Any) -> None:
+    current = session.current()
+    if current is None:
+        return
+    from integrations.lightning import ManagerLightningCallback
+    from integrations.protocol import Boundary
+
+    if not any(isinstance(c, ManagerLightningCallback) for c in trainer.callbacks):
+        config = _config()
+        trainer.callbacks.append(
+            ManagerLightningCallback(
+                objective=config.objective,
+                poll_interval=config.poll_interval,
+                apply_at=_boundary(Boundary.STEP, (Boundary.STEP, Boundary.EVAL)),
+                bounds=config.bounds,
+            )
+        )
+    current.claim(ManagerLightningCallback.framework)
+
+
+def _patch_accelerate(module: ModuleType) -> None:
+    # An Accelerator's loop is managed through its optimizer (below); what it can lack is a
+    # run, when none of its trackers is one the manager reads.
+    accelerator_cls = module.Accelerator
+    original_init_trackers = accelerator_cls.init_trackers
+
+    @functools.wraps(original_init_trackers)
+    def init_trackers(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_init_trackers(self, *args, **kwargs)
+        try:
+            _say_if_accelerator_unbound(self)
+        except Exception:
+            log.warning("atm: cannot look for this Accelerator's run", exc_info=True)
+        return result
+
+    accelerator_cls.init_trackers = init_trackers
+
+
+def _say_if_accelerator_unbound(accelerator: Any) -> None:
+    from integrations.health import no_tracker_logger
+    from integrations.trackers import bind_run
+
+    if not accelerator.is_main_process or bind_run() is not None:
+        return
+    trackers = [str(tracker.name) for tracker in accelerator.trackers]
+    fix = 'use Accelerator(log_with="mlflow") or log_with="wandb", or start an MLflow run'
+    log.warning("atm: %s", no_tracker_logger("this Accelerator", "tracker", trackers, fix))
 
 
 def _contains(callback: Any, kind: type) -> bool:

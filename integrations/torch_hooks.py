@@ -34,6 +34,7 @@ from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command, Objectiv
 from integrations.torch_ops import (
     base_learning_rate,
     current_dropout,
+    current_weight_decay,
     decaying_groups,
     set_dropout,
     set_learning_rate,
@@ -50,9 +51,9 @@ def _lr(knobs: TorchKnobs) -> float | None:
 
 
 def _weight_decay(knobs: TorchKnobs) -> float | None:
-    if knobs.optimizer is None or not knobs.decay_groups:
+    if knobs.optimizer is None:
         return None
-    return float(knobs.optimizer.param_groups[knobs.decay_groups[0]].get("weight_decay", 0.0))
+    return current_weight_decay(knobs.optimizer, knobs.decay_groups)
 
 
 class TorchKnobs(ManagedTraining):

@@ -137,6 +137,13 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, value: f
     scale_learning_rate(optimizer, scheduler, value / base_learning_rate(optimizer, scheduler))
 
 
+def current_weight_decay(optimizer: torch.optim.Optimizer, groups: list[int]) -> float | None:
+    """The weight decay of the decaying ``groups`` (the first one's), None without any."""
+    if not groups:
+        return None
+    return float(optimizer.param_groups[groups[0]].get("weight_decay", 0.0))
+
+
 def set_weight_decay(optimizer: torch.optim.Optimizer, groups: list[int], value: float) -> None:
     for i in groups:
         optimizer.param_groups[i]["weight_decay"] = value

@@ -194,13 +194,66 @@ def test_stable_baselines3_ppo_is_supervised_without_changes(
     assert any(key.startswith("train/") for key in client.get_run(run_id).data.metrics)
 
 
+@pytest.mark.slow
+def test_an_accelerate_loop_logging_through_its_mlflow_tracker_is_supervised(
+    tracking_uri: str, replay: ReplayServer, tmp_path: Path
+) -> None:
+    replay.replies = [halve_lr(0.01)]
+    run_id, client = supervise(
+        tracking_uri,
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "accelerate_loop.py"), "400", "0.03", "mlflow"],
+        "minimize:eval_loss",
+    )
+    spec = published_spec(client, run_id)
+    assert spec.framework == "torch"
+    assert {k.name for k in spec.knobs} == {"learning_rate", "weight_decay"}
+    assert_lr_halved(client, run_id, "lr", 0.01)
+
+
+@pytest.mark.slow
+def test_an_accelerator_with_no_tracker_the_manager_reads_is_told_it_is_not_managed(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    code = """
+import torch
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True)
+accelerator.init_trackers("demo")
+model = torch.nn.Linear(2, 1)
+optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+for step in range(30):
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+print("trained")
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    result = subprocess.run(
+        [*ATM, "run", "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0 and "trained" in result.stdout, result.stderr[-3000:]
+    said = (
+        "atm: this Accelerator logs to no MLflow or W&B tracker (its trackers: none); the run "
+        'is not managed — use Accelerator(log_with="mlflow") or log_with="wandb", or start an '
+        "MLflow run"
+    )
+    assert result.stderr.splitlines().count(said) == 1, result.stderr[-3000:]
+
+
 def test_without_atm_run_importing_the_project_changes_nothing() -> None:
     code = """
 import sys, threading
 import torch
 before_threads = threading.active_count()
 import integrations, integrations.client, integrations.hf, integrations.torch_hooks
-import integrations.inject, integrations.sb3, manager_daemon.cli
+import integrations.inject, integrations.sb3, integrations.lightning, manager_daemon.cli
 from torch.optim import optimizer
 model = torch.nn.Linear(2, 1)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -1,7 +1,7 @@
 """Every framework integration does the same things, each in its framework's own way.
 
-One suite, parametrised over transformers' ``Trainer``, a stable-baselines3 algorithm and a
-plain torch loop, all on the in-memory tracker: an integration publishes its knobs, applies a
+One suite, parametrised over transformers' ``Trainer``, a stable-baselines3 algorithm, a
+PyTorch Lightning ``Trainer`` and a plain torch loop, all on the in-memory tracker: an integration publishes its knobs, applies a
 version, refuses a bad one, stops, rolls back to the best evaluation, and re-applies its last
 version when the trainer restarts. What only one framework has (a Trainer's label smoothing,
 SB3's evaluation window) is tested beside its framework.
@@ -9,6 +9,7 @@ SB3's evaluation window) is tested beside its framework.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -213,7 +214,87 @@ class SB3Harness:
         return _copy(self.model.policy)
 
 
-HARNESSES = {"torch": TorchHarness, "transformers": TransformersHarness, "sb3": SB3Harness}
+class LightningHarness:
+    framework = "lightning"
+    knobs = frozenset({"learning_rate", "weight_decay", "dropout", "max_grad_norm"})
+
+    def __init__(self, backend: Backend, run_id: str, namespace: str = "lightning.pytorch") -> None:
+        from integrations.lightning import ManagerLightningCallback
+
+        self.namespace = namespace
+        self.integration = ManagerLightningCallback(
+            run_id=run_id, tracking_uri=backend.uri, poll_interval=POLL_S
+        )
+        self.trainer: Any = None
+
+    def train(self, steps: int, plan: Plan) -> int:
+        L = importlib.import_module(self.namespace)
+        harness = self
+
+        class Hook(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[override]
+                if trainer.global_step in plan:
+                    plan[trainer.global_step](harness)
+
+        torch.manual_seed(0)
+        self.trainer = lightning_trainer(L, steps, [Hook(), self.integration])
+        self.trainer.fit(tiny_lightning_module(L), tiny_loader())
+        return self.trainer.global_step
+
+    def lr(self) -> float:
+        return self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def weights(self) -> list[torch.Tensor]:
+        return _copy(self.trainer.lightning_module)
+
+
+def tiny_lightning_module(L: Any) -> Any:
+    """A LightningModule of a few parameters with dropout, trained by SGD with weight decay."""
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1)
+            )
+
+        def training_step(self, batch, batch_idx):  # type: ignore[override]
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):  # type: ignore[override]
+            return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=1e-4)
+
+    return Tiny()
+
+
+def tiny_loader() -> Any:
+    x = torch.randn(256, 4)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+def lightning_trainer(L: Any, steps: int, callbacks: list[Any], **options: Any) -> Any:
+    """A quiet CPU Trainer for ``steps`` optimizer steps, clipping gradients by norm."""
+    settings: dict[str, Any] = dict(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+    )
+    return L.Trainer(**(settings | options))
+
+
+HARNESSES = {
+    "torch": TorchHarness,
+    "transformers": TransformersHarness,
+    "sb3": SB3Harness,
+    "lightning": LightningHarness,
+}
 
 
 @pytest.fixture(params=list(HARNESSES))

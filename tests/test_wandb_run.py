@@ -219,6 +219,51 @@ def test_stable_baselines3_ppo_logging_to_wandb_is_supervised(
     assert_lr_halved(seen, "lr", 3e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_lightning_script_logging_through_wandblogger_is_supervised(
+    wandb_server: WandbServer,  # noqa: F811
+    replay: ReplayServer,
+    tmp_path: Path,
+) -> None:
+    replay.replies = [halve_lr(0.01)]
+    seen = supervise(
+        *loopback(wandb_server, tmp_path),
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "wandb_lightning.py"), "1200", "0.04"],
+        "minimize:val_loss",
+    )
+    spec = RunSpec.model_validate(seen["spec"])
+    assert spec.framework == "lightning"
+    assert {k.name for k in spec.knobs} == {
+        "learning_rate",
+        "weight_decay",
+        "dropout",
+        "max_grad_norm",
+    }
+    assert_lr_halved(seen, "lr", 0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_an_accelerate_loop_logging_through_its_wandb_tracker_is_supervised(
+    wandb_server: WandbServer,  # noqa: F811
+    replay: ReplayServer,
+    tmp_path: Path,
+) -> None:
+    replay.replies = [halve_lr(0.01)]
+    seen = supervise(
+        *loopback(wandb_server, tmp_path),
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "accelerate_loop.py"), "1200", "0.04", "wandb"],
+        "minimize:eval_loss",
+    )
+    assert RunSpec.model_validate(seen["spec"]).framework == "torch"
+    assert_lr_halved(seen, "lr", 0.01)
+
+
 # The environment before any fixture points W&B at the loopback server.
 LIVE_ENV = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
 

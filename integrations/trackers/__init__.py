@@ -134,17 +134,21 @@ def default_tracking_uri() -> str | None:
     return None
 
 
-def bind_run(run_id: str | None = None, tracking_uri: str | None = None) -> RunBinding | None:
+def bind_run(
+    run_id: str | None = None, tracking_uri: str | None = None, *, sdk: str | None = None
+) -> RunBinding | None:
     """The run this training process logs to, and a tracker to reach it; None if none.
 
-    With ``tracking_uri`` that tracker's backend answers; otherwise the first backend whose
-    SDK the script uses and that sees a run (a script logging to two trackers is managed
-    once, through the first).
+    With ``tracking_uri`` that tracker's backend answers; with ``sdk`` (a tracker SDK's module
+    name, ``"wandb"``: a framework's logger says which SDK it writes through) that SDK's
+    backend; otherwise the first backend whose SDK the script uses and that sees a run (a
+    script logging to two trackers is managed once, through the first).
     """
     if tracking_uri:
         return _entry_for(tracking_uri).backend().current_run(run_id, tracking_uri)
     for entry in _entries():
-        if entry.maybe_in_use() and (found := entry.backend().current_run(run_id, None)):
+        in_use = entry.maybe_in_use() if sdk is None else sdk in entry.sdk_modules
+        if in_use and (found := entry.backend().current_run(run_id, None)):
             return found
     return None
 
