@@ -7,6 +7,7 @@ process owns: it would change the run's status).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from integrations.trackers.base import (
     widen,
     window_of,
 )
+from integrations.trackers.mlflow_steps import follow_steps
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +445,11 @@ class MlflowBackend:
             run_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")
         if run_id is None:
             return None
-        return RunBinding(MlflowTracker(uri or mlflow.get_tracking_uri()), run_id)
+        return RunBinding(
+            MlflowTracker(uri or mlflow.get_tracking_uri()),
+            run_id,
+            follow_steps=functools.partial(follow_steps, run_id),
+        )
 
     def launch_env(self, uri: str, run_id: str | None) -> dict[str, str]:
         env = {"MLFLOW_TRACKING_URI": uri}
