@@ -10,6 +10,7 @@ the pure logic is tested beside them in memory.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import subprocess
@@ -36,7 +37,10 @@ from manager_daemon.audit import AuditLog
 from tests.helpers import wait_for
 from tests.openai_replay import ReplayServer, turning_lr
 from tests.test_atm_run import start_daemon
+from tests.test_wandb_run import loopback
+from tests.test_wandb_run import supervise as wandb_supervise
 from tests.trainers import ATM, SCRIPTS, applied, atm_run, atm_set
+from tests.wandb_server import WandbServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -404,7 +408,7 @@ def test_a_plain_loop_records_the_step_whose_logged_lr_first_shows_the_version(
     tracking_uri: str, new_run, tmp_path: Path
 ) -> None:
     run_id, client = new_run(), MlflowClient(tracking_uri)
-    script = [sys.executable, str(SCRIPTS / "zero_based_loop.py"), "800", "0.03"]
+    script = [sys.executable, str(SCRIPTS / "zero_based_loop.py"), "500", "0.02"]
     train = atm_run(tracking_uri, run_id, script, tmp_path / "train.log", cwd=tmp_path)
     try:
         wait_for(lambda: client.get_run(run_id).data.tags.get(TAG_MANAGED) == "true", 120)
@@ -419,3 +423,22 @@ def test_a_plain_loop_records_the_step_whose_logged_lr_first_shows_the_version(
     assert all(lr == pytest.approx(0.01) for step, lr in lrs if step < first_changed)
     assert applied(client, run_id) == [(1, first_changed)]
     assert int(client.get_run(run_id).data.tags[TAG_CLIENT_APPLIED_STEP]) == first_changed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_loop_logging_to_wandb_without_steps_keeps_getting_decisions(
+    wandb_server: WandbServer, replay: ReplayServer, tmp_path: Path
+) -> None:
+    # W&B numbers step-less rows itself (two rows a step here): the run is followed as it is.
+    replay.answer = turning_lr()
+    seen = wandb_supervise(
+        *loopback(wandb_server, tmp_path),
+        replay,
+        tmp_path,
+        [sys.executable, str(SCRIPTS / "wandb_stepless_loop.py"), "600", "0.04"],
+        "minimize:eval_loss",
+    )
+    assert int(seen["tags"][TAG_CLIENT_APPLIED_VERSION]) >= 2, seen["tags"]
+    changes = [v for a, v in itertools.pairwise(seen["history"]["lr"]) if v != a]
+    assert len(changes) >= 2, seen["history"]["lr"][::20]
