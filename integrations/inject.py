@@ -9,9 +9,10 @@ and only if, the script imports it:
 - ``transformers.trainer``: every ``Trainer`` gets the manager's callback;
 - ``stable_baselines3.common.base_class``: every ``learn()`` gets the manager's callback, and
   SB3's own training metrics go to the tracker run;
-- ``torch.optim``: for hand-written loops, a global optimizer step hook manages the first
+- ``torch.optim``: for hand-written loops, a global optimizer step pre-hook manages the first
   optimizer that steps (its lr, weight decay, and the lr schedulers built on it), unless a
-  Trainer or an SB3 algorithm is already managing the process.
+  Trainer or an SB3 algorithm is already managing the process; it says once, by name, when
+  the loop logs to no run it can find.
 
 Each integration finds the run the script logs to (the tracker backend says how: MLflow's
 active run, or ``MLFLOW_RUN_ID``) when training starts, marks it managed and publishes its
