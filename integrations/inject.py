@@ -306,6 +306,7 @@ class _LoopKnobs:
         if self.steps < self._next_look:
             return
         self._next_look = self.steps + LOOK_EVERY_STEPS
+        from integrations.client import ManagerClient
         from integrations.trackers import bind_run
 
         ranks = self.knobs.ranks
@@ -317,8 +318,10 @@ class _LoopKnobs:
         config = self.session.config
         self.knobs.start(objective=config.objective, poll_interval=config.poll_interval)
         self.connected = True
-        if self.said_unbound and self.knobs.client is not None:
+        client = self.knobs.client
+        if self.said_unbound and isinstance(client, ManagerClient):
             log.warning(
-                "atm: found the run after %d optimizer steps; the loop is managed from now on",
+                "atm: found run %s after %d optimizer steps; the loop is managed from now on",
+                client.run_id,
                 self.steps,
             )
