@@ -170,4 +170,6 @@ class TorchKnobs(ManagedTraining):
         return self.apply_pending(Boundary.EVAL, step)
 
     def close(self) -> None:
+        """Stop managing: the client's last poll delivers its acks."""
         self.stop_managing()
+        atexit.unregister(self.close)
