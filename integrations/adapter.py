@@ -17,12 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from integrations import session
 from integrations.client import ManagerClient, ParamsApplier
 from integrations.knobs import BoundsOverrides, derive_knob
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
     Boundary,
     Command,
+    Health,
+    HealthState,
     KnobSpec,
     Objective,
     ParamsVersion,
@@ -31,7 +34,7 @@ from integrations.protocol import (
 from integrations.ranks import RanksUnreachable, RankSync, distributed_rank
 from integrations.settings import ClientSettings
 from integrations.torch_ops import BestState
-from integrations.trackers import bind_run
+from integrations.trackers import bind_run, run_sought
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,10 @@ class ManagedTraining:
         self.ranks: RankSync | None = None
         self.best: BestState | None = None
         self.stop_requested = False
+        # The step of the latest boundary: where the script's step-less points are recorded.
+        self.training_step: int | None = None
+        self._stop_following_steps: Callable[[], None] | None = None
+        self._said: set[str] = set()  # what this integration has told the user
 
     # ---- hooks a framework fills in -----------------------------------------------------
 
@@ -116,6 +123,10 @@ class ManagedTraining:
     def _request_stop(self) -> None:
         self.stop_requested = True
 
+    def _unbound_fix(self) -> str:
+        """What a user does so that this framework's process logs to a run the manager finds."""
+        return "start a run before training (mlflow.start_run() or wandb.init())"
+
     # ---- shared -------------------------------------------------------------------------
 
     def start_managing(self) -> bool:
@@ -133,11 +144,7 @@ class ManagedTraining:
                 return True
             binding = bind_run(self.run_id, self.tracking_uri)
             if binding is None:
-                log.warning(
-                    "atm: no tracker run found for this %s process (start one, or set the "
-                    "tracker's run id); training continues unmanaged",
-                    self.framework,
-                )
+                self.say_unbound()
                 return False
             self.client = ManagerClient(
                 binding.run_id,
@@ -146,7 +153,10 @@ class ManagedTraining:
                 objective=self.objective,
                 poll_interval=self.poll_interval or settings.poll_interval_for(binding),
                 signing_key=settings.key(),
+                objective_grace=settings.objective_grace,
             ).start()
+            if binding.follow_steps is not None:
+                self._stop_following_steps = binding.follow_steps(lambda: self.training_step)
         except Exception as exc:  # the manager must never stop training from starting
             log.warning("atm: cannot manage this run (%s); training continues unmanaged", exc)
             self.client = None
@@ -169,7 +179,36 @@ class ManagedTraining:
             )
         return self.ranks
 
+    def say_unbound(self, after: str = "", *, fix: str | None = None) -> None:
+        """Tell the user, once per process and framework, that no run was found to manage.
+
+        ``after``: how long it looked (the process then keeps looking and says when it finds
+        one); ``fix``: what to do, where the framework's own advice does not fit.
+        """
+        # Under `atm run` each learn() or Trainer gets an integration of its own: once per process.
+        current = session.current()
+        said = current.said if current is not None else self._said
+        if f"unbound {self.framework}" in said:
+            return
+        said.add(f"unbound {self.framework}")
+        where = f" {after}" if after else ""
+        reason = (
+            f"no tracker run found for this {self.framework} process{where} (looked for "
+            f"{run_sought(self.tracking_uri)})"
+        )
+        health = Health(state=HealthState.UNBOUND, reason=reason)
+        going_on = ", still looking" if after else ""
+        log.warning(
+            "atm: %s; training continues unmanaged%s. To manage it, %s",
+            health,
+            going_on,
+            fix or self._unbound_fix(),
+        )
+
     def stop_managing(self) -> None:
+        if self._stop_following_steps is not None:
+            self._stop_following_steps()
+            self._stop_following_steps = None
         if isinstance(self.client, ManagerClient):
             self.client.close()
 
@@ -201,13 +240,17 @@ class ManagedTraining:
         return self.live[name]
 
     def offer_evaluation(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Keep the state of this evaluation if the objective is the best so far."""
+        """Keep the state of this evaluation if the objective is the best so far; the client
+        says once when evaluations come without the objective (``integrations.watch``)."""
+        if isinstance(self.client, ManagerClient):
+            self.client.evaluated(metrics.keys())
         value = metrics.get(self._objective.metric)
         if self.best is not None and isinstance(value, int | float):
             self.best.offer(float(value), step, self._model(), self._optimizer())
 
     def apply_pending(self, boundary: Boundary, step: int) -> ParamsVersion | None:
         """Apply a staged version if this is its boundary; cheap when there is none."""
+        self.training_step = step
         if self.ranks is not None:
             return self._apply_across_ranks(boundary, step)
         if self.client is None:

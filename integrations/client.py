@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from integrations.chain import ParamsRejected, chain_problem, load
@@ -28,11 +28,13 @@ from integrations.protocol import (
     TAG_SPEC_DIGEST,
     Boundary,
     Command,
+    Objective,
     ParamsVersion,
     RunSpec,
 )
-from integrations.settings import DEFAULT_POLL_INTERVAL_S
-from integrations.trackers import Tracker, TrackerError, open_tracker
+from integrations.settings import DEFAULT_OBJECTIVE_GRACE_S, DEFAULT_POLL_INTERVAL_S
+from integrations.trackers import RunInfo, Tracker, TrackerError, open_tracker
+from integrations.watch import ObjectiveWatch
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +131,14 @@ class ManagerClient(ParamsApplier):
         run_id: the tracker run the training process logs to.
         spec: the knobs and commands this process exposes, with their bounds.
         tracker: a tracker backend, or None to open one from ``tracking_uri``.
-        objective: written to ``atm.objective`` when given.
+        objective: written to ``atm.objective`` when given; the client then says once if
+            the run never logs its metric (``integrations.watch``).
         poll_interval: seconds between polls of ``atm.params.version``.
         resume: re-apply the version this run had applied before (a restart from a checkpoint).
         signing_key: the key params versions must be signed with (``ClientSettings.key()``);
             without one, versions signed with a key are refused.
+        objective_grace: seconds the run may log other metrics without the objective before
+            the client says so (``ClientSettings.objective_grace``).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class ManagerClient(ParamsApplier):
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         resume: bool = True,
         signing_key: str | None = None,
+        objective_grace: float = DEFAULT_OBJECTIVE_GRACE_S,
     ) -> None:
         if tracker is None:
             if not tracking_uri:
@@ -159,6 +165,9 @@ class ManagerClient(ParamsApplier):
         self.poll_interval = poll_interval
         self.resume = resume
         self.signing_key = signing_key or None
+        self.objective_watch = (
+            ObjectiveWatch(Objective.parse(objective), objective_grace) if objective else None
+        )
 
         self._resume_pending = resume
         # The version re-applied on resume, until it is applied: newer ones wait behind it.
@@ -207,7 +216,7 @@ class ManagerClient(ParamsApplier):
             stopping = self._stop.is_set()
             started = time.monotonic()
             try:
-                self.poll_once()
+                self.poll_once(last=stopping)
             except TrackerError as exc:
                 self._note_unreachable(exc)
                 backoff = min(max(backoff * 2, self.poll_interval), MAX_BACKOFF_S)
@@ -233,8 +242,14 @@ class ManagerClient(ParamsApplier):
                 MAX_BACKOFF_S,
             )
 
-    def poll_once(self) -> None:
-        """One poll: publish if needed, deliver acks, heartbeat, fetch a new version."""
+    def evaluated(self, keys: Iterable[str]) -> None:
+        """The integration was told of an evaluation with these metric keys."""
+        if self.objective_watch is not None:
+            self.objective_watch.evaluated(keys)
+
+    def poll_once(self, *, last: bool = False) -> None:
+        """One poll: publish if needed, deliver acks, heartbeat, fetch a new version; the
+        ``last`` one, when the client closes, also says if the objective was never logged."""
         if self._unreachable_since is not None and not self.tracker.ping():
             raise TrackerError("tracker still unreachable")
         if not self._published:
@@ -249,6 +264,7 @@ class ManagerClient(ParamsApplier):
                 "atm: tracker reachable again after %.0f s", time.time() - self._unreachable_since
             )
             self._unreachable_since = None
+        self._watch_objective(run, last)
         if self._resume_pending:
             self._stage_resume(run.tags)
         if self._resuming is not None and self._staged is self._resuming:
@@ -256,6 +272,12 @@ class ManagerClient(ParamsApplier):
         latest = _int_tag(run.tags.get(TAG_PARAMS_VERSION))
         if latest > max(self._seen_version, self.applied_version):
             self._fetch(latest)
+
+    def _watch_objective(self, run: RunInfo, last: bool) -> None:
+        if self.objective_watch is not None:
+            said = self.objective_watch.polled(run.latest_metrics, last=last)
+            if said is not None:
+                log.warning("atm: %s", said)
 
     def _publish(self) -> None:
         # The heartbeat first: a daemon that sees the spec must also see a live client, or it

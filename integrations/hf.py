@@ -130,6 +130,15 @@ class ManagerCallback(TrainerCallback, ManagedTraining):
         assert self._control is not None
         self._control.should_save = True
 
+    def _unbound_fix(self) -> str:
+        reports = list(self.args.report_to or []) if self.args is not None else []
+        if not {"mlflow", "wandb", "all"} & set(reports):
+            return (
+                f"the Trainer reports to {reports or 'none'}: add report_to=['mlflow'] (or "
+                "'wandb') to its TrainingArguments"
+            )
+        return "set MLFLOW_RUN_ID or WANDB_RUN_ID, or start a run before trainer.train()"
+
     def _request_stop(self) -> None:
         super()._request_stop()
         assert self._control is not None

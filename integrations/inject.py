@@ -11,9 +11,10 @@ and only if, the script imports it:
   SB3's own training metrics go to the tracker run;
 - ``lightning.pytorch`` and ``pytorch_lightning``: every Lightning ``Trainer`` gets the
   manager's callback, bound to the run of its MLflow or W&B logger;
-- ``torch.optim``: for hand-written loops, a global optimizer step hook manages the first
+- ``torch.optim``: for hand-written loops, a global optimizer step pre-hook manages the first
   optimizer that steps (its lr, weight decay, and the lr schedulers built on it), unless a
-  Trainer or an SB3 algorithm is already managing the process;
+  Trainer or an SB3 algorithm is already managing the process; it says once, by name, when
+  the loop logs to no run it can find;
 - ``accelerate.accelerator``: an Accelerate loop is such a loop; when the Accelerator's
   trackers give no run the manager reads, it says so once.
 
@@ -294,10 +295,10 @@ def _patch_torch_schedulers(module: ModuleType) -> None:
 
 
 def _patch_torch_optimizer(module: ModuleType) -> None:
-    module.register_optimizer_step_post_hook(_after_optimizer_step)
+    module.register_optimizer_step_pre_hook(_before_optimizer_step)
 
 
-def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+def _before_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     current = session.current()
     if current is None or current.owner not in (None, _LOOP):
         return
@@ -311,9 +312,9 @@ def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
                 return
             current.loop = _LoopKnobs(optimizer, current)
             current.claim(_LOOP)
-        current.loop.after_step(optimizer)
+        current.loop.before_step(optimizer)
     except Exception:
-        # Whatever goes wrong here, the training step already happened and must not fail.
+        # Whatever goes wrong here, the training step must still happen.
         log.warning("atm: the optimizer hook failed; training continues unmanaged", exc_info=True)
         current.claim("failed")
 
@@ -321,9 +322,23 @@ def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
 # The owner name of a loop managed through its optimizer, distinct from a script's own TorchKnobs.
 _LOOP = "optimizer hook"
 
+# Optimizer steps without a tracker run before the loop is said to be unmanaged: a script may
+# start its run with its first logged metric, and log every 100 steps from step 100.
+UNBOUND_AFTER_STEPS = 200
+# Steps between two looks for the run: a look is cheap (no request), but not free.
+LOOK_EVERY_STEPS = 10
+_LOOP_FIX = (
+    "log to a run (mlflow.start_run(), mlflow.log_metric(...) or wandb.init()), or continue "
+    "one with atm run --run-id RUN_ID"
+)
+
 
 class _LoopKnobs:
-    """A hand-written loop's first optimizer, managed from a global step hook.
+    """A hand-written loop's first optimizer, managed from a global step pre-hook.
+
+    A version applies before the optimizer step that first uses it, and is recorded at that
+    step's number counted from 0 (the optimizer steps taken before it): the step of the usual
+    ``for step in range(n)`` loop whose lr, logged after ``opt.step()``, first shows it.
 
     Under several ranks every rank builds one at its first step and joins rank 0's exchanges
     there; rank 0 connects to the run when it finds one, the others follow it.
@@ -335,7 +350,7 @@ class _LoopKnobs:
 
         self.optimizer = optimizer
         self.session = current
-        self.steps = 0
+        self.steps = 0  # optimizer steps taken
         schedulers = current.schedulers.get(optimizer) or [None]
         # No commands: an unmodified loop has no way to be told to stop or checkpoint.
         self.knobs = TorchKnobs(
@@ -347,28 +362,39 @@ class _LoopKnobs:
         )
         self.knobs.join_ranks()
         self.connected = False
+        self.said_unbound = False
         self._next_look = 0
 
-    def after_step(self, optimizer: Any) -> None:
+    def before_step(self, optimizer: Any) -> None:
         if optimizer is not self.optimizer:
             return
-        self.steps += 1
         if not self.connected:
             self._connect()
-        # Applied now, the values take effect from the next step.
-        self.knobs.step(self.steps + 1)
+        self.knobs.step(self.steps)
+        self.steps += 1
 
     def _connect(self) -> None:
-        # Look for the run at step 1, then every 10 steps: a script may start its run (or log
-        # its first metric, which starts one) only after some steps.
+        # Look for the run at the first step, then every few steps: a script may start its
+        # run (or log its first metric, which starts one) only after some steps.
         if self.steps < self._next_look:
             return
-        self._next_look = self.steps + 10
+        self._next_look = self.steps + LOOK_EVERY_STEPS
+        from integrations.client import ManagerClient
         from integrations.trackers import bind_run
 
         ranks = self.knobs.ranks
         if (ranks is None or ranks.leads) and bind_run() is None:
+            if self.steps >= UNBOUND_AFTER_STEPS and not self.said_unbound:
+                self.said_unbound = True
+                self.knobs.say_unbound(f"after {self.steps} optimizer steps", fix=_LOOP_FIX)
             return
         config = self.session.config
         self.knobs.start(objective=config.objective, poll_interval=config.poll_interval)
         self.connected = True
+        client = self.knobs.client
+        if self.said_unbound and isinstance(client, ManagerClient):
+            log.warning(
+                "atm: found run %s after %d optimizer steps; the loop is managed from now on",
+                client.run_id,
+                self.steps,
+            )

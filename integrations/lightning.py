@@ -33,7 +33,7 @@ from typing import Any
 
 from integrations import session
 from integrations.adapter import KnobRow, ManagedTraining
-from integrations.health import no_tracker_logger, objective_missing
+from integrations.health import no_tracker_logger
 from integrations.knobs import BoundsOverrides, Knob
 from integrations.protocol import DEFAULT_OBJECTIVE, Boundary, Command, Health, HealthState
 from integrations.torch_ops import (
@@ -148,7 +148,6 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
         self.decay_groups: list[int] = []
         # Why this callback manages nothing, when it does not (None while it does).
         self.health: Health | None = None
-        self._objective_checked = False
 
     # ---- the framework's side of the template --------------------------------------------
 
@@ -187,7 +186,7 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
             None,
         )
         self.decay_groups = decaying_groups(self.optimizer) if self.optimizer else []
-        self.health, self._objective_checked = None, False
+        self.health = None
         ranks = self.join_ranks()
         # Another rank follows rank 0 and never looks for the run.
         if (ranks is None or ranks.leads) and not self._find_run(trainer):
@@ -205,7 +204,6 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
         if trainer.sanity_checking or self.client is None:
             return
         metrics = _scalars(trainer.callback_metrics)
-        self._check_objective(metrics)
         self.offer_evaluation(metrics, trainer.global_step)
         self.apply_pending(Boundary.EVAL, trainer.global_step)
 
@@ -252,14 +250,6 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
             if isinstance(logger, _WANDB_LOGGERS):
                 return bind_run(logger.experiment.id, sdk="wandb")
         return bind_run()
-
-    def _check_objective(self, metrics: dict[str, float]) -> None:
-        """Say once when a validation's metrics lack the objective."""
-        if self._objective_checked:
-            return
-        self._objective_checked = True
-        if self._objective.metric not in metrics:
-            _say_once(objective_missing(self._objective.metric, metrics))
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

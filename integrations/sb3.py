@@ -242,6 +242,12 @@ class ManagerSB3Callback(BaseCallback, ManagedTraining):
         self.model.save(path)
         log.info("atm: saved checkpoint %s", path)
 
+    def _unbound_fix(self) -> str:
+        return (
+            "start a run around learn() (with mlflow.start_run(): model.learn(...)) or call "
+            "wandb.init() before it"
+        )
+
     # ---- SB3 hooks ----------------------------------------------------------------------
 
     def _on_training_start(self) -> None:

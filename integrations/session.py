@@ -44,6 +44,8 @@ class Session:
         # The lr schedulers built on each optimizer, for a loop managed through its optimizer.
         self.schedulers: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
         self.loop: Any = None
+        # What the integrations have told the user, each cause once per process.
+        self.said: set[str] = set()
 
     def claim(self, owner: str) -> None:
         with self.lock:

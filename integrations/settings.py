@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 # A thousand clients polling one tracker every 5 s make 200 quiet reads a second.
 DEFAULT_POLL_INTERVAL_S = 5.0
+# An evaluation usually comes within minutes of a run's first training metrics.
+DEFAULT_OBJECTIVE_GRACE_S = 300.0
 
 
 class TrackerSettings(BaseSettings):
@@ -51,6 +53,13 @@ class ClientSettings(TrackerSettings):
         gt=0,
         description="Seconds between the client's polls of the params version (default: "
         "5, or what the tracker asks for: 30 against W&B's hosted service)",
+    )
+    objective_grace: float = Field(
+        DEFAULT_OBJECTIVE_GRACE_S,
+        ge=0,
+        description="Seconds a run may log other metrics without its objective before the "
+        "client says the objective is never logged (at once when an evaluation reported to "
+        "the integration lacks it, and at the end of training)",
     )
     rank_sync_every: int = Field(
         10,

@@ -20,6 +20,7 @@ the others follow it (``integrations.ranks``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -122,6 +123,12 @@ class TorchKnobs(ManagedTraining):
             commands.append(Command.CHECKPOINT)
         return commands
 
+    def _unbound_fix(self) -> str:
+        return (
+            "start a run before TorchKnobs.start() (mlflow.start_run() or wandb.init()), or "
+            "name one: start(run_id=RUN_ID)"
+        )
+
     def _save_checkpoint(self) -> None:
         if self.checkpoint is None:
             raise RuntimeError("this loop saves no checkpoints (TorchKnobs(checkpoint=…))")
@@ -135,13 +142,19 @@ class TorchKnobs(ManagedTraining):
         objective: str | None = None,
         poll_interval: float | None = None,
     ) -> TorchKnobs:
-        """Connect to the manager through the run this process logs to (or the one named)."""
+        """Connect to the manager through the run this process logs to (or the one named).
+
+        The client closes at ``close()``, or else when the process exits: its acks are
+        delivered and, if the run never logged the objective, that is said.
+        """
         session.claim(self.framework)  # under `atm run`, the optimizer hook stands back
         self.run_id, self.tracking_uri = run_id, tracking_uri
         if objective is not None:
             self.objective, self._objective = objective, Objective.parse(objective)
         self.poll_interval = poll_interval or self.poll_interval
-        self.start_managing()
+        if self.start_managing():
+            atexit.unregister(self.close)
+            atexit.register(self.close)
         return self
 
     def __getitem__(self, name: str) -> float:
@@ -158,4 +171,6 @@ class TorchKnobs(ManagedTraining):
         return self.apply_pending(Boundary.EVAL, step)
 
     def close(self) -> None:
+        """Stop managing: the client's last poll delivers its acks."""
         self.stop_managing()
+        atexit.unregister(self.close)

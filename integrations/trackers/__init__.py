@@ -49,6 +49,7 @@ __all__ = [
     "default_tracking_uri",
     "launch_env",
     "open_tracker",
+    "run_sought",
 ]
 
 ENTRY_POINT_GROUP = "ai_training_manager.trackers"
@@ -66,6 +67,8 @@ class _Entry:
     run_env: tuple[str, ...] = ()
     # Variables of the tracker's own that name a tracker (MLFLOW_TRACKING_URI).
     uri_env: tuple[str, ...] = ()
+    # Where a process's run is looked for, in words ("" for a tracker no script logs to).
+    looks_for: str = ""
 
     def backend(self) -> TrackerBackend:
         if self.target not in _loaded:
@@ -88,6 +91,7 @@ _BUILTIN = (
         sdk_modules=("mlflow",),
         run_env=("MLFLOW_RUN_ID",),
         uri_env=("MLFLOW_TRACKING_URI",),
+        looks_for="an active MLflow run or MLFLOW_RUN_ID",
     ),
     _Entry(
         "integrations.trackers.wandb_backend:BACKEND",
@@ -95,6 +99,7 @@ _BUILTIN = (
         sdk_modules=("wandb",),
         run_env=("WANDB_RUN_ID",),
         uri_env=("WANDB_PROJECT",),
+        looks_for="wandb.run or WANDB_RUN_ID",
     ),
     _Entry("integrations.trackers.memory:BACKEND", ("memory://",)),
 )
@@ -103,7 +108,12 @@ _BUILTIN = (
 @cache
 def _entries() -> tuple[_Entry, ...]:
     plugins = tuple(
-        _Entry(f"{ep.module}:{ep.attr}", (f"{ep.name}://",), sdk_modules=(ep.name,))
+        _Entry(
+            f"{ep.module}:{ep.attr}",
+            (f"{ep.name}://",),
+            sdk_modules=(ep.name,),
+            looks_for=f"a {ep.name} run",
+        )
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     )
     return _BUILTIN + plugins
@@ -151,6 +161,19 @@ def bind_run(
         if in_use and (found := entry.backend().current_run(run_id, None)):
             return found
     return None
+
+
+def run_sought(tracking_uri: str | None = None) -> str:
+    """Where ``bind_run`` looked for this process's run, in words, for a user told that it
+    found none: each tracker's places, and which tracker SDKs the script does not use."""
+    entries = [_entry_for(tracking_uri)] if tracking_uri else list(_entries())
+    places = []
+    for entry in entries:
+        if not entry.looks_for:
+            continue
+        unused = "" if entry.maybe_in_use() else f": {', '.join(entry.sdk_modules)} not imported"
+        places.append(entry.looks_for + unused)
+    return "; ".join(places) or f"a run on {tracking_uri}"
 
 
 def launch_env(uri: str, run_id: str | None = None) -> dict[str, str]:

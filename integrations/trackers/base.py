@@ -10,7 +10,7 @@ finds the run it logs to; ``integrations.trackers`` picks the backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -185,6 +185,11 @@ class RunBinding:
     # The client's poll interval suited to this tracker (a hosted service asks for fewer
     # requests), unless the process sets its own; None: the client's default.
     poll_interval: float | None = None
+    # Where the tracker's SDK records the points a script logs without a step at one fixed
+    # step (MLflow: 0), which no step-range read can follow: ``follow_steps(training_step)``
+    # records them at the step ``training_step()`` gives instead (None: as the SDK would),
+    # and returns a function that stops it. None where the SDK numbers such points itself.
+    follow_steps: Callable[[Callable[[], int | None]], Callable[[], None]] | None = None
 
 
 class TrackerBackend(Protocol):

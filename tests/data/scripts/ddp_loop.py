@@ -35,13 +35,13 @@ generator = torch.Generator().manual_seed(rank)
 trace_dir.mkdir(parents=True, exist_ok=True)
 trace = (trace_dir / f"rank{rank}.jsonl").open("w")
 
-for step in range(1, steps + 1):
-    lr = optimizer.param_groups[0]["lr"]  # the one this step uses
+for step in range(steps):
     x = torch.randn(64, 8, generator=generator)
     loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]  # the one this step used
     schedule.step()
     trace.write(json.dumps({"step": step, "lr": lr}) + "\n")
     trace.flush()
