@@ -58,6 +58,7 @@ from manager_daemon.policies.llm import LLMConsult, LLMFallback, LLMMode
 from manager_daemon.policies.openai_chat import ResponseMode
 from manager_daemon.settings import DaemonSettings, LogFormat, PolicyName
 from manager_daemon.supervisor import RunSupervisor, human_proposal
+from manager_daemon.validation import refused_by_hand
 
 app = typer.Typer(
     help="ai-training-manager: a bounded, auditable supervisor for live training runs.",
@@ -519,6 +520,8 @@ def set_(
             supervisor.spec_error
             or f"run {run_id} has no knob spec: no client has published one, so nothing can be set"
         )
+    if refused := refused_by_hand(changes, supervisor.spec):
+        raise CliError(f"{refused}; nothing issued")
     proposal = human_proposal(changes, commands, reason or "set by hand")
     record = supervisor.decide(run, Source.HUMAN, "human", lambda _s, _m: PolicyAnswer(proposal))
     assert record is not None
