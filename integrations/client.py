@@ -33,6 +33,7 @@ from integrations.protocol import (
 )
 from integrations.settings import DEFAULT_POLL_INTERVAL_S
 from integrations.trackers import Tracker, TrackerError, open_tracker
+from integrations.trackers.outage import outage_over, outage_reported
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class ManagerClient(ParamsApplier):
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        outage_over(self)
 
     # ---- background thread --------------------------------------------------------------
 
@@ -232,6 +234,7 @@ class ManagerClient(ParamsApplier):
                 exc,
                 MAX_BACKOFF_S,
             )
+            outage_reported(self)
 
     def poll_once(self) -> None:
         """One poll: publish if needed, deliver acks, heartbeat, fetch a new version."""
@@ -248,6 +251,7 @@ class ManagerClient(ParamsApplier):
             log.warning(
                 "atm: tracker reachable again after %.0f s", time.time() - self._unreachable_since
             )
+            outage_over(self)
             self._unreachable_since = None
         if self._resume_pending:
             self._stage_resume(run.tags)

@@ -20,6 +20,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from integrations.protocol import AuditRecord
 from integrations.trackers import Cursor, MetricPoint, PointsRead, RunInfo, Tracker, TrackerError
+from integrations.trackers.outage import outage_over, outage_reported
 from manager_daemon.audit import AuditLog
 from manager_daemon.leases import Leases
 from manager_daemon.metrics import DaemonMetrics
@@ -147,6 +148,7 @@ class Daemon:
             except TrackerError as exc:
                 if not self._tracker_down:
                     log.warning("tracker unreachable: %s; retrying every tick", exc)
+                    outage_reported(self)
                 self._tracker_down = True
                 self._tracker_problem = str(exc)
                 self.metrics.tracker_errors.labels("list").inc()
@@ -157,6 +159,7 @@ class Daemon:
             self._last_tracker_ok = listed
             if self._tracker_down:
                 log.warning("tracker reachable again")
+                outage_over(self)
                 self._tracker_down = False
             self.metrics.tracker_runs.set(len(runs))
             if self.leases is not None:
@@ -395,6 +398,7 @@ class Daemon:
         if self.totals:
             log.info(self.totals_line())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        outage_over(self)
         if self.reports is not None:
             self.reports.close(reports_timeout)
 
