@@ -62,6 +62,18 @@ def lower_priority(nice: int) -> None:
         log.warning("cannot lower the daemon's CPU priority: %s", exc)
 
 
+class _OverlappingTicks(logging.Filter):
+    """Ticks run one at a time (``Daemon.schedule``): one that comes while the previous is
+    still running (a slow tracker, an outage already reported) is skipped by design, and the
+    scheduler's warning for each would only repeat itself every interval."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
+_OVERLAPPING_TICKS = _OverlappingTicks()
+
+
 @dataclass
 class TickReport:
     runs: int = 0
@@ -147,7 +159,8 @@ class Daemon:
                 runs = self.tracker.find_managed_runs(self.experiments)
             except TrackerError as exc:
                 if not self._tracker_down:
-                    log.warning("tracker unreachable: %s; retrying every tick", exc)
+                    problem = str(exc).removeprefix("tracker unreachable: ")
+                    log.warning("tracker unreachable: %s; retrying every tick", problem)
                     outage_reported(self)
                 self._tracker_down = True
                 self._tracker_problem = str(exc)
@@ -337,6 +350,7 @@ class Daemon:
     def schedule(self, scheduler: BaseScheduler, interval_s: float) -> None:
         """Add this daemon's tick to ``scheduler``: every ``interval_s`` seconds, one at a time,
         missed ticks coalesced into one."""
+        logging.getLogger("apscheduler.scheduler").addFilter(_OVERLAPPING_TICKS)  # once
         scheduler.add_job(
             self.run_once,
             "interval",

@@ -40,8 +40,10 @@ from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.mlflow_server import MlflowServer, free_port
 from manager_daemon.policies.llm import LLMConfig, LLMPolicy
 from manager_daemon.policies.openai_chat import OpenAIChat
+from manager_daemon.policies.rules import RulesPolicy
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
+from tests.conftest import Backend
 from tests.helpers import LoopThread, wait_for
 from tests.ledger import Ledger
 from tests.openai_replay import ReplayServer, turning_lr
@@ -309,3 +311,22 @@ def test_retry_warnings_are_left_out_only_while_an_outage_is_reported(
         assert not retry_warned(), "the client still reports the outage"
         outage_over(client)
         assert retry_warned()
+
+
+def test_ticks_skipped_behind_a_slow_listing_say_nothing(
+    memory: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    listings: list[float] = []
+
+    def slow_listing(operation: str, run_id: str | None) -> None:
+        if operation == "find_managed_runs":
+            listings.append(time.monotonic())
+            time.sleep(1.0)  # a tracker in an outage, waiting out its retries
+
+    memory.tracker.fault = slow_listing
+    daemon = Daemon(memory.tracker, RulesPolicy(), experiments=[memory.experiment])
+    with caplog.at_level(logging.WARNING), in_background([daemon], 0.2):
+        time.sleep(2.5)
+    memory.tracker.fault = None
+    assert 1 < len(listings) <= 4, "one listing at a time; the ticks between were skipped"
+    assert not [r for r in caplog.records if "maximum number of running" in r.getMessage()]
