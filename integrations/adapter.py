@@ -19,14 +19,13 @@ from typing import Any, ClassVar
 
 from integrations import session
 from integrations.client import ManagerClient, ParamsApplier
-from integrations.knobs import BoundsOverrides, derive_knob
+from integrations.knobs import BoundsOverrides, BoundsRefused, derive_knobs, parse_bounds
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
     Boundary,
     Command,
     Health,
     HealthState,
-    KnobSpec,
     Objective,
     ParamsVersion,
     RunSpec,
@@ -89,7 +88,7 @@ class ManagedTraining:
         self._objective = Objective.parse(self.objective)  # a bad objective fails here
         self.poll_interval = poll_interval
         self.apply_at = apply_at
-        self.bounds = bounds
+        self.bounds = parse_bounds(bounds)  # bad bounds fail here too
         self.keep_best = keep_best
         self.live = dict(live or {})
         self.on_live = on_live
@@ -157,6 +156,15 @@ class ManagedTraining:
             ).start()
             if binding.follow_steps is not None:
                 self._stop_following_steps = binding.follow_steps(lambda: self.training_step)
+        except BoundsRefused as exc:
+            health = Health(state=HealthState.BOUNDS_REFUSED, reason=str(exc))
+            log.warning(
+                "atm: %s; the run is not managed (training goes on): fix the bounds and start "
+                "it again",
+                health,
+            )
+            self.client = None
+            return False
         except Exception as exc:  # the manager must never stop training from starting
             log.warning("atm: cannot manage this run (%s); training continues unmanaged", exc)
             self.client = None
@@ -213,13 +221,17 @@ class ManagedTraining:
             self.client.close()
 
     def spec(self) -> RunSpec:
-        """The knobs this run has, with their bounds, and the commands it carries out."""
-        knobs: list[KnobSpec] = []
+        """The knobs this run has, with their bounds, and the commands it carries out.
+
+        Raises BoundsRefused when the bounds given cannot be honoured for these knobs.
+        """
+        values: dict[str, float] = {}
         for row in self.knob_table:
             value = row.read(self)
             if value is not None:
-                knobs.append(self._knob(row.name, value))
-        knobs += [self._knob(name, value) for name, value in self.live.items()]
+                values[str(row.name)] = value
+        values.update(self.live)
+        knobs = derive_knobs(values, apply_at=self.apply_at, overrides=self.bounds)
         commands = self._commands()
         self.best = None
         model = self._model()
@@ -229,9 +241,6 @@ class ManagedTraining:
         return RunSpec(
             framework=self.framework, knobs=knobs, commands=commands, apply_at=self.apply_at
         )
-
-    def _knob(self, name: str, value: float) -> KnobSpec:
-        return derive_knob(name, value, apply_at=self.apply_at, overrides=self.bounds)
 
     def value(self, name: str) -> float:
         """A knob's value in force (a live value's too, before any client)."""

@@ -34,6 +34,7 @@ from integrations.protocol import (
 )
 from integrations.settings import DEFAULT_OBJECTIVE_GRACE_S, DEFAULT_POLL_INTERVAL_S
 from integrations.trackers import RunInfo, Tracker, TrackerError, open_tracker
+from integrations.trackers.outage import outage_over, outage_reported
 from integrations.watch import ObjectiveWatch
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ class ManagerClient(ParamsApplier):
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        outage_over(self)
 
     # ---- background thread --------------------------------------------------------------
 
@@ -241,6 +243,7 @@ class ManagerClient(ParamsApplier):
                 exc,
                 MAX_BACKOFF_S,
             )
+            outage_reported(self)
 
     def evaluated(self, keys: Iterable[str]) -> None:
         """The integration was told of an evaluation with these metric keys."""
@@ -263,6 +266,7 @@ class ManagerClient(ParamsApplier):
             log.warning(
                 "atm: tracker reachable again after %.0f s", time.time() - self._unreachable_since
             )
+            outage_over(self)
             self._unreachable_since = None
         self._watch_objective(run, last)
         if self._resume_pending:

@@ -260,6 +260,10 @@ class Source(StrEnum):
     HUMAN = "human"
 
 
+# An objective's directions, by how a misspelt one begins ("minimise", "Max").
+_DIRECTIONS = {"min": "minimize", "max": "maximize"}
+
+
 class Objective(BaseModel):
     """What the run optimises: a metric key and a direction."""
 
@@ -270,13 +274,26 @@ class Objective(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> Objective:
-        """Parse ``minimize:eval_loss`` / ``maximize:eval/safe_success``."""
+        """Parse ``minimize:eval_loss`` / ``maximize:eval/safe_success``.
+
+        Raises ValueError with one line saying what is wrong and, where it can tell, the
+        objective meant: a metric name with a space around it is never logged under that name,
+        so a run given one would wait for it forever.
+        """
         direction, sep, metric = text.partition(":")
-        if not sep or direction not in ("minimize", "maximize") or not metric:
-            raise ValueError(
-                f"objective {text!r} is not of the form 'minimize:METRIC' or 'maximize:METRIC'"
-            )
-        return cls(direction=direction, metric=metric)  # type: ignore[arg-type]
+        form = "'minimize:METRIC' or 'maximize:METRIC'"
+        if not sep or not direction.strip() or not metric.strip():
+            raise ValueError(f"objective {text!r} is not of the form {form}")
+        meant = _DIRECTIONS.get(direction.strip().lower()[:3])
+        if direction.strip() != direction or metric.strip() != metric:
+            problem = "has spaces around its direction or metric"
+        elif direction not in _DIRECTIONS.values():
+            problem = f"has an unknown direction {direction!r}"
+        else:
+            return cls(direction=direction, metric=metric)  # type: ignore[arg-type]
+        if meant is None:
+            raise ValueError(f"objective {text!r} {problem}: write it as {form}")
+        raise ValueError(f"objective {text!r} {problem}: did you mean '{meant}:{metric.strip()}'?")
 
     def __str__(self) -> str:
         return f"{self.direction}:{self.metric}"

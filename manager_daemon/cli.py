@@ -64,6 +64,7 @@ from manager_daemon.policies.llm import LLMConsult, LLMFallback, LLMMode
 from manager_daemon.policies.openai_chat import ResponseMode
 from manager_daemon.settings import DaemonSettings, LogFormat, PolicyName
 from manager_daemon.supervisor import RunSupervisor, human_proposal
+from manager_daemon.validation import refused_by_hand
 
 app = typer.Typer(
     help="ai-training-manager: a bounded, auditable supervisor for live training runs.",
@@ -540,6 +541,7 @@ def set_(
     changes, commands = _parse_assignments(assignments)
     settings = _settings(tracking_uri=tracking_uri, cooldown_steps=cooldown_steps)
     tracker = _tracker(settings.tracking_uri)
+    run_id = _find_run(tracker, run_id).run_id
     audit = AuditLog(tracker, settings.key())
     supervisor = RunSupervisor(run_id, tracker, audit, settings.supervisor_config())
     run = supervisor.refresh()
@@ -548,6 +550,8 @@ def set_(
             supervisor.spec_error
             or f"run {run_id} has no knob spec: no client has published one, so nothing can be set"
         )
+    if refused := refused_by_hand(changes, supervisor.spec):
+        raise CliError(f"{refused}; nothing issued")
     proposal = human_proposal(changes, commands, reason or "set by hand")
     record = supervisor.decide(run, Source.HUMAN, "human", lambda _s, _m: PolicyAnswer(proposal))
     assert record is not None

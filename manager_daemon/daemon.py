@@ -20,6 +20,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from integrations.protocol import AuditRecord
 from integrations.trackers import Cursor, MetricPoint, PointsRead, RunInfo, Tracker, TrackerError
+from integrations.trackers.outage import outage_over, outage_reported
 from manager_daemon.audit import AuditLog
 from manager_daemon.health import HealthReporter
 from manager_daemon.leases import Leases
@@ -60,6 +61,18 @@ def lower_priority(nice: int) -> None:
             os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     except OSError as exc:
         log.warning("cannot lower the daemon's CPU priority: %s", exc)
+
+
+class _OverlappingTicks(logging.Filter):
+    """Ticks run one at a time (``Daemon.schedule``): one that comes while the previous is
+    still running (a slow tracker, an outage already reported) is skipped by design, and the
+    scheduler's warning for each would only repeat itself every interval."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
+_OVERLAPPING_TICKS = _OverlappingTicks()
 
 
 @dataclass
@@ -148,7 +161,9 @@ class Daemon:
                 runs = self.tracker.find_managed_runs(self.experiments)
             except TrackerError as exc:
                 if not self._tracker_down:
-                    log.warning("tracker unreachable: %s; retrying every tick", exc)
+                    problem = str(exc).removeprefix("tracker unreachable: ")
+                    log.warning("tracker unreachable: %s; retrying every tick", problem)
+                    outage_reported(self)
                 self._tracker_down = True
                 self._tracker_problem = str(exc)
                 self.metrics.tracker_errors.labels("list").inc()
@@ -159,6 +174,7 @@ class Daemon:
             self._last_tracker_ok = listed
             if self._tracker_down:
                 log.warning("tracker reachable again")
+                outage_over(self)
                 self._tracker_down = False
             self.metrics.tracker_runs.set(len(runs))
             if self.leases is not None:
@@ -343,6 +359,7 @@ class Daemon:
     def schedule(self, scheduler: BaseScheduler, interval_s: float) -> None:
         """Add this daemon's tick to ``scheduler``: every ``interval_s`` seconds, one at a time,
         missed ticks coalesced into one."""
+        logging.getLogger("apscheduler.scheduler").addFilter(_OVERLAPPING_TICKS)  # once
         scheduler.add_job(
             self.run_once,
             "interval",
@@ -404,6 +421,7 @@ class Daemon:
         if self.totals:
             log.info(self.totals_line())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        outage_over(self)
         if self.reports is not None:
             self.reports.close(reports_timeout)
 

@@ -192,7 +192,10 @@ class Leases:
         with self._lock:
             if self._held.get(run_id) is not held:
                 return
-            if done < held.renewed + self.ttl_s:
+            if done < held.renewed + self.ttl_s or self.replica.count == 1:
+                # A lone replica renews late after an outage, or after its process was held
+                # up: no other replica can have taken the run meanwhile, so it keeps it (were
+                # a stray second daemon there, the next listing shows its lease: "taken over").
                 self._held[run_id] = _Held(value, started)
             else:
                 # It may have landed after another replica saw the lease expire.

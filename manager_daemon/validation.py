@@ -3,7 +3,10 @@
 Every proposed change is checked against the run's own knob spec: known knob, numeric type,
 finite, absolute range, maximum step from the current value, per-knob cooldown in steps, a
 budget of automatic interventions per run, and removal of no-ops. Each change ends accepted,
-clamped or rejected, with a reason; nothing outside the bounds ever leaves this module.
+clamped or rejected, with a reason; nothing outside the bounds ever leaves this module. A
+policy's value outside a knob's range is clamped into it; a person's is refused (``atm set``
+refuses it before anything is decided, ``refused_by_hand``), since a value someone typed is
+meant as typed. Only the size of a person's step is clamped.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
+from integrations.health import closest
 from integrations.protocol import (
     Command,
     CommandVerdict,
@@ -93,7 +97,8 @@ def validate(
     """Check every change and command of ``proposal``; return verdicts and the new full values."""
     budget_left = source is Source.HUMAN or state.interventions_used < config.budget
     verdicts = [
-        _check_knob(name, raw, state, config, budget_left) for name, raw in proposal.changes.items()
+        _check_knob(name, raw, state, config, budget_left, source)
+        for name, raw in proposal.changes.items()
     ]
     command_verdicts = [
         _check_command(c, state.spec, budget_left, config) for c in proposal.commands
@@ -110,7 +115,12 @@ def validate(
 
 
 def _check_knob(
-    name: str, raw: object, state: RunState, config: ValidationConfig, budget_left: bool
+    name: str,
+    raw: object,
+    state: RunState,
+    config: ValidationConfig,
+    budget_left: bool,
+    source: Source,
 ) -> KnobVerdict:
     knob = state.spec.knob(name)
     current = state.values.get(name)
@@ -130,6 +140,9 @@ def _check_knob(
     if not math.isfinite(value):
         verdict.reason = f"{value} is not a finite number"
         return verdict
+    if source is Source.HUMAN and (outside := _outside(knob, value)):
+        verdict.reason = outside
+        return verdict
     if not budget_left:
         verdict.reason = f"the run's budget of {config.budget} automatic interventions is used up"
         return verdict
@@ -148,6 +161,29 @@ def _check_knob(
     else:
         verdict.verdict = "accepted"
     return verdict
+
+
+def _outside(knob: KnobSpec, value: float) -> str | None:
+    if knob.min <= value <= knob.max:
+        return None
+    return f"{knob.name}={value:g} is outside its bounds [{knob.min:g}, {knob.max:g}]"
+
+
+def refused_by_hand(changes: dict[str, float], spec: RunSpec) -> str | None:
+    """Why a person's ``changes`` cannot be made at all, in one line, or None: a knob the run
+    does not have, a value that is not a finite number or is outside the knob's bounds."""
+    for name, value in changes.items():
+        knob = spec.knob(name)
+        if knob is None:
+            known = [k.name for k in spec.knobs]
+            meant = closest(name, known)
+            hint = f"did you mean {meant}?" if meant else f"its knobs: {', '.join(known)}"
+            return f"{name} is not a knob of this run ({hint})"
+        if not math.isfinite(value):
+            return f"{name}={value} is not a finite number"
+        if outside := _outside(knob, value):
+            return outside
+    return None
 
 
 def _clamp(knob: KnobSpec, current: float, value: float) -> tuple[float, list[str]]:

@@ -276,24 +276,84 @@ def test_atm_run_rejects_bad_options_before_starting_anything(tmp_path: Path) ->
     atm = [sys.executable, "-m", "manager_daemon.cli", "run"]
     marker = tmp_path / "ran"
     script = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
-    bounds = tmp_path / "bounds.yaml"
-    bounds.write_text("learning_rate: {min: 1e-5, maxx: 1e-2}\n")
+
+    def bounds_file(name: str, text: str) -> str:
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    inverted = bounds_file("inverted.yaml", "learning_rate: {min: 1.0e-2, max: 1.0e-4}\n")
+    misspelt = bounds_file("misspelt.yaml", "learning_rat: {max: 1.0e-2}\n")
     cases = [
         (["--objective", "eval_loss"], "minimize:METRIC"),
+        (["--objective", "minimize: val_loss"], "did you mean 'minimize:val_loss'?"),
+        (["--objective", "minimise:val_loss"], "did you mean 'minimize:val_loss'?"),
         (["--apply-at", "epoch"], "--apply-at"),
-        (["--bounds", str(bounds)], "maxx"),
+        (["--bounds", bounds_file("b.yaml", "learning_rate: {min: 1e-5, maxx: 1e-2}\n")], "maxx"),
         (["--bounds", str(tmp_path / "missing.yaml")], "cannot use bounds file"),
+        (
+            ["--bounds", inverted],
+            f"cannot use bounds file {inverted}: knob 'learning_rate': min 0.01 is above max",
+        ),
+        (
+            ["--bounds", misspelt],
+            "knob 'learning_rat': no such knob; did you mean 'learning_rate'?",
+        ),
     ]
     for options, message in cases:
         result = subprocess.run(
-            [*atm, *options, "--", *script], capture_output=True, text=True, timeout=60
+            [*atm, *options, "--", *script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "250"},
         )
         assert result.returncode == 2 and message in result.stderr, (options, result.stderr)
+        if "--apply-at" not in options:  # click's own usage error is a box
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not marker.exists()
     missing = subprocess.run(
         [*atm, "--", "no-such-program-atm"], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 2 and "cannot run" in missing.stderr
+    # A script's own knob is known only once it runs: its name is accepted before.
+    own = bounds_file("own.yaml", "aux_weight: {min: 0, max: 2}\nlearning_rate: {max: 0.1}\n")
+    accepted = subprocess.run(
+        [*atm, "--bounds", own, "--", *script], capture_output=True, text=True, timeout=120
+    )
+    assert accepted.returncode == 0 and marker.exists(), accepted.stderr
+
+
+@pytest.mark.slow
+def test_bounds_the_scripts_knobs_cannot_honour_are_said_once_and_touch_nothing(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    # A plain loop under the optimizer hook has no dropout knob: a bounds file for one (fine
+    # for a model with dropout) is refused once the script's knobs are known.
+    bounds = tmp_path / "bounds.yaml"
+    bounds.write_text("dropout: {max: 0.3}\nlearning_rate: {max: 0.05}\n")
+    experiment = f"atm-run-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    train = subprocess.run(
+        [*ATM, "run", "--bounds", str(bounds), "--", sys.executable, "torch_loop.py", "40", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=SCRIPTS,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    said = [line for line in train.stderr.splitlines() if "bounds" in line]
+    assert said == [
+        "atm: bounds_refused: bounds given for dropout, which this run does not have (its "
+        "knobs: learning_rate, weight_decay); the run is not managed (training goes on): fix "
+        "the bounds and start it again"
+    ], train.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert TAG_MANAGED not in run.data.tags and SPEC_PATH not in {
+        a.path for a in client.list_artifacts(run.info.run_id, "atm")
+    }
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 40  # trained to the end
 
 
 @pytest.mark.slow

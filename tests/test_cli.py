@@ -32,8 +32,9 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tables wide enough that cells are not wrapped in the captured output."""
+    """Tables and error lines wide enough that they are not wrapped in the captured output."""
     monkeypatch.setattr(cli.console, "width", 250)
+    monkeypatch.setattr(cli.err_console, "width", 250)
 
 
 def atm(uri: str, *args: str):
@@ -91,18 +92,45 @@ def test_set_rejections_are_audited_and_issue_nothing(backend: Backend) -> None:
     tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
     run_id = new_run()
     publish_spec(tracker, run_id)
-    result = atm(tracking_uri, "set", run_id, "momentum=0.9", "learning_rate=nan")
+    assert atm(tracking_uri, "set", run_id, "learning_rate=5e-4").exit_code == 0
+    result = atm(tracking_uri, "set", run_id, "learning_rate=2.5e-4")  # within the cooldown
     assert result.exit_code == 1
-    assert "unknown knob" in result.output and "not a finite number" in result.output
-    assert TAG_PARAMS_VERSION not in tracker.get_run(run_id).tags
+    assert "inside cooldown" in result.output
+    assert tracker.get_run(run_id).tags[TAG_PARAMS_VERSION] == "1"
     lines = atm(tracking_uri, "log", run_id, "--json").output.strip().splitlines()
     record = AuditRecord.model_validate_json(lines[-1])
     assert record.status == "rejected" and record.params_version is None
-    assert {v.knob: v.verdict for v in record.verdicts} == {
-        "momentum": "rejected",
-        "learning_rate": "rejected",
-    }
+    assert {v.knob: v.verdict for v in record.verdicts} == {"learning_rate": "rejected"}
     assert record.telemetry is not None and "objective" in record.telemetry
+
+
+@pytest.mark.parametrize(
+    ("assignments", "message"),
+    [
+        (["learning_rate=-1"], "learning_rate=-1 is outside its bounds [1e-06, 0.01]"),
+        (["learning_rate=0.5", "stop"], "learning_rate=0.5 is outside its bounds [1e-06, 0.01]"),
+        (["learning_rate=nan"], "learning_rate=nan is not a finite number"),
+        (["learning_rate=inf"], "learning_rate=inf is not a finite number"),
+        (["learning_rat=1e-4"], "learning_rat is not a knob of this run (did you mean"),
+    ],
+)
+def test_set_refuses_what_the_run_cannot_take_and_starts_no_cooldown(
+    backend: Backend, assignments: list[str], message: str
+) -> None:
+    tracking_uri, tracker, new_run = backend.uri, backend.tracker, backend.new_run
+    run_id = new_run()
+    publish_spec(tracker, run_id)
+    result = atm(tracking_uri, "set", run_id, *assignments)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "nothing issued" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert TAG_PARAMS_VERSION not in tracker.get_run(run_id).tags
+    assert tracker.read_json(run_id, params_path(1)) is None
+    # Nothing was decided, so nothing holds up the change meant.
+    result = atm(tracking_uri, "set", run_id, "learning_rate=5e-4")
+    assert result.exit_code == 0 and "issued params v1" in result.output, result.output
+    params = ParamsVersion.model_validate(tracker.read_json(run_id, params_path(1)))
+    assert params.values["learning_rate"] == 5e-4
 
 
 def test_log_table_shows_each_decision(backend: Backend) -> None:

@@ -3,7 +3,10 @@ server stopped mid-training and started again; slow answers, connection resets a
 connections between it and both sides (through a loopback proxy).
 
 No training step waits, the client and the daemon back off and resume, and every version,
-issued before or after the fault, is applied once. The outage lasts 15 s here; with
+issued before or after the fault, is applied once. A single `atm daemon` (one replica) keeps
+its runs through an outage longer than its lease and decides again as soon as the server is
+back; each side says the outage once and its end once, without the HTTP client's retry
+warnings in between. The outage lasts 15 s here; with
 ``ATM_LONG_OUTAGE=1`` the same test runs a 5-minute one (the README's figure). The same
 outage on the in-memory tracker, and the daemon dying between writes on every backend, are in
 ``test_contract``; the model's endpoint under faults is in ``test_llm_faults``.
@@ -11,9 +14,12 @@ outage on the in-memory tracker, and the daemon dying between writes on every ba
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,14 +27,23 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from integrations.protocol import TAG_CLIENT_APPLIED_VERSION, TAG_CLIENT_HEARTBEAT
-from integrations.trackers import open_tracker
+from integrations.protocol import (
+    TAG_CLIENT_APPLIED_VERSION,
+    TAG_CLIENT_HEARTBEAT,
+    TAG_PARAMS_VERSION,
+    ParamsVersion,
+    params_path,
+)
+from integrations.trackers import Tracker, open_tracker
+from integrations.trackers.outage import outage_over, outage_reported
 from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.mlflow_server import MlflowServer, free_port
 from manager_daemon.policies.llm import LLMConfig, LLMPolicy
 from manager_daemon.policies.openai_chat import OpenAIChat
+from manager_daemon.policies.rules import RulesPolicy
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
+from tests.conftest import Backend
 from tests.helpers import LoopThread, wait_for
 from tests.ledger import Ledger
 from tests.openai_replay import ReplayServer, turning_lr
@@ -188,3 +203,130 @@ def test_training_never_waits_on_slow_resetting_or_silent_connections(
     check(managed, during, "slow (3 s), reset and dropped connections for 32 s")
     assert after > before
     assert proxy.connections > 10
+
+
+# A lease far shorter than the outage below, so that its first renewal after it comes late.
+LEASE_TTL_S = 4
+OUTAGE_S = 3 * LEASE_TTL_S
+# After the server answers again: a tick (1 s) to list the runs and renew the lease, the next
+# evaluation, its decision (the replayed model answers at once); measured 0.2 to 0.8 s, and
+# 7.4 s when the late renewal gave the run up (a TTL and a settle later).
+DECIDES_WITHIN_S = 5
+
+
+def start_daemon(uri: str, experiment: str, replay: ReplayServer, log: Path) -> subprocess.Popen:
+    """One `atm daemon` (one replica, as a user starts it) with a short lease, deciding with
+    the replayed model; its log one JSON object per line."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "manager_daemon.cli", "daemon"),
+            *("--tracking-uri", uri, "--experiment", experiment, "--interval", "1"),
+            *("--lease-ttl", str(LEASE_TTL_S), "--lease-settle", "1"),
+            *("--policy", "llm", "--llm-base-url", replay.base_url, "--llm-model", "replay"),
+            *("--llm-fallback", "none", "--stale-evals", "100"),
+            *("--cooldown-steps", "0", "--budget", "1000", "--log-format", "json"),
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OPENAI_API_KEY": "unused"},
+    )
+
+
+def issued_after(tracker: Tracker, run_id: str, moment: float) -> ParamsVersion | None:
+    """The newest params version, if it was issued after ``moment`` (unix seconds)."""
+    tag = int(tracker.get_run(run_id).tags.get(TAG_PARAMS_VERSION, "0"))
+    raw = tracker.read_json(run_id, params_path(tag)) if tag else None
+    version = ParamsVersion.model_validate(raw) if raw else None
+    return version if version is not None and version.issued_at > moment else None
+
+
+@pytest.mark.slow
+def test_a_single_daemon_keeps_deciding_after_an_outage_longer_than_its_lease(
+    server: MlflowServer, replay: ReplayServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    client = MlflowClient(server.uri)
+    experiment = f"one-daemon-{time.time_ns()}"
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
+    tracker = open_tracker(server.uri)
+    loop = LoopThread(run_id, server.uri, sleep=0.005, evaluate_every=20)
+    daemon = start_daemon(server.uri, experiment, replay, tmp_path / "daemon.log")
+    loop.start()
+    try:
+        wait_for(lambda: issued_after(tracker, run_id, 0), timeout=120)
+        server.stop()
+        time.sleep(OUTAGE_S)
+        server.start()
+        back = time.time()
+        version = wait_for(lambda: issued_after(tracker, run_id, back), timeout=120, every=0.5)
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+        loop.stop()
+    assert loop.error is None
+    latency = version.issued_at - back
+    log.warning(
+        "a decision issued %.1f s after the server was back (v%d)", latency, version.version
+    )
+    assert latency < DECIDES_WITHIN_S
+    lines = (tmp_path / "daemon.log").read_text().splitlines()
+    daemon_says = [json.loads(line)["message"] for line in lines if line.startswith("{")]
+    assert not [m for m in daemon_says if "giving the run up" in m]
+    client_says = [r.getMessage() for r in caplog.records]
+    # Each side says the outage once and its end once; the HTTP client's retry warnings are
+    # left out after that (the first failed request's own retries come before it).
+    for says, down, up in (
+        (daemon_says, "tracker unreachable", "tracker reachable again"),
+        (client_says, "atm: tracker unreachable", "atm: tracker reachable again"),
+    ):
+        assert sum(m.startswith(down) for m in says) == 1, says
+        assert sum(m.startswith(up) for m in says) == 1, says
+        reported = next(i for i, m in enumerate(says) if m.startswith(down))
+        retries = [m for m in says[reported:] if m.startswith("Retrying (")]
+        assert not retries, retries[:3]
+
+
+def test_retry_warnings_are_left_out_only_while_an_outage_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    http = logging.getLogger("urllib3.connectionpool")
+
+    def retry_warned() -> bool:
+        caplog.clear()
+        http.warning("Retrying (%r) after connection broken by '%r': %s", "Retry()", "x", "/api")
+        return any(r.getMessage().startswith("Retrying (") for r in caplog.records)
+
+    class Reporter:
+        pass
+
+    daemon, client = Reporter(), Reporter()
+    with caplog.at_level(logging.WARNING):
+        assert retry_warned()
+        outage_reported(daemon)
+        outage_reported(client)
+        assert not retry_warned()
+        http.warning("Connection pool is full, discarding connection: %s", "127.0.0.1")
+        assert caplog.records, "other warnings of the HTTP client stay"
+        outage_over(daemon)
+        assert not retry_warned(), "the client still reports the outage"
+        outage_over(client)
+        assert retry_warned()
+
+
+def test_ticks_skipped_behind_a_slow_listing_say_nothing(
+    memory: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    listings: list[float] = []
+
+    def slow_listing(operation: str, run_id: str | None) -> None:
+        if operation == "find_managed_runs":
+            listings.append(time.monotonic())
+            time.sleep(1.0)  # a tracker in an outage, waiting out its retries
+
+    memory.tracker.fault = slow_listing
+    daemon = Daemon(memory.tracker, RulesPolicy(), experiments=[memory.experiment])
+    with caplog.at_level(logging.WARNING), in_background([daemon], 0.2):
+        time.sleep(2.5)
+    memory.tracker.fault = None
+    assert 1 < len(listings) <= 4, "one listing at a time; the ticks between were skipped"
+    assert not [r for r in caplog.records if "maximum number of running" in r.getMessage()]

@@ -175,6 +175,25 @@ def test_a_lease_write_that_lands_late_is_not_claimed(memory: Backend) -> None:
     assert tick(a, tracker, clock) == {run}
 
 
+@pytest.mark.parametrize(("count", "kept"), [(1, True), (2, False)])
+def test_a_renewal_after_an_outage_keeps_the_run_only_for_a_lone_replica(
+    memory: Backend, count: int, kept: bool
+) -> None:
+    tracker, clock = memory.tracker, Clock()
+    (run,) = managed_runs(memory, 1)
+    first = next(i for i in range(count) if Replica("atm", i, count).rank(run) == 0)
+    leases = replica(tracker, clock, first, count)  # the run's first choice
+    tick(leases, tracker, clock)
+    clock.now += SETTLE
+    assert tick(leases, tracker, clock) == {run}
+    clock.now += 3 * TTL  # the tracker unreachable: no listing, no renewal, for three TTLs
+    assert tick(leases, tracker, clock) == ({run} if kept else set())
+    # Another replica may have seen the lease expire and taken the run meanwhile: one that
+    # is not alone gives it up and takes it again only after a whole TTL.
+    clock.now += INTERVAL
+    assert tick(leases, tracker, clock) == ({run} if kept else set())
+
+
 def test_released_runs_are_taken_at_once(memory: Backend) -> None:
     tracker, clock = memory.tracker, Clock()
     runs = managed_runs(memory, 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -27,10 +28,29 @@ def test_paths_follow_the_contract() -> None:
     assert parse_audit_path("atm/audit/notes.txt") is None
 
 
-@pytest.mark.parametrize("text", ["eval_loss", "minimise:eval_loss", "maximize:", ":x"])
+@pytest.mark.parametrize("text", ["eval_loss", "maximize:", ":x", "maximize: ", "up:eval_loss"])
 def test_objective_rejects_malformed_text(text: str) -> None:
     with pytest.raises(ValueError, match="minimize:METRIC"):
         Objective.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "meant"),
+    [
+        ("minimize: val_loss", "minimize:val_loss"),  # a metric never logged by that name
+        ("minimize :val_loss", "minimize:val_loss"),
+        ("maximize:eval/accuracy ", "maximize:eval/accuracy"),
+        ("minimise:val_loss", "minimize:val_loss"),
+        ("Maximize:reward", "maximize:reward"),
+        ("min:val_loss", "minimize:val_loss"),
+    ],
+)
+def test_objective_with_spaces_or_a_misspelt_direction_suggests_the_one_meant(
+    text: str, meant: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"did you mean '{meant}'")) as refused:
+        Objective.parse(text)
+    assert "\n" not in str(refused.value)
 
 
 def test_objective_direction() -> None:

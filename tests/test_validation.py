@@ -7,7 +7,13 @@ import math
 import pytest
 
 from integrations.protocol import Command, KnobSpec, Proposal, RunSpec, Source
-from manager_daemon.validation import RunState, ValidationConfig, build_menu, validate
+from manager_daemon.validation import (
+    RunState,
+    ValidationConfig,
+    build_menu,
+    refused_by_hand,
+    validate,
+)
 
 SPEC = RunSpec(
     framework="torch",
@@ -50,6 +56,39 @@ def test_out_of_range_is_clamped_to_the_bound() -> None:
     assert verdict.verdict == "clamped" and verdict.final == 1.0
     assert "outside the range" in verdict.reason
     assert result.values["aux_weight"] == 1.0
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, 1.0])
+def test_a_persons_value_outside_the_range_is_refused_not_clamped(value: float) -> None:
+    # A policy's lr of -1 becomes the knob's min (a cut); a person's is refused: it was meant
+    # as typed, and a cut nobody asked for would start a cooldown that blocks the next change.
+    policy, _ = one({"learning_rate": value})
+    assert policy.verdict == "clamped"
+    person, result = one({"learning_rate": value}, source=Source.HUMAN)
+    assert person.verdict == "rejected" and not result.issues_version
+    assert person.reason == f"learning_rate={value:g} is outside its bounds [1e-05, 0.01]"
+
+
+def test_only_the_size_of_a_persons_step_is_clamped() -> None:
+    verdict, _ = one({"learning_rate": 1e-4}, source=Source.HUMAN)  # in range, ÷10 at once
+    assert verdict.verdict == "clamped" and verdict.final == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"learning_rate": -1.0}, "learning_rate=-1 is outside its bounds [1e-05, 0.01]"),
+        ({"learning_rate": math.nan}, "learning_rate=nan is not a finite number"),
+        ({"learning_rat": 1e-4}, "learning_rat is not a knob of this run (did you mean "),
+        ({"momentum": 0.9}, "momentum is not a knob of this run (its knobs: learning_rate, "),
+        ({"learning_rate": 5e-4, "aux_weight": 2.0}, "aux_weight=2 is outside its bounds"),
+    ],
+)
+def test_what_a_person_cannot_set_at_all_is_said_in_one_line(
+    changes: dict[str, float], reason: str
+) -> None:
+    assert (refused_by_hand(changes, SPEC) or "").startswith(reason)
+    assert refused_by_hand({"learning_rate": 1e-4, "weight_decay": 0.5}, SPEC) is None
 
 
 def test_too_large_a_step_is_clamped_to_the_max_step() -> None:
