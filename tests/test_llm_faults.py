@@ -13,7 +13,7 @@ from typing import Any
 from integrations.protocol import PARAMS_DIR, AuditRecord, Source
 from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon, in_background
-from manager_daemon.policies.llm import LLMConfig, LLMPolicy
+from manager_daemon.policies.llm import LLMConfig, LLMFallback, LLMPolicy
 from manager_daemon.policies.openai_chat import OpenAIChat
 from manager_daemon.supervisor import SupervisorConfig
 from manager_daemon.validation import ValidationConfig
@@ -43,11 +43,17 @@ class Evaluations(threading.Thread):
 
 
 def supervised(
-    memory: Backend, replay: ReplayServer, runs: int, *, timeout_s: float, stale_evals: int = 2
+    memory: Backend,
+    replay: ReplayServer,
+    runs: int,
+    *,
+    timeout_s: float,
+    stale_evals: int = 2,
+    fallback: LLMFallback = LLMFallback.RULES,
 ) -> tuple[Daemon, list[str]]:
     ids = [overfitting_run(memory) for _ in range(runs)]
     model = OpenAIChat("replay", base_url=replay.base_url, api_key="x")
-    policy = LLMPolicy(model, LLMConfig(timeout_s=timeout_s))
+    policy = LLMPolicy(model, LLMConfig(timeout_s=timeout_s, fallback=fallback))
     config = SupervisorConfig(
         validation=ValidationConfig(cooldown_steps=0, budget=1000),
         audit_no_action=True,
@@ -128,12 +134,40 @@ def test_a_model_answering_500_falls_back_to_the_rules_and_recovers(
     assert after and all(r.source == Source.LLM for r in after)
 
 
-def test_slow_answers_are_dropped_as_stale_and_issue_nothing(
+def test_a_model_slower_than_the_run_leaves_it_to_the_rules(
+    memory: Backend, replay: ReplayServer
+) -> None:
+    """Answers take 1.5 s, the run evaluates every 0.25 s: the first answer comes too late and
+    the rules decide on the run's state instead; then the model is no longer asked, and the
+    rules decide at once."""
+    slow = turning_lr((0.002, 0.004))
+    replay.answer = lambda body: Reply(slow(body).content, delay_s=1.5)
+    daemon, (run_id,) = supervised(memory, replay, 1, timeout_s=10.0, stale_evals=2)
+    evaluations = Evaluations(memory, [run_id])
+    with in_background([daemon], TICK_S):
+        evaluations.start()
+        wait_for(lambda: len(records(memory, run_id)) >= 4, 15)
+    evaluations.halt.set()
+    first, *later = records(memory, run_id)
+    assert first.source == Source.RULES and "rules decided on the run's current state" in (
+        first.note or ""
+    ), first.summary()
+    assert first.raw_response, "the late answer is kept in the record"
+    assert len(replay.requests) == 1, "asked once: its answers come after the next evaluation"
+    for record in later:
+        assert record.source == Source.RULES and record.model is None, record.summary()
+        assert "the rules acted at once" in (record.note or "") or record.status == "no_action"
+    assert memory.tracker.list_artifacts(run_id, PARAMS_DIR)
+
+
+def test_slow_answers_without_a_fallback_are_dropped_as_stale_and_issue_nothing(
     memory: Backend, replay: ReplayServer
 ) -> None:
     slow = turning_lr((0.002, 0.004))
     replay.answer = lambda body: Reply(slow(body).content, delay_s=1.5)
-    daemon, (run_id,) = supervised(memory, replay, 1, timeout_s=10.0, stale_evals=2)
+    daemon, (run_id,) = supervised(
+        memory, replay, 1, timeout_s=10.0, stale_evals=2, fallback=LLMFallback.NONE
+    )
     evaluations = Evaluations(memory, [run_id])
     with in_background([daemon], TICK_S):
         evaluations.start()

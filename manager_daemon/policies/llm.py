@@ -79,6 +79,10 @@ class LLMConfig(BaseModel):
     )
 
 
+# Decisions left to the rules, for a model too slow for the run, before it is asked again.
+REPROBE_AFTER = 20
+
+
 class LatencyEstimate:
     """How long a model takes to answer: a moving average of its recent calls."""
 
@@ -110,8 +114,9 @@ class LLMPolicy:
         self.config = config or LLMConfig()
         self.rules = rules or RulesPolicy()
         self.fallback = self.rules if self.config.fallback is LLMFallback.RULES else None
-        # How long the model takes to answer, from its recent calls (None before the first).
+        # How long the model takes to answer, from its recent answers (None before the first).
         self.latency = LatencyEstimate()
+        self._skipped = 0  # decisions left to the rules since the model was last asked
 
     def propose(self, snapshot: Snapshot, menu: Menu) -> PolicyAnswer:
         if menu.empty:
@@ -125,7 +130,7 @@ class LLMPolicy:
                 ),
                 source=Source.RULES,
             )
-        if (late := self._too_slow_for(snapshot)) is not None:
+        if self.fallback is not None and (late := self._too_slow_for(snapshot)) is not None:
             return self._without_model(diagnosis, late)
         options: list[dict[str, Any]] | None = None
         if self._mode() == "choose":
@@ -145,7 +150,6 @@ class LLMPolicy:
                 result = self.model.complete(messages, schema, timeout=self.config.timeout_s)
             except ChatError as exc:
                 answer.timings[f"llm_call_{attempt}_s"] = round(time.monotonic() - started, 3)
-                self.latency.observe(time.monotonic() - started)
                 problem = f"model call failed: {exc}"
                 break
             answer.timings[f"llm_call_{attempt}_s"] = round(time.monotonic() - started, 3)
@@ -194,6 +198,12 @@ class LLMPolicy:
         pace = snapshot.objective.seconds_per_eval
         expected = self.latency.seconds
         if pace is None or expected is None or expected <= pace:
+            return None
+        self._skipped += 1
+        if self._skipped > REPROBE_AFTER:
+            # Asked again now and then: the model (or the machine it shares) may have become
+            # faster, which a model never asked cannot show.
+            self._skipped = 0
             return None
         return (
             f"the model answers in about {expected:.1f} s and the run evaluates every "
