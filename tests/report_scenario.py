@@ -99,9 +99,10 @@ def build(tracker: Tracker, run_id: str, replay: ReplayServer) -> Scenario:
         assert record is not None, "the policy was expected to decide"
         return record
 
-    def human(*args: str) -> AuditRecord:
+    def human(*args: str, cooldown: int = 0) -> AuditRecord:
         result = runner.invoke(
-            app, ["set", run_id, *args, "--cooldown-steps", "0", "--tracking-uri", tracker.uri]
+            app,
+            ["set", run_id, *args, "--cooldown-steps", str(cooldown), "--tracking-uri", tracker.uri],
         )
         assert result.exit_code in (0, 1), result.output
         return AuditLog(tracker).records(run_id)[-1]
@@ -125,11 +126,12 @@ def build(tracker: Tracker, run_id: str, replay: ReplayServer) -> Scenario:
         "status": "issued",
         "verdicts": {"weight_decay": "clamped"},
     }
-    r = human("momentum=0.9", "--reason", "try momentum")
+    # The lr was changed a few steps ago: in a long cooldown, the change is refused.
+    r = human("learning_rate=4e-4", "--reason", "a little lower", cooldown=1000)
     scenario.expected[r.decision_id] = {
         "source": "human",
         "status": "rejected",
-        "verdicts": {"momentum": "rejected"},
+        "verdicts": {"learning_rate": "rejected"},
     }
 
     training.train([2.1, 2.2, 2.3])

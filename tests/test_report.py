@@ -427,7 +427,7 @@ def test_the_wandb_report_spec_is_built_offline(memory: Backend, replay: ReplayS
     assert len(lines) == 2 + 6, "a header, a rule, and a row per decision"
     assert all(line.count(" | ") == 6 for line in lines[2:]), "no cell breaks the table"
     assert "<script>" not in decisions and r"\<script\>" in decisions
-    assert "momentum rejected" in decisions and "weight\\_decay clamped" in decisions
+    assert "learning\\_rate rejected" in decisions and "weight\\_decay clamped" in decisions
     # It round-trips through W&B's own model.
     again = type(report)._from_model(report._to_model())
     assert again.title == report.title and len(again.blocks) == len(report.blocks)
