@@ -440,4 +440,6 @@ def in_background(daemons: Sequence[Daemon], interval_s: float) -> Iterator[None
         scheduler.shutdown(wait=True)
         for daemon in daemons:
             daemon.drain(timeout=60)
+            if daemon.leases is not None:
+                daemon.leases.release()
             daemon.close()

@@ -24,6 +24,7 @@ from integrations.trackers import Cursor, Tracker, open_tracker
 from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon, in_background
 from manager_daemon.demo.lm import DEMO_RECIPE
+from manager_daemon.leases import Leases, Replica
 from manager_daemon.mlflow_server import MlflowServer, start_server
 from manager_daemon.policies.factory import make_policy
 from manager_daemon.settings import DaemonSettings
@@ -71,6 +72,14 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
     # model answered after both had ended, so the demo decides at their priority unless
     # ATM_NICE says otherwise.
     nice = settings.nice if "nice" in settings.model_fields_set else 0
+    # A lease on each run, as `atm daemon` takes: `atm status` shows the runs as watched.
+    leases = Leases(
+        tracker,
+        Replica.from_name("atm-demo", 0, 1),
+        ttl_s=settings.lease_ttl_s(),
+        settle_s=settings.lease_settle,
+        interval_s=DAEMON_INTERVAL_S,
+    )
     daemon = Daemon(
         tracker,
         policy,
@@ -80,6 +89,7 @@ def run_demo(workdir: Path, console: Console, policy_name: str = "auto") -> dict
         ),
         signing_key=settings.key(),
         nice=nice,
+        leases=leases,
     )
     with in_background([daemon], DAEMON_INTERVAL_S):
         variants = _train_side_by_side(workdir, uri, tracker, console)
