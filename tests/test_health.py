@@ -215,3 +215,14 @@ def test_status_fits_80_columns_and_takes_short_ids_finished_runs_with_all(
     assert run_id[:12] in ended.output and "(finished)" in ended.output
     missing = runner.invoke(app, ["log", "ffffffffffff", "--tracking-uri", memory.uri])
     assert missing.exit_code == 1 and "no run" in missing.output
+
+
+def test_an_acute_symptom_is_treated_by_the_rules_at_once(replay: ReplayServer) -> None:
+    """Non-finite losses do not wait for a model's answer, however fast the model."""
+    t = telemetry([3.0 - i / 50 for i in range(60)] + [float("nan")] * 5, [3.0, 2.5, 2.2])
+    snapshot, menu = snapshot_and_menu(t, OVERFIT_SPEC, Source.LLM)
+    policy = LLMPolicy(OpenAIChat("m", base_url=replay.base_url), LLMConfig(consult="always"))
+    answer = policy.propose(snapshot, menu)
+    assert replay.requests == [], "the model is not asked"
+    assert answer.source is Source.RULES and answer.proposal.reason.startswith("divergence")
+    assert "learning_rate" in answer.proposal.changes and "acute symptom" in answer.note

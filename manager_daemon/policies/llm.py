@@ -32,7 +32,7 @@ from manager_daemon.policies.prompt import (
     options_schema,
     parse_answer,
 )
-from manager_daemon.policies.rules import RulesPolicy
+from manager_daemon.policies.rules import RulesPolicy, is_acute
 from manager_daemon.telemetry import Snapshot
 from manager_daemon.validation import Menu
 
@@ -129,6 +129,12 @@ class LLMPolicy:
                     reason=f"no symptom, model not consulted ({diagnosis.reason})"[:200],
                 ),
                 source=Source.RULES,
+            )
+        if self.fallback is not None and is_acute(diagnosis):
+            return PolicyAnswer(
+                diagnosis,
+                source=Source.RULES,
+                note="an acute symptom: the rules acted at once, without waiting for the model",
             )
         if self.fallback is not None and (late := self._too_slow_for(snapshot)) is not None:
             return self._without_model(diagnosis, late)

@@ -277,6 +277,16 @@ class RulesPolicy:
         return tried or exhausted
 
 
+# Symptoms that cannot wait for a model's answer: a policy that consults a model lets the rules
+# act on them at once. The rules' reasons begin with the symptom's name.
+ACUTE_SYMPTOMS = ("divergence", "unsafe exploration")
+
+
+def is_acute(proposal: Proposal) -> bool:
+    """Whether ``proposal`` is the rules' remedy for an acute symptom."""
+    return proposal.action != "no_action" and proposal.reason.startswith(ACUTE_SYMPTOMS)
+
+
 def _scaled(menu: Menu, knob: str, factor: float) -> dict[str, float]:
     item = menu.knobs.get(knob)
     if item is None:
