@@ -141,7 +141,7 @@ class Daemon:
         self._last_tracker_ok: float | None = None
         self._tracker_problem = "no tick yet"
         self.reports = reports
-        self.run_health = HealthReporter(tracker)
+        self.run_health = HealthReporter(tracker, self.metrics.managed_runs)
 
     def run_once(self, wait: bool = True) -> TickReport:
         """One pass over every managed run. Never raises for one run's failure.
@@ -212,8 +212,6 @@ class Daemon:
                     with contextlib.suppress(Exception):
                         future.result()
                 self._collect(report)
-            for state, count in self.run_health.counts().items():
-                self.metrics.managed_runs.labels(state.value).set(count)
             self._tick_done(started)
         return report
 

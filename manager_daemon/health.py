@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from integrations.health import objective_missing, script_keys
 from integrations.protocol import (
@@ -23,6 +24,9 @@ from integrations.protocol import (
     Objective,
 )
 from integrations.trackers import RunInfo, Tracker, TrackerError
+
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +159,10 @@ class HealthReporter:
     the run has gone on without it for ``OBJECTIVE_WAIT_S``, since it may just not have been
     evaluated yet)."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, gauge: Gauge | None = None) -> None:
+        """``gauge`` (labelled by state) counts the runs in each state, kept current."""
         self.tracker = tracker
+        self.gauge = gauge
         self.runs: dict[str, _Said] = {}
         self.latest: dict[str, Health] = {}
         self._lock = threading.Lock()  # reports come from the tick and the worker threads
@@ -165,6 +171,7 @@ class HealthReporter:
         with self._lock:
             said = self.runs.setdefault(run.run_id, _Said(tag=run.tags.get(TAG_HEALTH)))
             self.latest[run.run_id] = health
+            self._count()
         self._log(run, health, said)
         value = health.tag_value()
         if value not in (said.tag, run.tags.get(TAG_HEALTH)):
@@ -198,11 +205,13 @@ class HealthReporter:
         with self._lock:
             self.runs.pop(run_id, None)
             self.latest.pop(run_id, None)
+            self._count()
 
-    def counts(self) -> dict[HealthState, int]:
-        """How many of the runs supervised here are in each state."""
+    def _count(self) -> None:
+        if self.gauge is None:
+            return
         counts = dict.fromkeys(HealthState, 0)
-        with self._lock:
-            for health in self.latest.values():
-                counts[health.state] += 1
-        return counts
+        for health in self.latest.values():
+            counts[health.state] += 1
+        for state, count in counts.items():
+            self.gauge.labels(state.value).set(count)
