@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, Field
 
 from integrations.knobs import Knob
@@ -35,10 +37,26 @@ from manager_daemon.validation import Menu
 class RulesConfig(BaseModel):
     """Named thresholds of the rules policy."""
 
-    overfit_patience: int = Field(2, ge=1, description="evaluations without improvement")
+    stall_margin: float = Field(
+        0.05,
+        ge=0,
+        description="an evaluation short of the best by no more than this share of what the "
+        "objective gained from its first evaluation to its best is no lack of progress",
+    )
+    overfit_patience: int = Field(
+        2, ge=1, le=RECENT_EVALS, description="evaluations short of the best"
+    )
     overfit_min_gap: float = Field(0.02, ge=0, description="relative eval-train gap")
-    plateau_patience: int = Field(4, ge=1, description="evaluations without improvement")
+    plateau_patience: int = Field(
+        4, ge=1, le=RECENT_EVALS, description="evaluations short of the best"
+    )
     diverge_ratio: float = Field(1.5, gt=1, description="recent / best train-loss mean")
+    diverge_min_share: float = Field(
+        0.25,
+        ge=0,
+        description="a diverging train loss gives back at least this share of what it gained "
+        "from its starting level to its best (a rise that matters for this loss)",
+    )
     spike_count: int = Field(3, ge=1, description="loss spikes in the recent window")
     lr_cut: float = Field(0.5, gt=0, lt=1, description="lr factor for overfitting/plateau")
     lr_cut_diverge: float = Field(0.25, gt=0, lt=1, description="lr factor on divergence")
@@ -55,7 +73,9 @@ class RulesConfig(BaseModel):
     penalty_knob: str = Field("collision_penalty", description="raised on unsafe exploration")
     timid_kl_share: float = Field(0.2, gt=0, description="approx_kl below this share of target")
     timid_kl: float = Field(0.002, gt=0, description="approx_kl below this is timid in any case")
-    timid_patience: int = Field(2, ge=1, description="evaluations without improvement")
+    timid_patience: int = Field(
+        2, ge=1, le=RECENT_EVALS, description="evaluations short of the best"
+    )
     timid_lr_factor: float = Field(
         4.0, gt=1, description="lr factor for timid updates (PPO's target_kl still caps a step)"
     )
@@ -79,7 +99,9 @@ class RulesConfig(BaseModel):
         0.1, gt=0, description="progress slower than this share of the target over the window"
     )
     crawl_lr_factor: float = Field(2.0, gt=1, description="lr factor for slow progress")
-    stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
+    stop_patience: int = Field(
+        6, ge=1, le=RECENT_EVALS, description="evaluations short of the best, to stop"
+    )
     stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
 
 
@@ -97,8 +119,8 @@ class RulesPolicy:
 
     def decide(self, snap: Snapshot, menu: Menu) -> Proposal:
         cfg = self.config
-        obj, train, gap = snap.objective, snap.train, snap.gap
-        stale = obj.evals_since_best
+        obj, gap = snap.objective, snap.gap
+        stale = self._stale(snap)
         # Before stopping: a run that has learned nothing yet may just need bolder settings.
         timid = self._timid(snap)
         if self._at_floor(snap) and (explore := self._explore(menu)):
@@ -119,23 +141,7 @@ class RulesPolicy:
                 + ("; back to the best state" if back else ""),
                 expected_effect="training ends at the best objective",
             )
-        # The train loss says "diverging" only where the objective is a loss too: an RL loss
-        # (PPO's value loss, say) rises and jumps as returns grow.
-        supervised = obj.direction == "minimize" and "loss" in obj.metric
-        diverging = supervised and (
-            train.recent_mean is not None
-            and train.best_mean
-            and train.recent_mean > cfg.diverge_ratio * train.best_mean
-        )
-        spiking = supervised and train.spikes >= cfg.spike_count
-        if snap.non_finite or diverging or spiking:
-            why = (
-                "non-finite metric values"
-                if snap.non_finite
-                else f"{train.spikes} loss spikes"
-                if spiking
-                else f"train loss {_g(train.recent_mean)} vs best {_g(train.best_mean)}"
-            )
+        if (why := self._diverging(snap)) is not None:
             changes = _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut_diverge) | _scaled(
                 menu, Knob.MAX_GRAD_NORM, cfg.clip_cut
             )
@@ -178,7 +184,7 @@ class RulesPolicy:
                 changes,
                 f"overfitting: {obj.metric} not improved for {stale} evaluations (best "
                 f"{_g(obj.best)}, last {_g(obj.last)}) while the eval-train gap widens to "
-                f"{_g(gap.last)} ({gap.relative:.0%})",
+                f"{_gap(gap.last, gap.relative)}",
                 f"{obj.metric} stops rising; the gap narrows",
                 _rollback(menu),
             )
@@ -196,6 +202,61 @@ class RulesPolicy:
                 f"{obj.metric} improves again",
             )
         return Proposal(action="no_action", reason="no rule fired")
+
+    def _diverging(self, snap: Snapshot) -> str | None:
+        """Why the run is diverging, or None.
+
+        Non-finite values always are. Otherwise the train loss must have risen in a way that
+        matters for this loss: its recent mean ``diverge_ratio`` times its best mean, and the
+        rise at least ``diverge_min_share`` of what the loss had gained from its starting level
+        to that best (a loss of 1e-9 after one of 1e-15 has gained nothing back); or
+        ``spike_count`` spikes of that height. And the objective, where it has been measured,
+        worse than its best too. Both best and spikes count from the last rollback on: the
+        weights before it are gone.
+        """
+        cfg, obj, train = self.config, snap.objective, snap.train
+        if snap.non_finite:
+            return "non-finite metric values"
+        # The train loss says "diverging" only where the objective is a loss too: an RL loss
+        # (PPO's value loss, say) rises and jumps as returns grow.
+        if obj.direction != "minimize" or "loss" not in obj.metric:
+            return None
+        if obj.best is not None and obj.evals_since_best == 0:
+            return None  # the objective is at its best: the train loss does it no harm
+        if train.recent_mean is None or train.best_mean is None:
+            return None
+        floor = cfg.diverge_min_share * max(0.0, (train.start or 0.0) - train.best_mean)
+        rise = train.recent_mean - train.best_mean
+        if train.spikes >= cfg.spike_count and (train.spike_rise or 0.0) > floor:
+            return f"{train.spikes} loss spikes of {_g(train.spike_rise)}"
+        if train.recent_mean > cfg.diverge_ratio * train.best_mean and rise > floor:
+            return (
+                f"train loss {_g(train.recent_mean)}, up from its best {_g(train.best_mean)} "
+                f"(it started at {_g(train.start)})"
+            )
+        return None
+
+    def _stale(self, snap: Snapshot) -> int:
+        """The latest evaluations, in a row, that fell short of the best by more than
+        ``stall_margin`` of what the objective gained from its first evaluation to its best:
+        evaluations within that of the best are a run holding its best (a converged run, a
+        return at its maximum), not a run that stopped improving; where nothing was gained,
+        every evaluation after the best counts. Counted from the last rollback on: a rollback
+        returns the run to its best state."""
+        obj, since = snap.objective, snap.rolled_back_at
+        if obj.best is None:
+            return 0
+        gained = abs((obj.first if obj.first is not None else obj.best) - obj.best)
+        margin = self.config.stall_margin * gained
+        sign = 1.0 if obj.direction == "minimize" else -1.0
+        count = 0
+        for step, value in reversed(obj.recent):
+            # Nothing gained: every evaluation after the best is one without progress.
+            short = not math.isfinite(value) or not gained or sign * (value - obj.best) > margin
+            if not short or (since is not None and step <= since) or step <= (obj.best_step or -1):
+                break
+            count += 1
+        return count
 
     def _unsafe(self, snap: Snapshot) -> tuple[str, float] | None:
         """The safety signal and its value when the run explores unsafely."""
@@ -258,7 +319,7 @@ class RulesPolicy:
     def _timid(self, snap: Snapshot) -> tuple[float, float] | None:
         """PPO's approx_kl and the limit it is under, when updates are too small to learn."""
         cfg = self.config
-        if snap.objective.evals_since_best < cfg.timid_patience:
+        if self._stale(snap) < cfg.timid_patience:
             return None
         kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
         target = snap.knobs.get(Knob.TARGET_KL, {}).get("value")
@@ -267,7 +328,7 @@ class RulesPolicy:
 
     def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
         cfg = self.config
-        if Command.STOP not in menu.commands or snap.objective.evals_since_best < cfg.stop_patience:
+        if Command.STOP not in menu.commands or self._stale(snap) < cfg.stop_patience:
             return False
         tried = len(snap.interventions) >= cfg.stop_after_interventions
         exhausted = not any(
@@ -318,3 +379,11 @@ def _proposal(
 
 def _g(x: float | None) -> str:
     return "?" if x is None else f"{x:.4g}"
+
+
+def _gap(gap: float | None, relative: float | None) -> str:
+    """The eval-train gap, with its share of the train loss while that share reads as one
+    (over a train loss near zero it would be a number of many digits)."""
+    if relative is None or abs(relative) > 10:
+        return _g(gap)
+    return f"{_g(gap)} ({relative:.0%} of the train loss)"
