@@ -50,6 +50,7 @@ from manager_daemon.telemetry import (
     ObjectiveView,
     RunTelemetry,
     Snapshot,
+    TrainView,
 )
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu, validate
 
@@ -134,8 +135,11 @@ class RunSupervisor:
         for record in sorted(self.records.values(), key=lambda r: r.decision_id, reverse=True):
             earlier = (record.telemetry or {}).get("objective")
             if earlier and earlier.get("metric") == self.telemetry.objective.metric:
-                train_start = ((record.telemetry or {}).get("train") or {}).get("start")
-                self.telemetry.remember(ObjectiveView.model_validate(earlier), train_start)
+                train = (record.telemetry or {}).get("train")
+                self.telemetry.remember(
+                    ObjectiveView.model_validate(earlier),
+                    TrainView.model_validate(train) if train else None,
+                )
                 return
 
     def _load_spec(self, run: RunInfo) -> None:

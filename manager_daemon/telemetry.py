@@ -26,8 +26,10 @@ GRAD_NORM_KEYS = ("grad_norm", "train/grad_norm")
 # Latest values of these, where a run logs them, reach policies as ``signals``: how large the
 # policy updates are (PPO's KL and clip fraction) and how unsafe the evaluated policy is.
 APPROX_KL_KEYS = ("train/approx_kl", "approx_kl")
+# Minus the policy's entropy, as stable-baselines3 logs it.
+ENTROPY_LOSS_KEYS = ("train/entropy_loss",)
 SAFETY_KEYS = ("eval/collision", "eval/cost", "eval/collision_rate", "rollout/collision_rate")
-SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *SAFETY_KEYS)
+SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *ENTROPY_LOSS_KEYS, *SAFETY_KEYS)
 RECENT_EVALS = 8
 # Train-loss points whose mean is the loss's starting level, and the points each mean of the
 # recent and best train loss averages.
@@ -57,6 +59,12 @@ class Intervention:
     applied_step: int | None = None
     outcome: Outcome | None = None
 
+    @property
+    def step(self) -> int:
+        """Where it took effect: applied there, or decided there while not applied yet (from
+        its decision on, what came before is no guide: other settings are coming)."""
+        return self.applied_step if self.applied_step is not None else self.decision_step
+
 
 class ObjectiveView(BaseModel):
     metric: str
@@ -72,23 +80,27 @@ class ObjectiveView(BaseModel):
 
 
 class TrainView(BaseModel):
-    """The train loss: its starting level (its own scale), and the recent mean, the best mean,
-    spikes and trend measured from ``since_step`` (the last rollback's step) on."""
+    """The train loss: where it started (its own scale), and its recent mean, best mean, peak,
+    spikes and trend, measured from ``since_step`` (the last intervention's) on."""
 
     metric: str | None = None
     last: float | None = None
+    first: float | None = Field(default=None, description="the first value the run logged")
     start: float | None = Field(
         default=None, description="mean of the first points the run logged: the loss's scale"
     )
     recent_mean: float | None = None
     best_mean: float | None = None
+    peak: float | None = Field(default=None, description="the highest mean of a few points")
     spikes: int = 0
     spike_rise: float | None = Field(
         default=None, description="median height of the spikes above the points before them"
     )
     trend: float | None = None
     since_step: int | None = Field(
-        default=None, description="points after this step only (a rollback's): its baselines"
+        default=None,
+        description="points after this step only: those before the last intervention were "
+        "made with other settings, or with weights a rollback replaced",
     )
 
 
@@ -148,7 +160,8 @@ class RunTelemetry:
         self.evaluations = 0  # read by this reader, those before the window included
         self.train: deque[tuple[int, float]] = deque(maxlen=window)
         self.train_key: str | None = None
-        # The loss's starting level, kept as its first points leave the window.
+        # Where the loss started, kept as its first points leave the window.
+        self.train_first: float | None = None
         self.train_start: float | None = None
         self._start_points: list[float] = []
         self.lr: float | None = None
@@ -169,12 +182,12 @@ class RunTelemetry:
         """How much of each key a first read takes."""
         return Window(self.window, {self.objective.metric: self.evals.maxlen or self.window})
 
-    def remember(self, earlier: ObjectiveView, train_start: float | None = None) -> None:
+    def remember(self, earlier: ObjectiveView, train: TrainView | None = None) -> None:
         """The best and first evaluations an earlier snapshot saw, and the evaluations since
-        that best (and the train loss's starting level), for a reader that has read only a
+        that best (and where the train loss started), for a reader that has read only a
         recent window of the history (after a restart)."""
-        if train_start is not None:
-            self.train_start = train_start
+        if train is not None and train.start is not None:
+            self.train_first, self.train_start = train.first, train.start
         if earlier.best is not None and earlier.best_step is not None:
             self.earlier_best = (earlier.best_step, earlier.best)
             self.earlier_since_best = earlier.evals_since_best
@@ -228,6 +241,8 @@ class RunTelemetry:
     def _note_start(self, value: float) -> None:
         if self.train_start is not None or not math.isfinite(value):
             return
+        if self.train_first is None:
+            self.train_first = value
         self._start_points.append(value)
         if len(self._start_points) == START_POINTS:
             self.train_start = statistics.fmean(self._start_points)
@@ -290,7 +305,9 @@ class RunTelemetry:
         start = self.train_start
         if start is None and self._start_points:
             start = statistics.fmean(self._start_points)  # fewer points than START_POINTS yet
-        view = TrainView(metric=self.train_key, start=start, since_step=since_step)
+        view = TrainView(
+            metric=self.train_key, first=self.train_first, start=start, since_step=since_step
+        )
         if not values:
             return view
         view.last = values[-1]
@@ -301,6 +318,7 @@ class RunTelemetry:
             for i in range(0, max(1, len(values) - width + 1), width // 2)
         ]
         view.best_mean = min(means)
+        view.peak = max(statistics.fmean(values[i : i + 5]) for i in range(0, len(values), 5))
         rises = _spikes(values)
         view.spikes = len(rises)
         view.spike_rise = statistics.median(rises) if rises else None
@@ -357,6 +375,7 @@ class RunTelemetry:
             }
         since = history[-1].decision_step if history else -1
         rolled_back = rollback_step(history)
+        changed = history[-1].step if history else None
         views = []
         for item in history[-5:]:
             # Once measured, an outcome is the one recorded: its evaluations may have left
@@ -365,7 +384,7 @@ class RunTelemetry:
             views.append(
                 InterventionView(
                     version=item.version,
-                    step=item.applied_step if item.applied_step is not None else item.decision_step,
+                    step=item.step,
                     source=item.source,
                     changes={k: f"{_g(a)}→{_g(b)}" for k, (a, b) in item.changes.items()}
                     | {c: "command" for c in item.commands},
@@ -378,7 +397,7 @@ class RunTelemetry:
         return Snapshot(
             step=self.step,
             objective=self.objective_view(),
-            train=self.train_view(rolled_back),
+            train=self.train_view(changed),
             gap=self.gap_view(rolled_back),
             non_finite=any(s > since for s in self.non_finite_steps),
             learning_rate_logged=self.lr,
@@ -395,12 +414,8 @@ class RunTelemetry:
 
 
 def rollback_step(history: list[Intervention]) -> int | None:
-    """The step the last rollback took effect at, or was decided at while not yet applied
-    (from its decision on, the old baselines are no guide: the weights are going back)."""
-    for item in reversed(history):
-        if ROLLBACK in item.commands:
-            return item.applied_step if item.applied_step is not None else item.decision_step
-    return None
+    """The step the last rollback took effect at (``Intervention.step``)."""
+    return next((item.step for item in reversed(history) if ROLLBACK in item.commands), None)
 
 
 def _relative_slope(values: list[float]) -> float | None:
