@@ -437,11 +437,14 @@ def test_a_loss_still_at_its_first_value_gets_a_higher_learning_rate() -> None:
 
 
 def test_violent_ppo_updates_lower_the_learning_rate() -> None:
-    p = rl_decide([0.1, 0.3, 0.5], {"train/approx_kl": 0.2, "eval/collision": 0.0})
+    p = rl_decide([0.1, 0.5, 0.3], {"train/approx_kl": 0.2, "eval/collision": 0.0})
     assert p.reason.startswith("violent updates: approx_kl 0.2 above 0.05"), p.reason
     assert p.changes == {"learning_rate": 1.5e-5}
-    ordinary = rl_decide([0.1, 0.3, 0.5], {"train/approx_kl": 0.02, "eval/collision": 0.0})
+    assert rl_decide([0.1], {"train/approx_kl": 0.2}).reason.startswith("violent updates")
+    ordinary = rl_decide([0.1, 0.5, 0.3], {"train/approx_kl": 0.02, "eval/collision": 0.0})
     assert ordinary.action == "no_action", ordinary.reason
+    improving = rl_decide([0.1, 0.3, 0.5], {"train/approx_kl": 0.2, "eval/collision": 0.0})
+    assert improving.action == "no_action", "no harm done while the objective is at its best"
 
 
 def entropy_run(entropies: list[float], evals: list[float], ent_coef: float) -> object:

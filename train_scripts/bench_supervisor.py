@@ -200,7 +200,7 @@ def judge(result: RunResult, baseline: RunResult) -> None:
     steps = [s for s, _ in result.evaluations]
     for item in result.interventions:
         decided = item["decision_step"] or 0
-        if fitting(result.fault, item) and (decided >= onset or result.fault == "overfit"):
+        if fitting(result.fault, item) and (decided > onset or result.fault == "overfit"):
             result.detected_at = item["evaluation"]
             result.latency = sum(1 for s in steps if onset < s <= decided)
             return

@@ -239,8 +239,12 @@ class RulesPolicy:
         if (entropy := self._collapsed(snap)) is None:
             return None
         obj = snap.objective
+        changes = _raised(menu, Knob.ENT_COEF, 2.0)
+        if float(snap.knobs.get(Knob.ENT_COEF, {}).get("value", 0.0)) >= 0:
+            # A coefficient that was not pulling the entropy down leaves the lr to blame.
+            changes |= _scaled(menu, Knob.LEARNING_RATE, self.config.lr_cut)
         return _proposal(
-            _raised(menu, Knob.ENT_COEF, 2.0),
+            changes,
             f"entropy collapse: the policy's entropy fell to {entropy[0]:.2g} from "
             f"{entropy[1]:.2g} with {obj.metric} at {_g(obj.last)} (best {_g(obj.best)})",
             "the policy's entropy recovers",
@@ -417,9 +421,12 @@ class RulesPolicy:
         return all(abs(v - obj.first) <= margin for v in values)
 
     def _violent(self, snap: Snapshot) -> tuple[float, float] | None:
-        """PPO's approx_kl and its limit, when each update moves the policy far: ``violent_kl``,
-        or ``violent_kl_share`` times the run's target_kl where that is higher."""
-        cfg = self.config
+        """PPO's approx_kl and its limit, when each update moves the policy far (above
+        ``violent_kl``, or ``violent_kl_share`` times the run's target_kl where that is higher)
+        and the objective, once measured twice, is worse than its best."""
+        cfg, obj = self.config, snap.objective
+        if obj.evaluations > 1 and obj.evals_since_best == 0:
+            return None  # the objective is at its best: the updates do it no harm
         kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
         target = snap.knobs.get(Knob.TARGET_KL, {}).get("value")
         limit = max(cfg.violent_kl, cfg.violent_kl_share * float(target or 0.0))
