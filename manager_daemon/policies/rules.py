@@ -202,7 +202,8 @@ class RulesPolicy:
         return Proposal(
             action="command",
             commands=[Command.STOP.value, *back],
-            reason=f"no improvement of {obj.metric} for {self._stale(snap)} evaluations after "
+            reason=f"no improvement of {obj.metric} for {self._stale(snap, since_change=False)} "
+            f"evaluations after "
             f"{len(snap.interventions)} interventions; best {_g(obj.best)} at step {obj.best_step}"
             + ("; back to the best state" if back else ""),
             expected_effect="training ends at the best objective",
@@ -335,17 +336,22 @@ class RulesPolicy:
             return f"train loss rose to {_g(peak)}, {peak / first:.3g} times its first {_g(first)}"
         return None
 
-    def _stale(self, snap: Snapshot) -> int:
+    def _stale(self, snap: Snapshot, *, since_change: bool = True) -> int:
         """The latest evaluations, in a row, that fell short of the best by more than
         ``stall_margin`` of the objective's scale (what it gained from its first evaluation to
         its best, or the best's magnitude where that is less): evaluations within that of the
         best are a run holding its best (a converged run, a
         return at its maximum), not a run that stopped improving; where nothing was gained,
-        every evaluation after the best counts. Counted from the last rollback on: a rollback
-        returns the run to its best state."""
-        obj, since = snap.objective, snap.rolled_back_at
+        every evaluation after the best counts. Counted from the last intervention on
+        (``since_change``): a change gets its evaluations to show its effect before the next
+        (a plateau does not halve the learning rate at every evaluation); else from the last
+        rollback on, which returns the run to its best state."""
+        obj = snap.objective
         if obj.best is None:
             return 0
+        since = snap.rolled_back_at
+        if since_change and snap.interventions:
+            since = snap.interventions[-1].step
         gained = abs((obj.first if obj.first is not None else obj.best) - obj.best)
         margin = self.config.stall_margin * min(gained, abs(obj.best))
         sign = 1.0 if obj.direction == "minimize" else -1.0
@@ -416,7 +422,9 @@ class RulesPolicy:
             return False
         if obj.direction == "minimize" and obj.evals_since_best > 0:
             return False  # a loss that fell fast at first and then rose again learned plenty
-        margin = self.config.floor_margin * max(abs(obj.first), 1.0)
+        # A loss on its own scale; a rate (a success rate at zero, say) on one of at least 1.
+        scale = abs(obj.first) if obj.direction == "minimize" else max(abs(obj.first), 1.0)
+        margin = self.config.floor_margin * scale
         values = [obj.best, *(v for _, v in obj.recent)]
         return all(abs(v - obj.first) <= margin for v in values)
 
@@ -458,7 +466,8 @@ class RulesPolicy:
 
     def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
         cfg = self.config
-        if Command.STOP not in menu.commands or self._stale(snap) < cfg.stop_patience:
+        stale = self._stale(snap, since_change=False)
+        if Command.STOP not in menu.commands or stale < cfg.stop_patience:
             return False
         tried = len(snap.interventions) >= cfg.stop_after_interventions
         exhausted = not any(
