@@ -202,8 +202,7 @@ class RulesPolicy:
         return Proposal(
             action="command",
             commands=[Command.STOP.value, *back],
-            reason=f"no improvement of {obj.metric} for {self._stale(snap, since_change=False)} "
-            f"evaluations after "
+            reason=f"no improvement of {obj.metric} for {self._stale(snap)} evaluations after "
             f"{len(snap.interventions)} interventions; best {_g(obj.best)} at step {obj.best_step}"
             + ("; back to the best state" if back else ""),
             expected_effect="training ends at the best objective",
@@ -286,7 +285,7 @@ class RulesPolicy:
         )
 
     def _on_plateau(self, snap: Snapshot, menu: Menu) -> Proposal | None:
-        obj, stale = snap.objective, self._stale(snap)
+        obj, stale = snap.objective, self._stale(snap, since_change=True)
         if stale < self.config.plateau_patience:
             return None
         return _proposal(
@@ -336,16 +335,16 @@ class RulesPolicy:
             return f"train loss rose to {_g(peak)}, {peak / first:.3g} times its first {_g(first)}"
         return None
 
-    def _stale(self, snap: Snapshot, *, since_change: bool = True) -> int:
+    def _stale(self, snap: Snapshot, *, since_change: bool = False) -> int:
         """The latest evaluations, in a row, that fell short of the best by more than
         ``stall_margin`` of the objective's scale (what it gained from its first evaluation to
         its best, or the best's magnitude where that is less): evaluations within that of the
         best are a run holding its best (a converged run, a
         return at its maximum), not a run that stopped improving; where nothing was gained,
-        every evaluation after the best counts. Counted from the last intervention on
-        (``since_change``): a change gets its evaluations to show its effect before the next
-        (a plateau does not halve the learning rate at every evaluation); else from the last
-        rollback on, which returns the run to its best state."""
+        every evaluation after the best counts. Counted from the last rollback on, which
+        returns the run to its best state; or, ``since_change``, from the last intervention
+        on, so that a change gets its evaluations to show its effect (a plateau does not halve
+        the learning rate at every evaluation)."""
         obj = snap.objective
         if obj.best is None:
             return 0
@@ -466,8 +465,7 @@ class RulesPolicy:
 
     def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
         cfg = self.config
-        stale = self._stale(snap, since_change=False)
-        if Command.STOP not in menu.commands or stale < cfg.stop_patience:
+        if Command.STOP not in menu.commands or self._stale(snap) < cfg.stop_patience:
             return False
         tried = len(snap.interventions) >= cfg.stop_after_interventions
         exhausted = not any(
