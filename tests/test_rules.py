@@ -447,7 +447,12 @@ def test_violent_ppo_updates_lower_the_learning_rate() -> None:
     assert improving.action == "no_action", "no harm done while the objective is at its best"
 
 
-def entropy_run(entropies: list[float], evals: list[float], ent_coef: float) -> object:
+def entropy_run(
+    entropies: list[float],
+    evals: list[float],
+    ent_coef: float,
+    history: list[Intervention] | None = None,
+) -> object:
     spec = RL_SPEC.model_copy(
         update={
             "knobs": [
@@ -466,7 +471,7 @@ def entropy_run(entropies: list[float], evals: list[float], ent_coef: float) -> 
         for i, v in enumerate(evals)
     ]
     t.add(sorted(points, key=lambda p: p.timestamp))
-    return RulesPolicy().decide(*snapshot_and_menu(t, spec, Source.RULES))
+    return RulesPolicy().decide(*snapshot_and_menu(t, spec, Source.RULES, history=history))
 
 
 def test_an_entropy_collapse_raises_the_entropy_coefficient_even_from_the_wrong_sign() -> None:
@@ -474,8 +479,26 @@ def test_an_entropy_collapse_raises_the_entropy_coefficient_even_from_the_wrong_
     p = entropy_run(collapsed, [0.05, 0.1, 0.12], ent_coef=-0.5)
     assert p.reason.startswith("entropy collapse: the policy's entropy fell to 0.02"), p.reason
     assert p.changes["ent_coef"] > -0.5
+    assert "learning_rate" not in p.changes, "the coefficient pulled the entropy down"
     converged = entropy_run(collapsed, [0.5, 0.9, 0.9], ent_coef=0.0)
     assert converged.action == "no_action", converged.reason
+
+
+def test_an_entropy_collapse_under_a_sound_coefficient_blames_the_learning_rate_once() -> None:
+    collapsed = [0.69, 0.68, 0.6, 0.5, 0.3, 0.1, 0.05, 0.04, 0.03, 0.03, 0.02, 0.02]
+    p = entropy_run(collapsed, [0.05, 0.1, 0.12], ent_coef=0.0)
+    assert p.changes["ent_coef"] > 0 and p.changes["learning_rate"] == 1.5e-5, p.changes
+    raised = Intervention(
+        version=1,
+        decision_id=1,
+        decision_step=100,
+        source="rules",
+        changes={"ent_coef": (0.0, 0.032), "learning_rate": (3e-5, 1.5e-5)},
+        commands=[],
+        applied_step=101,
+    )
+    again = entropy_run(collapsed, [0.05, 0.1, 0.12], ent_coef=0.032, history=[raised])
+    assert again.reason.startswith("entropy collapse") and "learning_rate" not in again.changes
 
 
 def test_a_plateau_gives_its_learning_rate_cut_time_before_the_next() -> None:

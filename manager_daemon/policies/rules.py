@@ -240,8 +240,9 @@ class RulesPolicy:
             return None
         obj = snap.objective
         changes = _raised(menu, Knob.ENT_COEF, 2.0)
-        if float(snap.knobs.get(Knob.ENT_COEF, {}).get("value", 0.0)) >= 0:
-            # A coefficient that was not pulling the entropy down leaves the lr to blame.
+        treated = any(Knob.ENT_COEF in i.changes for i in snap.interventions)
+        if not treated and float(snap.knobs.get(Knob.ENT_COEF, {}).get("value", 0.0)) >= 0:
+            # A coefficient that was not pulling the entropy down leaves the lr to blame, once.
             changes |= _scaled(menu, Knob.LEARNING_RATE, self.config.lr_cut)
         return _proposal(
             changes,
