@@ -53,6 +53,7 @@ from manager_daemon.telemetry import (
     ObjectiveView,
     RunTelemetry,
     Snapshot,
+    TrainView,
 )
 from manager_daemon.validation import Menu, RunState, ValidationConfig, build_menu, validate
 
@@ -144,12 +145,16 @@ class RunSupervisor:
 
     def _remember_earlier_evaluations(self) -> None:
         # The metrics are read from a recent window only: the best and first evaluations
-        # before it are in the last decision's snapshot.
+        # before it, and the train loss's starting level, are in the last decision's snapshot.
         assert self.telemetry is not None
         for record in sorted(self.records.values(), key=lambda r: r.decision_id, reverse=True):
             earlier = (record.telemetry or {}).get("objective")
             if earlier and earlier.get("metric") == self.telemetry.objective.metric:
-                self.telemetry.remember(ObjectiveView.model_validate(earlier))
+                train = (record.telemetry or {}).get("train")
+                self.telemetry.remember(
+                    ObjectiveView.model_validate(earlier),
+                    TrainView.model_validate(train) if train else None,
+                )
                 return
 
     def _load_spec(self, run: RunInfo) -> None:

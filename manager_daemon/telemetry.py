@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field
 
 from integrations.knobs import Knob
-from integrations.protocol import METRIC_PARAMS_VERSION, Objective, Outcome, RunSpec
+from integrations.protocol import (
+    METRIC_PARAMS_VERSION,
+    Command,
+    Objective,
+    Outcome,
+    RunSpec,
+)
 from integrations.trackers import MetricPoint, Window
 
 TRAIN_LOSS_KEYS = ("loss", "train_loss", "train/loss")
@@ -21,9 +27,15 @@ GRAD_NORM_KEYS = ("grad_norm", "train/grad_norm")
 # Latest values of these, where a run logs them, reach policies as ``signals``: how large the
 # policy updates are (PPO's KL and clip fraction) and how unsafe the evaluated policy is.
 APPROX_KL_KEYS = ("train/approx_kl", "approx_kl")
+# Minus the policy's entropy, as stable-baselines3 logs it.
+ENTROPY_LOSS_KEYS = ("train/entropy_loss",)
 SAFETY_KEYS = ("eval/collision", "eval/cost", "eval/collision_rate", "rollout/collision_rate")
-SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *SAFETY_KEYS)
+SIGNAL_KEYS = (*APPROX_KL_KEYS, "train/clip_fraction", *ENTROPY_LOSS_KEYS, *SAFETY_KEYS)
 RECENT_EVALS = 8
+# Train-loss points whose mean is the loss's starting level, and the points each mean of the
+# recent and best train loss averages.
+START_POINTS = 10
+MEAN_POINTS = 10
 EVALS_FOR_OUTCOME = 2
 # Points of each metric a reader keeps, and reads at most when it starts.
 METRIC_WINDOW = 400
@@ -31,6 +43,7 @@ METRIC_WINDOW = 400
 # snapshot shows and any patience needs. Those before are kept as the best and the first, and
 # how many came after the best; after a restart, as the last decision's snapshot saw them.
 OBJECTIVE_WINDOW = 4 * RECENT_EVALS
+ROLLBACK = Command.ROLLBACK_TO_BEST.value
 
 
 @dataclass
@@ -46,6 +59,12 @@ class Intervention:
     expected_effect: str = ""
     applied_step: int | None = None
     outcome: Outcome | None = None
+
+    @property
+    def step(self) -> int:
+        """Where it took effect: applied there, or decided there while not applied yet (from
+        its decision on, what came before is no guide: other settings are coming)."""
+        return self.applied_step if self.applied_step is not None else self.decision_step
 
 
 class ObjectiveView(BaseModel):
@@ -65,12 +84,28 @@ class ObjectiveView(BaseModel):
 
 
 class TrainView(BaseModel):
+    """The train loss: where it started (its own scale), and its recent mean, best mean, peak,
+    spikes and trend, measured from ``since_step`` (the last intervention's) on."""
+
     metric: str | None = None
     last: float | None = None
+    first: float | None = Field(default=None, description="the first value the run logged")
+    start: float | None = Field(
+        default=None, description="mean of the first points the run logged: the loss's scale"
+    )
     recent_mean: float | None = None
     best_mean: float | None = None
+    peak: float | None = Field(default=None, description="the highest mean of a few points")
     spikes: int = 0
+    spike_rise: float | None = Field(
+        default=None, description="median height of the spikes above the points before them"
+    )
     trend: float | None = None
+    since_step: int | None = Field(
+        default=None,
+        description="points after this step only: those before the last intervention were "
+        "made with other settings, or with weights a rollback replaced",
+    )
 
 
 class GapView(BaseModel):
@@ -107,6 +142,11 @@ class Snapshot(BaseModel):
     )
     knobs: dict[str, dict[str, float | str]]
     interventions: list[InterventionView]
+    rolled_back_at: int | None = Field(
+        default=None,
+        description="the step the last rollback took effect at (decided at, until applied): "
+        "what came before it describes weights the run no longer has",
+    )
 
 
 class RunTelemetry:
@@ -126,6 +166,10 @@ class RunTelemetry:
         self.evaluations = 0  # read by this reader, those before the window included
         self.train: deque[tuple[int, float]] = deque(maxlen=window)
         self.train_key: str | None = None
+        # Where the loss started, kept as its first points leave the window.
+        self.train_first: float | None = None
+        self.train_start: float | None = None
+        self._start_points: list[float] = []
         self.lr: float | None = None
         self.step = 0
         self.applied_steps: dict[int, int] = {}
@@ -144,10 +188,12 @@ class RunTelemetry:
         """How much of each key a first read takes."""
         return Window(self.window, {self.objective.metric: self.evals.maxlen or self.window})
 
-    def remember(self, earlier: ObjectiveView) -> None:
+    def remember(self, earlier: ObjectiveView, train: TrainView | None = None) -> None:
         """The best and first evaluations an earlier snapshot saw, and the evaluations since
-        that best, for a reader that has read only a recent window of the history (after a
-        restart)."""
+        that best (and where the train loss started), for a reader that has read only a
+        recent window of the history (after a restart)."""
+        if train is not None and train.start is not None:
+            self.train_first, self.train_start = train.first, train.start
         if earlier.best is not None and earlier.best_step is not None:
             self.earlier_best = (earlier.best_step, earlier.best)
             self.earlier_since_best = earlier.evals_since_best
@@ -195,8 +241,18 @@ class RunTelemetry:
             elif p.key in TRAIN_LOSS_KEYS and self.train_key in (None, p.key):
                 self.train_key = p.key
                 self.train.append((p.step, p.value))
+                self._note_start(p.value)
             elif p.key in LR_KEYS:
                 self.lr = p.value
+
+    def _note_start(self, value: float) -> None:
+        if self.train_start is not None or not math.isfinite(value):
+            return
+        if self.train_first is None:
+            self.train_first = value
+        self._start_points.append(value)
+        if len(self._start_points) == START_POINTS:
+            self.train_start = statistics.fmean(self._start_points)
 
     def signal_rise(self, key: str, width: int = 5) -> float | None:
         """How far the mean of a signal's last ``width`` points is above the lowest mean of
@@ -256,32 +312,47 @@ class RunTelemetry:
         gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
         return round(statistics.median(gaps), 3) if gaps else None
 
-    def train_view(self) -> TrainView:
-        values = [v for _, v in self.train if math.isfinite(v)]
-        view = TrainView(metric=self.train_key)
+    def train_view(self, since_step: int | None = None) -> TrainView:
+        """The train loss, its baselines (best mean, spikes) measured after ``since_step``."""
+        after = -1 if since_step is None else since_step
+        values = [v for s, v in self.train if s > after and math.isfinite(v)]
+        start = self.train_start
+        if start is None and self._start_points:
+            start = statistics.fmean(self._start_points)  # fewer points than START_POINTS yet
+        view = TrainView(
+            metric=self.train_key, first=self.train_first, start=start, since_step=since_step
+        )
         if not values:
             return view
         view.last = values[-1]
-        recent = values[-10:]
-        view.recent_mean = statistics.fmean(recent)
-        means = [statistics.fmean(values[i : i + 10]) for i in range(0, max(1, len(values) - 9), 5)]
+        width = MEAN_POINTS
+        view.recent_mean = statistics.fmean(values[-width:])
+        means = [
+            statistics.fmean(values[i : i + width])
+            for i in range(0, max(1, len(values) - width + 1), width // 2)
+        ]
         view.best_mean = min(means)
-        view.spikes = _spikes(values)
+        view.peak = max(statistics.fmean(values[i : i + 5]) for i in range(0, len(values), 5))
+        rises = _spikes(values)
+        view.spikes = len(rises)
+        view.spike_rise = statistics.median(rises) if rises else None
         view.trend = _relative_slope(
             [statistics.fmean(values[i : i + 5]) for i in range(0, len(values), 5)][-4:]
         )
         return view
 
-    def train_mean_near(self, step: int, width: int = 5) -> float | None:
-        near = [v for s, v in self.train if s <= step and math.isfinite(v)][-width:]
+    def train_mean_near(self, step: int, width: int = 5, after: int = -1) -> float | None:
+        near = [v for s, v in self.train if after < s <= step and math.isfinite(v)][-width:]
         return statistics.fmean(near) if near else None
 
-    def gap_view(self) -> GapView:
+    def gap_view(self, since_step: int | None = None) -> GapView:
+        """The eval-train gap at the last evaluations (those after ``since_step``)."""
         if self.objective.direction != "minimize" or "loss" not in self.objective.metric:
             return GapView()
+        after = -1 if since_step is None else since_step
         gaps = []
-        for s, v in list(self.evals)[-4:]:
-            train = self.train_mean_near(s)
+        for s, v in [e for e in self.evals if e[0] > after][-4:]:
+            train = self.train_mean_near(s, after=after)
             if train is not None and math.isfinite(v):
                 gaps.append((v - train, train))
         if not gaps:
@@ -317,6 +388,8 @@ class RunTelemetry:
                 "scale": knob.scale.value,
             }
         since = history[-1].decision_step if history else -1
+        rolled_back = rollback_step(history)
+        changed = history[-1].step if history else None
         views = []
         for item in history[-5:]:
             # Once measured, an outcome is the one recorded: its evaluations may have left
@@ -325,7 +398,7 @@ class RunTelemetry:
             views.append(
                 InterventionView(
                     version=item.version,
-                    step=item.applied_step if item.applied_step is not None else item.decision_step,
+                    step=item.step,
                     source=item.source,
                     changes={k: f"{_g(a)}→{_g(b)}" for k, (a, b) in item.changes.items()}
                     | {c: "command" for c in item.commands},
@@ -338,8 +411,8 @@ class RunTelemetry:
         return Snapshot(
             step=self.step,
             objective=self.objective_view(),
-            train=self.train_view(),
-            gap=self.gap_view(),
+            train=self.train_view(changed),
+            gap=self.gap_view(rolled_back),
             non_finite=any(s > since for s in self.non_finite_steps),
             learning_rate_logged=self.lr,
             signals=dict(sorted(self.signals.items())),
@@ -350,7 +423,13 @@ class RunTelemetry:
             },
             knobs=knobs,
             interventions=views,
+            rolled_back_at=rolled_back,
         )
+
+
+def rollback_step(history: list[Intervention]) -> int | None:
+    """The step the last rollback took effect at (``Intervention.step``)."""
+    return next((item.step for item in reversed(history) if ROLLBACK in item.commands), None)
 
 
 def _relative_slope(values: list[float]) -> float | None:
@@ -365,20 +444,23 @@ def _relative_slope(values: list[float]) -> float | None:
     return num / den / scale
 
 
-def _spikes(values: list[float], recent: int = 10, lookback: int = 10, k: float = 6.0) -> int:
-    """Recent points far above what came just before them.
+def _spikes(
+    values: list[float], recent: int = 10, lookback: int = 10, k: float = 6.0
+) -> list[float]:
+    """How far each spike among the recent points rose above what came just before it.
 
     Each of the last ``recent`` points is compared with the median of the ``lookback`` points
     before it: a spike is above that median by ``k`` MADs and by at least half of it, so a
     loss that is merely falling fast (its early points above a later median) is no spike.
     """
-    count = 0
+    rises = []
     for i in range(max(lookback, len(values) - recent), len(values)):
         before = values[i - lookback : i]
         median = statistics.median(before)
         mad = statistics.median(abs(v - median) for v in before) or abs(median) * 0.01 or 1e-12
-        count += values[i] > median + k * mad and values[i] > 1.5 * median
-    return count
+        if values[i] > median + k * mad and values[i] > 1.5 * median:
+            rises.append(values[i] - median)
+    return rises
 
 
 def _g(x: float | None) -> str:

@@ -1,44 +1,82 @@
 """The rules policy: the explainable controller a careful engineer would write.
 
-- divergence (non-finite values, loss spikes, train loss well above its best) → cut the
-  learning rate hard and clip gradients harder;
-- overfitting (objective not improving while the train/eval gap widens) → lower the learning
-  rate and raise weight decay and dropout, and roll back to the best state when the menu offers
-  it (after a sustained regression);
+In order of urgency, the first that fires:
+
+- divergence (non-finite values; or a train loss that rose in a way that matters for this loss:
+  spikes, or a recent mean well above its best that gives back a good share of what it had
+  gained, or a peak above its untrained first value; with the objective worse than its best
+  once it has been measured twice) → cut the learning rate hard and clip gradients harder;
+- violent updates (PPO's approximate KL far above an ordinary size) → lower the learning rate;
+- nothing learned (an objective still at its first value after a few evaluations; for a loss,
+  one still at its best but barely below its first value) → raise the learning rate, the
+  entropy coefficient and the reward weights that pull towards the goal;
+- nothing more plausible (no improvement long after several interventions, or the knobs a
+  diagnosis needs are at their bounds) → stop, back at the best state when the run is not
+  there;
 - timid updates (PPO's approximate KL far below its target while the objective stalls) → raise
   the learning rate, epochs, clip range and target KL;
 - unsafe exploration (the collision or cost rate of evaluations above a limit, or that of
   training episodes above a limit after climbing back up: a random policy collides too) → lower
   the entropy coefficient, learning rate and clip range, raise the collision penalty;
-- nothing learned (a maximised objective still at its first value after a few evaluations) →
-  raise the learning rate, the entropy coefficient and the reward weights that pull towards the
-  goal;
+- entropy collapse (the policy's entropy a small share of its highest while the objective is
+  not holding a best) → raise the entropy coefficient;
+- overfitting (objective short of its best while the train/eval gap widens) → lower the
+  learning rate and raise weight decay and dropout, and roll back to the best state when the
+  menu offers it (after a sustained regression);
 - slow progress (a maximised objective improving, but too slowly to reach the target the run
   names) → raise the learning rate;
-- plateau (no improvement for a while) → lower the learning rate;
-- nothing more plausible (no improvement long after several interventions, or the knobs a
-  diagnosis needs are at their bounds) → stop, back at the best state when the run is not
-  there.
+- plateau (the objective short of its best for a while) → lower the learning rate.
+
+Healthy runs are left alone: an evaluation within a small share of the objective's scale of
+its best is a run holding its best, not one that stalled, and every baseline the train loss is
+compared with is measured from the last intervention on (a rollback also restarts the count of
+evaluations without progress). The thresholds are the fields of ``RulesConfig``, tuned on the
+supervisor benchmark (``train_scripts/bench_supervisor.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 from pydantic import BaseModel, Field
 
 from integrations.knobs import Knob
 from integrations.protocol import Command, Proposal, Source
 from manager_daemon.policies.base import PolicyAnswer
-from manager_daemon.telemetry import APPROX_KL_KEYS, RECENT_EVALS, SAFETY_KEYS, Snapshot
+from manager_daemon.telemetry import (
+    APPROX_KL_KEYS,
+    ENTROPY_LOSS_KEYS,
+    RECENT_EVALS,
+    SAFETY_KEYS,
+    Snapshot,
+)
 from manager_daemon.validation import Menu
 
 
 class RulesConfig(BaseModel):
     """Named thresholds of the rules policy."""
 
-    overfit_patience: int = Field(2, ge=1, description="evaluations without improvement")
+    stall_margin: float = Field(
+        0.03,
+        ge=0,
+        description="an evaluation short of the best by no more than this share of the "
+        "objective's scale (its gain from the first evaluation to the best, or the best's "
+        "magnitude where that is less) is no lack of progress",
+    )
+    overfit_patience: int = Field(
+        2, ge=1, le=RECENT_EVALS, description="evaluations short of the best"
+    )
     overfit_min_gap: float = Field(0.02, ge=0, description="relative eval-train gap")
-    plateau_patience: int = Field(4, ge=1, description="evaluations without improvement")
+    plateau_patience: int = Field(
+        4, ge=1, le=RECENT_EVALS, description="evaluations short of the best"
+    )
     diverge_ratio: float = Field(1.5, gt=1, description="recent / best train-loss mean")
+    diverge_min_share: float = Field(
+        0.25,
+        ge=0,
+        description="a diverging train loss gives back at least this share of what it gained "
+        "from its starting level to its best (a rise that matters for this loss)",
+    )
     spike_count: int = Field(3, ge=1, description="loss spikes in the recent window")
     lr_cut: float = Field(0.5, gt=0, lt=1, description="lr factor for overfitting/plateau")
     lr_cut_diverge: float = Field(0.25, gt=0, lt=1, description="lr factor on divergence")
@@ -54,10 +92,19 @@ class RulesConfig(BaseModel):
     )
     penalty_knob: str = Field("collision_penalty", description="raised on unsafe exploration")
     timid_kl_share: float = Field(0.2, gt=0, description="approx_kl below this share of target")
-    timid_kl: float = Field(0.002, gt=0, description="approx_kl below this is timid in any case")
-    timid_patience: int = Field(2, ge=1, description="evaluations without improvement")
+    timid_kl: float = Field(0.001, gt=0, description="approx_kl below this is timid in any case")
+    timid_patience: int = Field(
+        2, ge=1, le=RECENT_EVALS, description="evaluations short of the best"
+    )
     timid_lr_factor: float = Field(
         4.0, gt=1, description="lr factor for timid updates (PPO's target_kl still caps a step)"
+    )
+    violent_kl: float = Field(0.05, gt=0, description="approx_kl above this is violent")
+    violent_kl_share: float = Field(
+        3.0, gt=1, description="…or above this many times the run's target_kl, if higher"
+    )
+    collapse_share: float = Field(
+        0.2, gt=0, lt=1, description="a policy's entropy below this share of its highest"
     )
     floor_margin: float = Field(
         0.05, ge=0, description="a maximised objective no further than this above its first value"
@@ -79,7 +126,9 @@ class RulesConfig(BaseModel):
         0.1, gt=0, description="progress slower than this share of the target over the window"
     )
     crawl_lr_factor: float = Field(2.0, gt=1, description="lr factor for slow progress")
-    stop_patience: int = Field(6, ge=1, description="evaluations without improvement to stop")
+    stop_patience: int = Field(
+        6, ge=1, le=RECENT_EVALS, description="evaluations short of the best, to stop"
+    )
     stop_after_interventions: int = Field(2, ge=0, description="interventions tried first")
 
 
@@ -97,106 +146,224 @@ class RulesPolicy:
         return PolicyAnswer(proposal=self.decide(snapshot, menu))
 
     def decide(self, snap: Snapshot, menu: Menu) -> Proposal:
-        cfg = self.config
-        obj, train, gap = snap.objective, snap.train, snap.gap
-        stale = obj.evals_since_best
-        # Before stopping: a run that has learned nothing yet may just need bolder settings.
-        timid = self._timid(snap)
-        if self._at_floor(snap) and (explore := self._explore(menu)):
-            why = f"nothing learned: {obj.metric} still at {_g(obj.best)} after {obj.evaluations} "
-            why += "evaluations"
-            if timid is not None:
-                explore |= self._bolder(menu)
-                why += f"; timid updates: approx_kl {timid[0]:.2g} below {timid[1]:.2g}"
-            return _proposal(explore, why, f"{obj.metric} leaves its floor")
-        if self._should_stop(snap, menu):
-            back = _rollback(menu)
-            return Proposal(
-                action="command",
-                commands=[Command.STOP.value, *back],
-                reason=f"no improvement of {obj.metric} for {stale} evaluations after "
-                f"{len(snap.interventions)} interventions; "
-                f"best {_g(obj.best)} at step {obj.best_step}"
-                + ("; back to the best state" if back else ""),
-                expected_effect="training ends at the best objective",
-            )
-        # The train loss says "diverging" only where the objective is a loss too: an RL loss
-        # (PPO's value loss, say) rises and jumps as returns grow.
-        supervised = obj.direction == "minimize" and "loss" in obj.metric
-        diverging = supervised and (
-            train.recent_mean is not None
-            and train.best_mean
-            and train.recent_mean > cfg.diverge_ratio * train.best_mean
+        """The first rule that fires, in order of urgency; no action when none does."""
+        rules = (
+            self._on_divergence,
+            self._on_violent_updates,
+            # Before stopping: a run that has learned nothing yet may need bolder settings.
+            self._on_nothing_learned,
+            self._on_nothing_more,
+            self._on_timid_updates,
+            self._on_unsafe_exploration,
+            self._on_entropy_collapse,
+            self._on_overfitting,
+            self._on_slow_progress,
+            self._on_plateau,
         )
-        spiking = supervised and train.spikes >= cfg.spike_count
-        if snap.non_finite or diverging or spiking:
-            why = (
-                "non-finite metric values"
-                if snap.non_finite
-                else f"{train.spikes} loss spikes"
-                if spiking
-                else f"train loss {_g(train.recent_mean)} vs best {_g(train.best_mean)}"
-            )
-            changes = _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut_diverge) | _scaled(
-                menu, Knob.MAX_GRAD_NORM, cfg.clip_cut
-            )
-            return _proposal(
-                changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
-            )
-        if (kl := timid) is not None:
-            return _proposal(
-                self._bolder(menu),
-                f"timid updates: approx_kl {kl[0]:.2g} below {kl[1]:.2g} while {obj.metric} has "
-                f"not improved for {stale} evaluations (best {_g(obj.best)})",
-                f"{obj.metric} starts improving",
-            )
-        if (unsafe := self._unsafe(snap)) is not None:
-            changes = (
-                _scaled(menu, Knob.ENT_COEF, 0.5)
-                | _scaled(menu, Knob.LEARNING_RATE, 0.5)
-                | _scaled(menu, Knob.CLIP_RANGE, 0.7)
-                | _scaled(menu, cfg.penalty_knob, 2.0)
-            )
-            return _proposal(
-                changes,
-                f"unsafe exploration: {unsafe[0]} {unsafe[1]:.2f} above its limit",
-                f"{unsafe[0]} falls",
-                _rollback(menu),
-            )
-        overfitting = (
+        for rule in rules:
+            if (proposal := rule(snap, menu)) is not None:
+                return proposal
+        return Proposal(action="no_action", reason="no rule fired")
+
+    def _on_divergence(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        if (why := self._diverging(snap)) is None:
+            return None
+        cfg = self.config
+        changes = _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut_diverge) | _scaled(
+            menu, Knob.MAX_GRAD_NORM, cfg.clip_cut
+        )
+        return _proposal(
+            changes, f"divergence: {why}", "loss returns to its trend", _rollback(menu)
+        )
+
+    def _on_violent_updates(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        if (kl := self._violent(snap)) is None:
+            return None
+        return _proposal(
+            _scaled(menu, Knob.LEARNING_RATE, self.config.lr_cut),
+            f"violent updates: approx_kl {kl[0]:.2g} above {kl[1]:.2g}",
+            "approx_kl falls to an ordinary size",
+        )
+
+    def _on_nothing_learned(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        obj = snap.objective
+        if not self._at_floor(snap) or not (explore := self._explore(menu)):
+            return None
+        why = f"nothing learned: {obj.metric} at {_g(obj.best)} after {obj.evaluations} "
+        why += f"evaluations, {_g(obj.first)} at the first"
+        if (timid := self._timid(snap)) is not None:
+            explore |= self._bolder(menu)
+            why += f"; timid updates: approx_kl {timid[0]:.2g} below {timid[1]:.2g}"
+        return _proposal(explore, why, f"{obj.metric} leaves its floor")
+
+    def _on_nothing_more(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        if not self._should_stop(snap, menu):
+            return None
+        obj, back = snap.objective, _rollback(menu)
+        return Proposal(
+            action="command",
+            commands=[Command.STOP.value, *back],
+            reason=f"no improvement of {obj.metric} for {self._stale(snap)} evaluations after "
+            f"{len(snap.interventions)} interventions; best {_g(obj.best)} at step {obj.best_step}"
+            + ("; back to the best state" if back else ""),
+            expected_effect="training ends at the best objective",
+        )
+
+    def _on_timid_updates(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        if (kl := self._timid(snap)) is None:
+            return None
+        obj = snap.objective
+        return _proposal(
+            self._bolder(menu),
+            f"timid updates: approx_kl {kl[0]:.2g} below {kl[1]:.2g} while {obj.metric} has "
+            f"not improved for {self._stale(snap)} evaluations (best {_g(obj.best)})",
+            f"{obj.metric} starts improving",
+        )
+
+    def _on_unsafe_exploration(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        if (unsafe := self._unsafe(snap)) is None:
+            return None
+        changes = (
+            _scaled(menu, Knob.ENT_COEF, 0.5)
+            | _scaled(menu, Knob.LEARNING_RATE, 0.5)
+            | _scaled(menu, Knob.CLIP_RANGE, 0.7)
+            | _scaled(menu, self.config.penalty_knob, 2.0)
+        )
+        return _proposal(
+            changes,
+            f"unsafe exploration: {unsafe[0]} {unsafe[1]:.2f} above its limit",
+            f"{unsafe[0]} falls",
+            _rollback(menu),
+        )
+
+    def _on_entropy_collapse(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        if (entropy := self._collapsed(snap)) is None:
+            return None
+        obj = snap.objective
+        changes = _raised(menu, Knob.ENT_COEF, 2.0)
+        treated = any(Knob.ENT_COEF in i.changes for i in snap.interventions)
+        if not treated and float(snap.knobs.get(Knob.ENT_COEF, {}).get("value", 0.0)) >= 0:
+            # A coefficient that was not pulling the entropy down leaves the lr to blame, once.
+            changes |= _scaled(menu, Knob.LEARNING_RATE, self.config.lr_cut)
+        return _proposal(
+            changes,
+            f"entropy collapse: the policy's entropy fell to {entropy[0]:.2g} from "
+            f"{entropy[1]:.2g} with {obj.metric} at {_g(obj.last)} (best {_g(obj.best)})",
+            "the policy's entropy recovers",
+        )
+
+    def _on_overfitting(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        cfg, obj, gap, stale = self.config, snap.objective, snap.gap, self._stale(snap)
+        if not (
             stale >= cfg.overfit_patience
             and gap.relative is not None
             and gap.relative > cfg.overfit_min_gap
             and (gap.trend or 0) > 0
+        ):
+            return None
+        changes = (
+            _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut)
+            | _added(menu, Knob.WEIGHT_DECAY, cfg.weight_decay_step)
+            | _added(menu, Knob.DROPOUT, cfg.dropout_step)
         )
-        if overfitting:
-            changes = (
-                _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut)
-                | _added(menu, Knob.WEIGHT_DECAY, cfg.weight_decay_step)
-                | _added(menu, Knob.DROPOUT, cfg.dropout_step)
+        return _proposal(
+            changes,
+            f"overfitting: {obj.metric} not improved for {stale} evaluations (best "
+            f"{_g(obj.best)}, last {_g(obj.last)}) while the eval-train gap widens to "
+            f"{_gap(gap.last, gap.relative)}",
+            f"{obj.metric} stops rising; the gap narrows",
+            _rollback(menu),
+        )
+
+    def _on_slow_progress(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        cfg, obj = self.config, snap.objective
+        if (gain := self._crawl(snap)) is None or not _can_raise(menu, Knob.LEARNING_RATE):
+            return None
+        return _proposal(
+            _scaled(menu, Knob.LEARNING_RATE, cfg.crawl_lr_factor),
+            f"slow progress: {obj.metric} rose {gain:.3g} over the last {cfg.crawl_window} "
+            f"evaluations, to {_g(obj.last)}, far below {cfg.progress_target:g}",
+            f"{obj.metric} rises faster",
+        )
+
+    def _on_plateau(self, snap: Snapshot, menu: Menu) -> Proposal | None:
+        obj, stale = snap.objective, self._stale(snap, since_change=True)
+        if stale < self.config.plateau_patience:
+            return None
+        return _proposal(
+            _scaled(menu, Knob.LEARNING_RATE, self.config.lr_cut),
+            f"plateau: {obj.metric} not improved for {stale} evaluations (best {_g(obj.best)})",
+            f"{obj.metric} improves again",
+        )
+
+    def _diverging(self, snap: Snapshot) -> str | None:
+        """Why the run is diverging, or None.
+
+        Non-finite values always are. Otherwise the train loss must have risen in a way that
+        matters for this loss: ``spike_count`` spikes, or a recent mean ``diverge_ratio``
+        times its best mean, each rising by at least ``diverge_min_share`` of what the loss
+        had gained from its starting level to that best (a loss of 1e-9 after one of 1e-15
+        has given nothing back); or a peak ``diverge_ratio`` times the loss's first value
+        (worse than untrained). And the objective, once measured twice, worse than its best
+        too. Best, peak and spikes count from the last intervention on: the losses before it
+        were made with other settings, or with weights a rollback replaced.
+        """
+        cfg, obj, train = self.config, snap.objective, snap.train
+        if snap.non_finite:
+            return "non-finite metric values"
+        # The train loss says "diverging" only where the objective is a loss too: an RL loss
+        # (PPO's value loss, say) rises and jumps as returns grow.
+        if obj.direction != "minimize" or "loss" not in obj.metric:
+            return None
+        if obj.evaluations > 1 and obj.evals_since_best == 0:
+            return None  # the objective is at its best: the train loss does it no harm
+        if train.recent_mean is None or train.best_mean is None:
+            return None
+        floor = cfg.diverge_min_share * max(0.0, (train.start or 0.0) - train.best_mean)
+        # A snapshot recorded before spike heights were measured counts its spikes as tall.
+        height = math.inf if train.spike_rise is None else train.spike_rise
+        if train.spikes >= cfg.spike_count and height > floor:
+            tall = f" of {_g(train.spike_rise)}" if train.spike_rise is not None else ""
+            return f"{train.spikes} loss spikes{tall}"
+        rise = train.recent_mean - train.best_mean
+        if train.recent_mean > cfg.diverge_ratio * train.best_mean and rise > floor:
+            started = f" (it started at {_g(train.start)})" if train.start is not None else ""
+            return (
+                f"train loss {_g(train.recent_mean)}, up from its best {_g(train.best_mean)}"
+                + started
             )
-            return _proposal(
-                changes,
-                f"overfitting: {obj.metric} not improved for {stale} evaluations (best "
-                f"{_g(obj.best)}, last {_g(obj.last)}) while the eval-train gap widens to "
-                f"{_g(gap.last)} ({gap.relative:.0%})",
-                f"{obj.metric} stops rising; the gap narrows",
-                _rollback(menu),
-            )
-        if (gain := self._crawl(snap)) is not None and _can_raise(menu, Knob.LEARNING_RATE):
-            return _proposal(
-                _scaled(menu, Knob.LEARNING_RATE, cfg.crawl_lr_factor),
-                f"slow progress: {obj.metric} rose {gain:.3g} over the last {cfg.crawl_window} "
-                f"evaluations, to {_g(obj.last)}, far below {cfg.progress_target:g}",
-                f"{obj.metric} rises faster",
-            )
-        if stale >= cfg.plateau_patience:
-            return _proposal(
-                _scaled(menu, Knob.LEARNING_RATE, cfg.lr_cut),
-                f"plateau: {obj.metric} not improved for {stale} evaluations (best {_g(obj.best)})",
-                f"{obj.metric} improves again",
-            )
-        return Proposal(action="no_action", reason="no rule fired")
+        first, peak = train.first, train.peak
+        if first is not None and peak is not None and 0 < first * cfg.diverge_ratio < peak:
+            return f"train loss rose to {_g(peak)}, {peak / first:.3g} times its first {_g(first)}"
+        return None
+
+    def _stale(self, snap: Snapshot, *, since_change: bool = False) -> int:
+        """The latest evaluations, in a row, that fell short of the best by more than
+        ``stall_margin`` of the objective's scale (what it gained from its first evaluation to
+        its best, or the best's magnitude where that is less): evaluations within that of the
+        best are a run holding its best (a converged run, a
+        return at its maximum), not a run that stopped improving; where nothing was gained,
+        every evaluation after the best counts. Counted from the last rollback on, which
+        returns the run to its best state; or, ``since_change``, from the last intervention
+        on, so that a change gets its evaluations to show its effect (a plateau does not halve
+        the learning rate at every evaluation)."""
+        obj = snap.objective
+        if obj.best is None:
+            return 0
+        since = snap.rolled_back_at
+        if since_change and snap.interventions:
+            since = snap.interventions[-1].step
+        gained = abs((obj.first if obj.first is not None else obj.best) - obj.best)
+        margin = self.config.stall_margin * min(gained, abs(obj.best))
+        sign = 1.0 if obj.direction == "minimize" else -1.0
+        count = 0
+        for step, value in reversed(obj.recent):
+            # Nothing gained: every evaluation after the best is one without progress.
+            short = not math.isfinite(value) or not gained or sign * (value - obj.best) > margin
+            if not short or (since is not None and step <= since) or step <= (obj.best_step or -1):
+                break
+            count += 1
+        return count
 
     def _unsafe(self, snap: Snapshot) -> tuple[str, float] | None:
         """The safety signal and its value when the run explores unsafely."""
@@ -223,7 +390,7 @@ class RulesPolicy:
         )
 
     def _explore(self, menu: Menu) -> dict[str, float]:
-        changes = _scaled(menu, Knob.LEARNING_RATE, 2.0) | _scaled(menu, Knob.ENT_COEF, 2.0)
+        changes = _scaled(menu, Knob.LEARNING_RATE, 2.0) | _raised(menu, Knob.ENT_COEF, 2.0)
         for name in self.config.explore_knobs:
             changes |= _scaled(menu, name, 2.0)
         return changes
@@ -248,18 +415,50 @@ class RulesPolicy:
         return gain if 0 <= gain < cfg.crawl_gain * target else None
 
     def _at_floor(self, snap: Snapshot) -> bool:
-        """A maximised objective that has not moved off its first value for a while."""
+        """An objective that has not moved off its first value for a while: every evaluation
+        within ``floor_margin`` of the first (a success rate still at zero); a minimised one
+        also still at its best (a loss creeping down: a learning rate far too low)."""
         obj = snap.objective
-        if obj.direction != "maximize" or obj.best is None:
+        if obj.best is None or obj.first is None or obj.evaluations < self.config.floor_patience:
             return False
-        if obj.first is None or obj.evaluations < self.config.floor_patience:
-            return False
-        return obj.best - obj.first <= self.config.floor_margin * max(abs(obj.first), 1.0)
+        if obj.direction == "minimize" and obj.evals_since_best > 0:
+            return False  # a loss that fell fast at first and then rose again learned plenty
+        # A loss on its own scale; a rate (a success rate at zero, say) on one of at least 1.
+        scale = abs(obj.first) if obj.direction == "minimize" else max(abs(obj.first), 1.0)
+        margin = self.config.floor_margin * scale
+        values = [obj.best, *(v for _, v in obj.recent)]
+        return all(abs(v - obj.first) <= margin for v in values)
+
+    def _violent(self, snap: Snapshot) -> tuple[float, float] | None:
+        """PPO's approx_kl and its limit, when each update moves the policy far (above
+        ``violent_kl``, or ``violent_kl_share`` times the run's target_kl where that is higher)
+        and the objective, once measured twice, is worse than its best."""
+        cfg, obj = self.config, snap.objective
+        if obj.evaluations > 1 and obj.evals_since_best == 0:
+            return None  # the objective is at its best: the updates do it no harm
+        kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
+        target = snap.knobs.get(Knob.TARGET_KL, {}).get("value")
+        limit = max(cfg.violent_kl, cfg.violent_kl_share * float(target or 0.0))
+        return (kl, limit) if kl is not None and kl > limit else None
+
+    def _collapsed(self, snap: Snapshot) -> tuple[float, float] | None:
+        """The policy's entropy and its highest, when it fell below ``collapse_share`` of that
+        highest while the objective is not holding a best (a converged policy may well be
+        near-deterministic)."""
+        key = next((k for k in ENTROPY_LOSS_KEYS if k in snap.signals), None)
+        obj = snap.objective
+        if key is None or key not in snap.signal_rise or obj.best is None:
+            return None
+        if obj.evals_since_best > 0 and self._stale(snap) == 0:
+            return None  # holding its best
+        entropy = -snap.signals[key]
+        highest = entropy + snap.signal_rise[key]
+        return (entropy, highest) if entropy < self.config.collapse_share * highest else None
 
     def _timid(self, snap: Snapshot) -> tuple[float, float] | None:
         """PPO's approx_kl and the limit it is under, when updates are too small to learn."""
         cfg = self.config
-        if snap.objective.evals_since_best < cfg.timid_patience:
+        if self._stale(snap) < cfg.timid_patience:
             return None
         kl = next((snap.signals[k] for k in APPROX_KL_KEYS if k in snap.signals), None)
         target = snap.knobs.get(Knob.TARGET_KL, {}).get("value")
@@ -268,7 +467,7 @@ class RulesPolicy:
 
     def _should_stop(self, snap: Snapshot, menu: Menu) -> bool:
         cfg = self.config
-        if Command.STOP not in menu.commands or snap.objective.evals_since_best < cfg.stop_patience:
+        if Command.STOP not in menu.commands or self._stale(snap) < cfg.stop_patience:
             return False
         tried = len(snap.interventions) >= cfg.stop_after_interventions
         exhausted = not any(
@@ -292,6 +491,17 @@ def _scaled(menu: Menu, knob: str, factor: float) -> dict[str, float]:
     if item is None:
         return {}
     return {knob: min(max(item.current * factor, item.low), item.high)}
+
+
+def _raised(menu: Menu, knob: str, factor: float) -> dict[str, float]:
+    """``knob`` times ``factor`` where it is positive; otherwise (an entropy coefficient of
+    zero, or of the wrong sign) as far up as one change may go."""
+    item = menu.knobs.get(knob)
+    if item is None:
+        return {}
+    if item.current > 0:
+        return _scaled(menu, knob, factor)
+    return {knob: item.high}
 
 
 def _can_raise(menu: Menu, knob: str) -> bool:
@@ -329,3 +539,11 @@ def _proposal(
 
 def _g(x: float | None) -> str:
     return "?" if x is None else f"{x:.4g}"
+
+
+def _gap(gap: float | None, relative: float | None) -> str:
+    """The eval-train gap, with its share of the train loss while that share reads as one
+    (over a train loss near zero it would be a number of many digits)."""
+    if relative is None or abs(relative) > 10:
+        return _g(gap)
+    return f"{_g(gap)} ({relative:.0%} of the train loss)"
