@@ -35,7 +35,7 @@ from integrations.protocol import (
 from integrations.settings import DEFAULT_OBJECTIVE_GRACE_S, DEFAULT_POLL_INTERVAL_S
 from integrations.trackers import RunInfo, Tracker, TrackerError, open_tracker
 from integrations.trackers.outage import outage_over, outage_reported
-from integrations.watch import ObjectiveWatch
+from integrations.watch import DaemonWatch, ObjectiveWatch
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class ManagerClient(ParamsApplier):
         self.objective_watch = (
             ObjectiveWatch(Objective.parse(objective), objective_grace) if objective else None
         )
+        self.daemon_watch = DaemonWatch()
 
         self._resume_pending = resume
         # The version re-applied on resume, until it is applied: newer ones wait behind it.
@@ -269,6 +270,8 @@ class ManagerClient(ParamsApplier):
             outage_over(self)
             self._unreachable_since = None
         self._watch_objective(run, last)
+        for said in self.daemon_watch.polled(run.tags):
+            log.warning("atm: %s", said)
         if self._resume_pending:
             self._stage_resume(run.tags)
         if self._resuming is not None and self._staged is self._resuming:

@@ -22,7 +22,14 @@ import time
 from collections.abc import Callable, Iterable
 
 from integrations.health import closest, objective_missing, script_keys
-from integrations.protocol import Health, HealthState, Objective
+from integrations.protocol import (
+    TAG_DAEMON_LEASE,
+    TAG_HEALTH,
+    Health,
+    HealthState,
+    Lease,
+    Objective,
+)
 
 
 class ObjectiveWatch:
@@ -87,3 +94,60 @@ class ObjectiveWatch:
         else:
             fix = f"if {match} is the objective, give it as {self.objective.direction}:{match}"
         return f"{health}. No decisions until {self.metric} is logged; {fix}"
+
+
+# How long a published run may go without any daemon looking at it before the client says so.
+NO_DAEMON_S = 120.0
+
+
+class DaemonWatch:
+    """Says in the training process what the daemon says of the run (its health, once per
+    state), and when no daemon is watching the run at all.
+
+    A daemon that sees a run writes its health tag; one that supervises it holds its lease.
+    A missing objective is the objective watch's to say (``ObjectiveWatch``).
+    Neither, ``grace_s`` after the client published the run, means that no daemon runs on this
+    tracker (or none watches this run's experiment): decisions will never come.
+    """
+
+    def __init__(self, grace_s: float = NO_DAEMON_S, clock: Callable[[], float] = time.time):
+        self.grace_s = grace_s
+        self._clock = clock
+        self._since = clock()
+        self._said: set[HealthState] = set()
+        self._said_unwatched = False
+
+    def polled(self, tags: dict[str, str]) -> list[str]:
+        """What to tell the user after a poll that read the run's ``tags``."""
+        said: list[str] = []
+        watched = self._watched(tags)
+        if not watched and not self._said_unwatched and self._clock() - self._since >= self.grace_s:
+            self._said_unwatched = True
+            said.append(
+                f"no daemon has looked at this run in {self.grace_s / 60:.0f} min, so no decision "
+                "will come: start `atm daemon` on this tracker (for this run's experiment)"
+            )
+        elif watched and self._said_unwatched:
+            self._said_unwatched = False
+            said.append("a daemon is watching this run now")
+        health = Health.parse(tags.get(TAG_HEALTH))
+        if health is None or not watched:
+            return said
+        if health.state is HealthState.WAITING_OBJECTIVE:
+            # The objective watch says that, when an evaluation lacks it or after its grace:
+            # before the first evaluation, every run is waiting for its objective.
+            return said
+        if not health.ok and health.state not in self._said:
+            self._said.add(health.state)
+            self._said.discard(HealthState.DECIDING)
+            said.append(f"the manager says: {health}")
+        elif health.ok and self._said and HealthState.DECIDING not in self._said:
+            self._said.add(HealthState.DECIDING)
+            said.append("the manager is deciding for this run again")
+        return said
+
+    def _watched(self, tags: dict[str, str]) -> bool:
+        lease = Lease.parse(tags.get(TAG_DAEMON_LEASE))
+        if lease is not None:
+            return self._clock() - lease.renewed_at <= 2 * lease.ttl_s
+        return TAG_HEALTH in tags

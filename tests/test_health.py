@@ -15,13 +15,16 @@ from typer.testing import CliRunner
 from integrations.protocol import (
     SPEC_PATH,
     TAG_CLIENT_HEARTBEAT,
+    TAG_DAEMON_LEASE,
     TAG_HEALTH,
     TAG_MANAGED,
     TAG_OBJECTIVE,
     Health,
     HealthState,
+    Lease,
     Source,
 )
+from integrations.watch import DaemonWatch
 from manager_daemon import cli, health
 from manager_daemon.audit import AuditLog
 from manager_daemon.cli import app
@@ -226,3 +229,30 @@ def test_an_acute_symptom_is_treated_by_the_rules_at_once(replay: ReplayServer) 
     assert replay.requests == [], "the model is not asked"
     assert answer.source is Source.RULES and answer.proposal.reason.startswith("divergence")
     assert "learning_rate" in answer.proposal.changes and "acute symptom" in answer.note
+
+
+def test_the_client_says_what_the_daemon_says_and_when_no_daemon_watches() -> None:
+    clock = [1000.0]
+    watch = DaemonWatch(grace_s=120, clock=lambda: clock[0])
+    assert watch.polled({}) == [], "a daemon may not have looked yet"
+    clock[0] += 121
+    (said,) = watch.polled({})
+    assert "no daemon has looked at this run in 2 min" in said and "atm daemon" in said
+    assert watch.polled({}) == [], "said once"
+    lease = Lease(owner="atm-0.abc", renewed_at=clock[0], ttl_s=60).tag_value()
+    stale = Health(state=HealthState.STALE_ANSWERS, reason="3 of the last 3 answers came late")
+    said = watch.polled({TAG_DAEMON_LEASE: lease, TAG_HEALTH: stale.tag_value()})
+    assert said == [
+        "a daemon is watching this run now",
+        "the manager says: stale_answers: 3 of the last 3 answers came late",
+    ]
+    assert watch.polled({TAG_DAEMON_LEASE: lease, TAG_HEALTH: stale.tag_value()}) == []
+    deciding = Health(state=HealthState.DECIDING, reason="1 decision(s)").tag_value()
+    assert watch.polled({TAG_DAEMON_LEASE: lease, TAG_HEALTH: deciding}) == [
+        "the manager is deciding for this run again"
+    ]
+    waiting = Health(state=HealthState.WAITING_OBJECTIVE, reason="eval_loss never logged")
+    assert watch.polled({TAG_DAEMON_LEASE: lease, TAG_HEALTH: waiting.tag_value()}) == []
+    clock[0] += 1000  # the lease left to expire: its daemon is gone
+    (gone,) = watch.polled({TAG_DAEMON_LEASE: lease, TAG_HEALTH: deciding})
+    assert "no daemon has looked at this run" in gone
