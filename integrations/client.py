@@ -35,7 +35,7 @@ from integrations.protocol import (
 from integrations.settings import DEFAULT_OBJECTIVE_GRACE_S, DEFAULT_POLL_INTERVAL_S
 from integrations.trackers import RunInfo, Tracker, TrackerError, open_tracker
 from integrations.trackers.outage import outage_over, outage_reported
-from integrations.watch import DaemonWatch, ObjectiveWatch
+from integrations.watch import DaemonWatch, ObjectiveWatch, RunSteps
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class ParamsApplier:
         self.spec = spec
         self.values: dict[str, float] = spec.knob_values
         self.applied_version = 0
+        self.training_step: int | None = None  # the latest step a boundary was reached at
         self._staged: ParamsVersion | None = None
         self._lock = threading.Lock()
 
@@ -92,6 +93,7 @@ class ParamsApplier:
 
     def apply_pending(self, boundary: Boundary, step: int, apply: ApplyFn) -> ParamsVersion | None:
         """Apply the staged version if this is its boundary; returns it when applied."""
+        self.training_step = step
         staged = self.take_staged(boundary)
         return self.apply_version(staged, step, apply) if staged is not None else None
 
@@ -170,6 +172,7 @@ class ManagerClient(ParamsApplier):
             ObjectiveWatch(Objective.parse(objective), objective_grace) if objective else None
         )
         self.daemon_watch = DaemonWatch()
+        self.run_steps = RunSteps()
 
         self._resume_pending = resume
         # The version re-applied on resume, until it is applied: newer ones wait behind it.
@@ -207,6 +210,7 @@ class ManagerClient(ParamsApplier):
     # ---- background thread --------------------------------------------------------------
 
     def _acknowledge(self, ack: _Ack) -> None:
+        ack.step = self.run_steps.step(ack.step)
         with self._lock:
             if ack.rejected:
                 self._refused.add(ack.version)
@@ -272,6 +276,8 @@ class ManagerClient(ParamsApplier):
         self._watch_objective(run, last)
         for said in self.daemon_watch.polled(run.tags):
             log.warning("atm: %s", said)
+        if said_steps := self.run_steps.polled(run.latest_steps, self.training_step):
+            log.warning("atm: %s", said_steps)
         if self._resume_pending:
             self._stage_resume(run.tags)
         if self._resuming is not None and self._staged is self._resuming:

@@ -151,3 +151,50 @@ class DaemonWatch:
         if lease is not None:
             return self._clock() - lease.renewed_at <= 2 * lease.ttl_s
         return TAG_HEALTH in tags
+
+
+class RunSteps:
+    """The step a run logs its metrics at, where that is not the training step.
+
+    A script that logs per epoch (``mlflow.log_metrics(..., step=epoch)``) counts its steps on
+    a scale of its own, while the framework hands the client optimizer steps. The daemon reads
+    the run's steps, so a version recorded at an optimizer step would sit far beyond every
+    evaluation, and its outcome would never be measured. Where the run's latest step is far
+    below the training step, a version is recorded at the next step the run logs; the user is
+    told once.
+    """
+
+    # The run's latest step is this many times below the training step: another scale.
+    RATIO = 4
+    # Steps the run must have logged before its scale is judged (a metric logged once at
+    # step 0 says nothing of it).
+    MIN_RUN_STEP = 3
+
+    def __init__(self) -> None:
+        self.run_step: int | None = None
+        self.other_scale = False
+        self._said = False
+
+    def polled(self, latest_steps: dict[str, int], training_step: int | None) -> str | None:
+        """Judge the run's scale from a poll; what to tell the user, the first time."""
+        steps = [latest_steps[k] for k in script_keys(latest_steps)]
+        if not steps or training_step is None:
+            return None
+        self.run_step = max(steps)
+        self.other_scale = (
+            self.run_step >= self.MIN_RUN_STEP and self.run_step * self.RATIO < training_step
+        )
+        if self.other_scale and not self._said:
+            self._said = True
+            return (
+                f"the run logs its metrics at step {self.run_step} while training has taken "
+                f"{training_step} steps (a step per epoch?): versions are recorded at the "
+                "run's own steps, so the manager can measure what each did"
+            )
+        return None
+
+    def step(self, training_step: int) -> int:
+        """The step to record a version applied at ``training_step`` at."""
+        if self.other_scale and self.run_step is not None:
+            return self.run_step + 1
+        return training_step

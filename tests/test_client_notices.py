@@ -34,7 +34,7 @@ from integrations.torch_hooks import TorchKnobs
 from integrations.trackers import open_tracker
 from integrations.watch import ObjectiveWatch
 from manager_daemon.audit import AuditLog
-from tests.helpers import wait_for
+from tests.helpers import issue, wait_for
 from tests.openai_replay import ReplayServer, turning_lr
 from tests.test_atm_run import start_daemon
 from tests.test_wandb_run import loopback
@@ -442,3 +442,37 @@ def test_a_loop_logging_to_wandb_without_steps_keeps_getting_decisions(
     assert int(seen["tags"][TAG_CLIENT_APPLIED_VERSION]) >= 2, seen["tags"]
     changes = [v for a, v in itertools.pairwise(seen["history"]["lr"]) if v != a]
     assert len(changes) >= 2, seen["history"]["lr"][::20]
+
+
+# ---- a run that logs per epoch ---------------------------------------------------------------
+
+
+def test_a_run_logging_per_epoch_gets_its_versions_recorded_at_its_own_steps(
+    tracking_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`log_metrics(..., step=epoch)` while training takes 50 optimizer steps an epoch: a
+    version is recorded at the run's next epoch, where the daemon can measure it, not at an
+    optimizer step far beyond every evaluation."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("per-epoch")
+    tracker = open_tracker(tracking_uri)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="integrations"), mlflow.start_run() as run:
+        knobs = TorchKnobs(optimizer=optimizer).start(poll_interval=0.1)
+        assert knobs.client is not None
+        step = 0
+        for epoch in range(12):
+            for _ in range(50):
+                knobs.step(step)
+                step += 1
+            mlflow.log_metrics({"loss": 1 / (epoch + 1), "eval_loss": 1.1 / (epoch + 1)}, epoch)
+            if epoch == 6:
+                wait_for(lambda: knobs.client.run_steps.other_scale, 10)
+                issue(tracker, run.info.run_id, 1, {"learning_rate": 0.05})
+                wait_for(lambda: knobs.client.staged_version == 1, 10)
+        knobs.close()
+    tags = tracker.get_run(run.info.run_id).tags
+    assert tags[TAG_CLIENT_APPLIED_VERSION] == "1"
+    assert tags[TAG_CLIENT_APPLIED_STEP] == "7", "the epoch after the last one logged"
+    told = [r.getMessage() for r in caplog.records if "a step per epoch?" in r.getMessage()]
+    assert len(told) == 1 and "versions are recorded at the run's own steps" in told[0]
