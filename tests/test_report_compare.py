@@ -182,10 +182,14 @@ def test_the_baseline_is_the_unmanaged_run_closest_in_start_time_that_logs_the_o
     far = started_at(monkeypatch, memory, "far", t0 - 3_600_000)
     near = started_at(monkeypatch, memory, "near", t0 + 5_000)
     silent = started_at(monkeypatch, memory, "silent", t0 + 1_000)
+    # A script's trailing evaluate() logged as a run of its own: one point is no training.
+    trailing = started_at(monkeypatch, memory, "trailing", t0 + 2_000)
     elsewhere = memory.tracker.create_run("elsewhere", "another experiment")
     for run_id in (far, near, elsewhere):
-        memory.log_history(run_id, [(10, {"eval_loss": 3.0}), (70, {"eval_loss": 2.8})])
+        rows = [(10, {"eval_loss": 3.0}), (40, {"eval_loss": 2.9}), (70, {"eval_loss": 2.8})]
+        memory.log_history(run_id, rows)
     memory.log_history(silent, [(10, {"loss": 3.0})])
+    memory.log_history(trailing, [(70, {"eval_loss": 1.0})])
     Daemon(memory.tracker, RulesPolicy(), experiments=[memory.experiment]).run_once()
     memory.tracker.set_tags(detached, {TAG_MANAGED: "false"})
 
@@ -206,6 +210,7 @@ def test_the_baseline_is_the_unmanaged_run_closest_in_start_time_that_logs_the_o
     result = runner.invoke(app, [*base, far])
     assert result.exit_code == 0, result.output
     assert f"baseline far ({far}), given with --baseline" in said(result)
+    assert "(-14.3%): better than the baseline" in said(result)
     result = runner.invoke(app, [*base, silent])
     assert result.exit_code == 2
     assert "cannot be compared: eval_loss never logged; the run logs loss" in said(result)
@@ -220,7 +225,8 @@ def test_the_wandb_report_plots_the_baseline_beside_the_run_and_compares_them(
 ) -> None:
     managed = overfitting_run(memory)
     plain = memory.new_run("plain")
-    memory.log_history(plain, [(10, {"eval_loss": 3.0}), (70, {"eval_loss": 3.2})])
+    rows = [(10, {"eval_loss": 3.0}), (40, {"eval_loss": 3.1}), (70, {"eval_loss": 3.2})]
+    memory.log_history(plain, rows)
     report = build_run_report(memory.tracker, managed)
     spec = _wandb_spec(
         wandb_report.build(

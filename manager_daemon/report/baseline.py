@@ -42,10 +42,14 @@ def ratio_text(x: float | None) -> str:
 def compared(summary: Summary, baseline: Baseline) -> str:
     """One line: the baseline, how it was chosen, and the final objectives side by side."""
     other = baseline.summary
+    x = ratio(summary.final, other.final)
+    verdict = ""
+    if x is not None and x != 1:
+        better = (x < 1) == (baseline.data.objective.direction == "minimize")
+        verdict = f": {'better' if better else 'worse'} than the baseline"
     return (
         f"baseline {baseline.data.name} ({baseline.data.run.run_id}), {baseline.chosen}: "
-        f"final {_value(summary.final)} against {_value(other.final)}, "
-        f"{ratio_text(ratio(summary.final, other.final))}"
+        f"final {_value(summary.final)} against {_value(other.final)}, {ratio_text(x)}{verdict}"
     )
 
 
@@ -71,9 +75,23 @@ def choose(tracker: Tracker, data: RunData) -> Baseline | None:
     audit = AuditLog(tracker)
     for run in sorted(runs, key=lambda r: _distance(r, data.run)):
         found = collect_run(tracker, run.run_id, audit, objective=data.objective)
-        if not found.managed and found.objective_series:  # a detached run has decisions
+        if not found.managed and _comparable(found, data):  # a detached run has decisions
             return _baseline(found, f"the unmanaged run closest in start time ({_when(run, data)})")
     return None
+
+
+# Evaluations a run needs to be compared with: one point (a trailing evaluate() of a script,
+# logged as a run of its own) is no training.
+MIN_EVALUATIONS = 3
+
+
+def _comparable(found: RunData, data: RunData) -> bool:
+    """Whether ``found`` trained on about the same steps as ``data``: evaluations over at
+    least half of the steps ``data`` evaluated over."""
+    theirs, ours = found.objective_series, data.objective_series
+    if len(theirs) < MIN_EVALUATIONS:
+        return False
+    return not ours or max(s for s, _ in theirs) >= max(s for s, _ in ours) / 2
 
 
 def given(tracker: Tracker, data: RunData, run_id: str) -> Baseline:
