@@ -541,7 +541,14 @@ def set_(
     changes, commands = _parse_assignments(assignments)
     settings = _settings(tracking_uri=tracking_uri, cooldown_steps=cooldown_steps)
     tracker = _tracker(settings.tracking_uri)
-    run_id = _find_run(tracker, run_id).run_id
+    found = _find_run(tracker, run_id)
+    run_id = found.run_id
+    if not found.is_running:
+        err_console.print(
+            f"[yellow]warning:[/yellow] run {run_id[:12]} has ended ({found.status.lower()}): "
+            "nothing applies this version until the script is restarted under "
+            f"`atm run --run-id {run_id}`"
+        )
     audit = AuditLog(tracker, settings.key())
     supervisor = RunSupervisor(run_id, tracker, audit, settings.supervisor_config())
     run = supervisor.refresh()
@@ -599,22 +606,25 @@ def status(
     table = Table(title=f"managed runs on {redact(tracker.uri)}")
     # The last intervention's line is long: a column on a wide terminal only.
     wide = console.width >= 140
-    columns = ("run", "name", "objective", "version", "heartbeat", "health")
+    columns = ("run", "name", "objective", "version", "client beat", "health")
     for col in (*columns, "last intervention") if wide else columns:
-        table.add_column(col, overflow="fold")
+        # The short id is what a user copies into the next command, and the objective and
+        # health are words to read whole: never wrapped; a long name is.
+        whole = col in ("run", "objective", "health")
+        table.add_column(col, overflow="fold", no_wrap=whole, max_width=None if whole else 16)
     now = time.time()
     notes: list[str] = []
     for run in runs:
         tags = run.tags
         beat = tags.get(TAG_CLIENT_HEARTBEAT)
         health = _shown_health(run, now)
-        state = health[0][0]
+        state = health[0][0] if run.is_running else run.status.lower()
         table.add_row(
             run.run_id[:12],
-            run.name if run.is_running else f"{run.name}\n({run.status.lower()})",
+            run.name,
             tags.get(TAG_OBJECTIVE, DEFAULT_OBJECTIVE),
             _version_text(tags),
-            _age(now - float(beat)) if beat else "never",
+            _age(now - float(beat)) if beat and run.is_running else "-" if beat else "never",
             f"[{_HEALTH_COLOUR.get(state, 'yellow')}]{state}[/]",
             *([tags.get(TAG_LAST_INTERVENTION, "")] if wide else []),
         )

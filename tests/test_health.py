@@ -215,7 +215,7 @@ def test_status_fits_80_columns_and_takes_short_ids_finished_runs_with_all(
     memory.tracker.set_status(run_id, "FINISHED")
     assert run_id[:12] not in runner.invoke(app, ["status", "--tracking-uri", memory.uri]).output
     ended = runner.invoke(app, ["status", "--all", "--tracking-uri", memory.uri])
-    assert run_id[:12] in ended.output and "(finished)" in ended.output
+    assert run_id[:12] in ended.output and "finished" in ended.output
     missing = runner.invoke(app, ["log", "ffffffffffff", "--tracking-uri", memory.uri])
     assert missing.exit_code == 1 and "no run" in missing.output
 
