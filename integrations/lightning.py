@@ -237,7 +237,7 @@ class ManagerLightningCallback(*(ns.Callback for ns in _LIGHTNING), ManagedTrain
                 "add MLFlowLogger or WandbLogger, or start an MLflow run",
             )
         self.health = Health(state=HealthState.UNBOUND, reason=reason)
-        _say_once(reason)
+        _say_once(str(self.health))
         return False
 
     def _logger_run(self, trainer: Any) -> RunBinding | None:

@@ -80,7 +80,7 @@ TrackingUri = Annotated[
     typer.Option(
         "--tracking-uri",
         "-u",
-        help="The tracker's URI [env ATM_TRACKING_URI, else MLFLOW_TRACKING_URI].",
+        help="The tracker's URI \\[env ATM_TRACKING_URI, else MLFLOW_TRACKING_URI].",
         show_default=False,
     ),
 ]
@@ -146,6 +146,8 @@ def _tracker(uri: str | None) -> Tracker:
 def _find_run(tracker: Tracker, run_id: str) -> RunInfo:
     """The run ``run_id`` names: that run, or the one managed run whose id begins with it (the
     short ids ``atm status`` prints)."""
+    if not run_id.strip():
+        raise CliError("no run id given: name a run (`atm status` lists the managed ones)")
     try:
         return tracker.get_run(run_id)
     except RunNotFound:
@@ -171,7 +173,7 @@ def _setting(name: str, *flags: str, settings: type[BaseSettings] = DaemonSettin
     where = f"env {', '.join(env_names(settings, name))}"
     if shown not in (None, []):
         where = f"default {shown}; {where}"
-    return typer.Option(*flags, help=f"{field.description} [{where}]", show_default=False)
+    return typer.Option(*flags, help=f"{field.description} \\[{where}]", show_default=False)
 
 
 @app.command()

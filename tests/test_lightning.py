@@ -239,7 +239,7 @@ def test_a_trainer_without_a_tracker_logger_says_so_once(
         "the run is not managed — add MLFlowLogger or WandbLogger, or start an MLflow run"
     )
     said = [r.getMessage() for r in caplog.records if r.name == "integrations.lightning"]
-    assert said == [f"atm: {reason}"]
+    assert said == [f"atm: unbound: {reason}"]
     assert callback.health == Health(state=HealthState.UNBOUND, reason=reason)
 
 
@@ -379,6 +379,6 @@ def test_a_pytorch_lightning_script_with_a_csv_logger_is_told_it_is_not_managed(
     assert "trained 60 steps" in result.stdout
     said = [line for line in result.stderr.splitlines() if line.startswith("atm:")]
     assert said == [
-        "atm: this Lightning Trainer logs to no MLflow or W&B logger (its loggers: CSVLogger); "
+        "atm: unbound: this Lightning Trainer logs to no MLflow or W&B logger (its loggers: CSVLogger); "
         "the run is not managed — add MLFlowLogger or WandbLogger, or start an MLflow run"
     ]
