@@ -237,11 +237,26 @@ def _overfitting_menu():
 def test_options_for_a_choosing_model_are_all_valid_answers_from_the_menu() -> None:
     snapshot, menu = _overfitting_menu()
     diagnosis = RulesPolicy().decide(snapshot, menu)
-    assert diagnosis.action == "adjust"
+    assert diagnosis.action == "adjust" and len(diagnosis.changes) > 1
     options = answer_options(menu, diagnosis)
+    # With a symptom: the rules' remedy, then each of its changes alone; never no action,
+    # nor a knob moved the other way.
+    assert options[0]["changes"] == diagnosis.changes and options[0]["reason"] == diagnosis.reason
+    assert [o["changes"] for o in options[1:]] == [{k: v} for k, v in diagnosis.changes.items()]
+    assert all(o["action"] == "adjust" for o in options)
+    for option in options:
+        assert parse_answer(json.dumps(option), menu).reason == option["reason"]
+    assert options_schema(options) == {"enum": [option_core(o) for o in options]}
+    prompt = build_prompt(snapshot, menu, diagnosis=diagnosis, options=options)
+    assert "## Options" in prompt and "## Menu" not in prompt
+    assert json.dumps(option_core(options[0])) in prompt
+
+
+def test_options_without_a_symptom_move_each_knob_either_way() -> None:
+    _, menu = _overfitting_menu()
+    options = answer_options(menu, None)
     assert options[0]["action"] == "no_action"
-    assert options[1]["changes"] == diagnosis.changes and options[1]["reason"] == diagnosis.reason
-    singles = [o["changes"] for o in options[2:] if o["action"] == "adjust"]
+    singles = [o["changes"] for o in options[1:] if o["action"] == "adjust"]
     # One move down and one up per knob where the menu has room, each a single change.
     assert {next(iter(c)) for c in singles} == set(menu.knobs)
     assert all(len(c) == 1 for c in singles)
@@ -249,10 +264,6 @@ def test_options_for_a_choosing_model_are_all_valid_answers_from_the_menu() -> N
     assert {"learning_rate": min(lr.choices, key=lambda c: abs(c - lr.current / 2))} in singles
     for option in options:
         assert parse_answer(json.dumps(option), menu).reason == option["reason"]
-    assert options_schema(options) == {"enum": [option_core(o) for o in options]}
-    prompt = build_prompt(snapshot, menu, diagnosis=diagnosis, options=options)
-    assert "## Options" in prompt and "## Menu" not in prompt
-    assert json.dumps(option_core(options[1])) in prompt
 
 
 # The SB3 knobs of a PPO run with reward weights, with the integration's default steps: the
@@ -318,11 +329,10 @@ def test_a_choosing_model_answers_an_option_and_the_decision_carries_its_reason(
     record, params = decide(memory, replay, Reply(json.dumps(core)), mode="choose")
     assert record.status == "issued" and record.source == "llm"
     assert params is not None and params.values["learning_rate"] == 5e-4
-    assert params.reason.startswith("lower learning_rate from")
-    assert replay.requests[0]["response_format"]["json_schema"]["schema"]["enum"][0] == {
-        "action": "no_action",
-        "changes": {},
-    }
+    # The rules saw overfitting: the model chose the lr part of their remedy.
+    assert params.reason.startswith("overfitting") and "only learning_rate changed" in params.reason
+    enum = replay.requests[0]["response_format"]["json_schema"]["schema"]["enum"]
+    assert {"action": "no_action", "changes": {}} not in enum and core in enum
 
 
 def test_a_choosing_model_answering_no_option_is_retried_then_falls_back(memory, replay) -> None:

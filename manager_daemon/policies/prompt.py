@@ -162,25 +162,19 @@ def _menu(menu: Menu) -> str:
 def answer_options(menu: Menu, diagnosis: Proposal | None) -> list[dict[str, Any]]:
     """Complete answers to choose from, for a model too small to compose one.
 
-    No action; the rules' remedy, when they see a symptom; for each knob, one move down and
-    one up (the menu choice nearest to halving or doubling it on log knobs, the smallest step
-    on linear ones); and each command on the menu.
+    Where the rules see a symptom: their remedy, and each of its changes on its own (a milder
+    remedy). The model chooses how to treat the symptom, not whether, nor which way: on the
+    supervisor benchmark, a 270M model's free choice (no action, or a knob moved the other
+    way) lost to the rules.
+    Otherwise: no action; for each knob, one move down and one up (the menu choice nearest to
+    halving or doubling it on log knobs, the smallest step on linear ones); and each command.
     """
+    if diagnosis is not None and diagnosis.action != "no_action":
+        return _remedies(diagnosis)
     objective_watch = "the objective over the next evaluations"
     options = [
         _option("no_action", {}, "the evidence does not call for a change", "", objective_watch)
     ]
-    if diagnosis is not None and diagnosis.action != "no_action":
-        action = "adjust" if diagnosis.action == "adjust" else diagnosis.commands[0]
-        options.append(
-            _option(
-                action,
-                diagnosis.changes,
-                diagnosis.reason,
-                diagnosis.expected_effect,
-                diagnosis.watch or objective_watch,
-            )
-        )
     for name, item in menu.knobs.items():
         for verb, side in (("lower", -1), ("raise", 1)):
             values = [c for c in item.choices if (c - item.current) * side > 0]
@@ -191,8 +185,6 @@ def answer_options(menu: Menu, diagnosis: Proposal | None) -> list[dict[str, Any
                 value = min(values, key=lambda c: abs(math.log(c / target)))
             else:
                 value = min(values, key=lambda c: abs(c - item.current))
-            if any(o["changes"] == {name: value} for o in options):
-                continue
             options.append(
                 _option(
                     "adjust",
@@ -203,14 +195,35 @@ def answer_options(menu: Menu, diagnosis: Proposal | None) -> list[dict[str, Any
                 )
             )
     for command in menu.commands:
-        if not any(o["action"] == command.value for o in options):
-            what = {
-                Command.STOP: "end training now",
-                Command.CHECKPOINT: "save the current weights",
-                Command.ROLLBACK_TO_BEST: "restore the weights of the best evaluation so far",
-            }
-            reason = what.get(command, command.value)
-            options.append(_option(command.value, {}, reason, "", objective_watch))
+        what = {
+            Command.STOP: "end training now",
+            Command.CHECKPOINT: "save the current weights",
+            Command.ROLLBACK_TO_BEST: "restore the weights of the best evaluation so far",
+        }
+        options.append(
+            _option(command.value, {}, what.get(command, command.value), "", objective_watch)
+        )
+    return options
+
+
+def _remedies(diagnosis: Proposal) -> list[dict[str, Any]]:
+    """The rules' remedy, and its changes one at a time."""
+    watch = diagnosis.watch or "the objective over the next evaluations"
+    action = "adjust" if diagnosis.action == "adjust" else diagnosis.commands[0]
+    options = [
+        _option(action, diagnosis.changes, diagnosis.reason, diagnosis.expected_effect, watch)
+    ]
+    if len(diagnosis.changes) > 1:
+        for name, value in diagnosis.changes.items():
+            options.append(
+                _option(
+                    "adjust",
+                    {name: value},
+                    f"{diagnosis.reason}; only {name} changed",
+                    diagnosis.expected_effect,
+                    watch,
+                )
+            )
     return options
 
 
