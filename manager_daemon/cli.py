@@ -559,7 +559,7 @@ def set_(
             supervisor.spec_error
             or f"run {run_id} has no knob spec: no client has published one, so nothing can be set"
         )
-    if refused := refused_by_hand(changes, supervisor.spec):
+    if refused := refused_by_hand(changes, supervisor.spec, commands):
         raise CliError(f"{refused}; nothing issued")
     proposal = human_proposal(changes, commands, reason or "set by hand")
     record = supervisor.decide(run, Source.HUMAN, "human", lambda _s, _m: PolicyAnswer(proposal))

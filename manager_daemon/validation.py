@@ -12,6 +12,7 @@ meant as typed. Only the size of a person's step is clamped.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
@@ -169,9 +170,16 @@ def _outside(knob: KnobSpec, value: float) -> str | None:
     return f"{knob.name}={value:g} is outside its bounds [{knob.min:g}, {knob.max:g}]"
 
 
-def refused_by_hand(changes: dict[str, float], spec: RunSpec) -> str | None:
-    """Why a person's ``changes`` cannot be made at all, in one line, or None: a knob the run
-    does not have, a value that is not a finite number or is outside the knob's bounds."""
+def refused_by_hand(
+    changes: dict[str, float], spec: RunSpec, commands: Sequence[str] = ()
+) -> str | None:
+    """Why a person's ``changes`` and ``commands`` cannot be made at all, in one line, or None:
+    a knob the run does not have, a value that is not a finite number or is outside the knob's
+    bounds, a command the run does not carry out."""
+    for command in commands:
+        if command not in {c.value for c in spec.commands}:
+            offered = ", ".join(c.value for c in spec.commands) or "none"
+            return f"this run does not carry out {command} (its commands: {offered})"
     for name, value in changes.items():
         knob = spec.knob(name)
         if knob is None:

@@ -112,6 +112,7 @@ def test_set_rejections_are_audited_and_issue_nothing(backend: Backend) -> None:
         (["learning_rate=nan"], "learning_rate=nan is not a finite number"),
         (["learning_rate=inf"], "learning_rate=inf is not a finite number"),
         (["learning_rat=1e-4"], "learning_rat is not a knob of this run (did you mean"),
+        (["rollback_to_best"], "this run does not carry out rollback_to_best (its commands: stop)"),
     ],
 )
 def test_set_refuses_what_the_run_cannot_take_and_starts_no_cooldown(
