@@ -102,6 +102,7 @@ class DaemonSettings(TrackerSettings):
     )
     rules_config: Path | None = Field(None, description="A YAML file of the rules' thresholds")
     cooldown_steps: int = _same_as(ValidationConfig, "cooldown_steps")
+    settle_evals: int = _same_as(ValidationConfig, "settle_evals")
     budget: int = _same_as(ValidationConfig, "budget")
     stop_after_evals: int = _same_as(ValidationConfig, "stop_after_evals")
     rollback_after_evals: int = _same_as(ValidationConfig, "rollback_after_evals")
@@ -184,6 +185,7 @@ class DaemonSettings(TrackerSettings):
     def validation_config(self) -> ValidationConfig:
         return ValidationConfig(
             cooldown_steps=self.cooldown_steps,
+            settle_evals=self.settle_evals,
             budget=self.budget,
             stop_after_evals=self.stop_after_evals,
             rollback_after_evals=self.rollback_after_evals,

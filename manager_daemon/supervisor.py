@@ -120,6 +120,7 @@ class RunSupervisor:
         self.repeats_at_step: tuple[int, int] | None = None  # (step, evaluations seen there)
         self._listed: tuple[int | None, float | None] | None = None  # the objective's, listed
         self.last_note: str | None = None
+        self.active = False  # a client heartbeats: versions are applied, at steps it records
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -225,11 +226,21 @@ class RunSupervisor:
         points, self.cursor = read
         self._note_repeats(points)
         self.telemetry.add(points)
-        for item in self.history:
-            if item.applied_step is None:
-                item.applied_step = self.telemetry.applied_steps.get(item.version)
+        self.active = TAG_CLIENT_HEARTBEAT in run.tags
+        self._note_applied()
         self._write_outcomes()
         return run
+
+    def _note_applied(self) -> None:
+        """The step each version was applied at, from the client's markers; a version a
+        newer one superseded before it reached the client counts as applied with it."""
+        assert self.telemetry is not None
+        later: int | None = None
+        for item in sorted(self.history, key=lambda i: i.version, reverse=True):
+            if item.applied_step is None:
+                item.applied_step = self.telemetry.applied_steps.get(item.version, later)
+            if item.applied_step is not None:
+                later = item.applied_step if later is None else min(later, item.applied_step)
 
     def _note_repeats(self, points: list[MetricPoint]) -> None:
         """Count evaluations of the objective logged at a step already seen; forget them once
@@ -448,7 +459,34 @@ class RunSupervisor:
                 self.config.validation.rollback_min_regression, max(rolled_back, default=-1)
             ),
             stop_issued=any(Command.STOP.value in item.commands for item in self.history),
+            settling=self._settling(),
         )
+
+    def _settling(self) -> dict[str, str]:
+        """The knobs a change has not yet shown its effect on (``settle_evals`` evaluations
+        after it was applied), and why a policy waits; none while the run has non-finite
+        values after that change (that cannot wait)."""
+        assert self.telemetry is not None
+        wanted = self.config.validation.settle_evals
+        settling: dict[str, str] = {}
+        if not wanted:
+            return settling
+        for item in self.history:
+            if not item.changes:
+                continue
+            if any(s > item.decision_step for s in self.telemetry.non_finite_steps):
+                continue
+            if item.applied_step is None and self.active:
+                why = f"waiting for v{item.version} (step {item.decision_step}) to be applied"
+            elif (seen := self.telemetry.evaluations_since(_in_force(item))) < wanted:
+                why = (
+                    f"waiting for the effect of v{item.version}, in force from step "
+                    f"{_in_force(item)} ({seen} of {wanted} evaluations since)"
+                )
+            else:
+                continue
+            settling.update(dict.fromkeys(item.changes, why))
+        return settling
 
     def trusted(self, tags: dict[str, str]) -> ParamsVersion | None:
         """The run's newest trusted params version (``AuditLog.trusted``), judged again only
@@ -472,9 +510,11 @@ class RunSupervisor:
         return max(known, listed) + 1
 
     def _write_outcomes(self) -> None:
+        """Measure the outcome of each version that has had its evaluations: after the step it
+        was applied at (where a client applies versions), else after its decision."""
         assert self.telemetry is not None
         for item in self.history:
-            if item.outcome is not None:
+            if item.outcome is not None or (self.active and item.applied_step is None):
                 continue
             outcome = self.telemetry.outcome(item)
             if outcome.evaluations_after < EVALS_FOR_OUTCOME:
@@ -485,6 +525,12 @@ class RunSupervisor:
                 record = record.model_copy(update={"outcome": outcome})
                 self.records[item.decision_id] = record
                 self.audit.write_record(record)
+
+
+def _in_force(item: Intervention) -> int:
+    """The step from which a version is in force: where it was applied, else (no client to
+    apply it) where it was decided."""
+    return item.applied_step if item.applied_step is not None else item.decision_step
 
 
 def _instead_of_late(

@@ -361,6 +361,10 @@ class RunTelemetry:
         trend = (gaps[-1][0] - gaps[0][0]) / (len(gaps) - 1) if len(gaps) > 1 else None
         return GapView(last=last, relative=last / abs(train) if train else None, trend=trend)
 
+    def evaluations_since(self, step: int) -> int:
+        """Evaluations of the objective at ``step`` or after (those kept: at most the window)."""
+        return sum(1 for s, _ in self.evals if s >= step)
+
     def outcome(self, item: Intervention) -> Outcome:
         """The objective just before an intervention took effect, and as measured after."""
         start = item.applied_step if item.applied_step is not None else item.decision_step

@@ -38,6 +38,12 @@ class ValidationConfig(BaseModel):
     """Limits that apply on top of each knob's own bounds."""
 
     cooldown_steps: int = Field(default=50, ge=0, description="steps between two changes of a knob")
+    settle_evals: int = Field(
+        default=2,
+        ge=0,
+        description="evaluations after a change is applied before a policy may move the same "
+        "knob again (0: none; a person is never held up)",
+    )
     budget: int = Field(default=20, ge=0, description="automatic interventions allowed per run")
     stop_after_evals: int = Field(
         default=6, ge=0, description="evaluations without improvement before stop is offered"
@@ -62,6 +68,10 @@ class RunState:
     evals_since_best: int = 0
     regressed_evals: int = 0
     stop_issued: bool = False
+    # Knobs an earlier change has not yet shown its effect on (not applied yet, or applied
+    # fewer evaluations ago than an outcome needs), with why: a policy waits for that effect
+    # before it moves them again; a person need not.
+    settling: dict[str, str] = field(default_factory=dict)
 
     def cooldown_left(self, knob: KnobSpec, config: ValidationConfig) -> int:
         cooldown = knob.cooldown_steps if knob.cooldown_steps is not None else config.cooldown_steps
@@ -150,6 +160,9 @@ def _check_knob(
     if left := state.cooldown_left(knob, config):
         last = state.last_changed_step[name]
         verdict.reason = f"inside cooldown: changed at step {last}, {left} more steps to wait"
+        return verdict
+    if source is not Source.HUMAN and name in state.settling:
+        verdict.reason = state.settling[name]
         return verdict
     final, reasons = _clamp(knob, current, value)
     verdict.final = final
@@ -275,6 +288,9 @@ def build_menu(state: RunState, config: ValidationConfig, source: Source) -> Men
         current = state.values.get(knob.name, knob.value)
         if left := state.cooldown_left(knob, config):
             menu.blocked[knob.name] = f"cooldown: {left} steps left"
+            continue
+        if source is not Source.HUMAN and knob.name in state.settling:
+            menu.blocked[knob.name] = state.settling[knob.name]
             continue
         low, high = knob.step_limits(current)
         choices = sorted({c for c in _choices(knob, current, low, high) if not _same(c, current)})

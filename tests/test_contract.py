@@ -282,7 +282,9 @@ def test_daemon_killed_mid_decision_loses_nothing_and_repeats_nothing(
     assert record.params_version == 1
     assert tracker.list_artifacts(run_id, AUDIT_DIR) == [audit_path(params.decision_id)]
 
-    # New evidence later gets a new decision, continuing the chain.
+    # The client applies v1; new evidence later gets a new decision, continuing the chain.
+    backend.log_metrics(run_id, {METRIC_PARAMS_VERSION: 1}, 71)
+    backend.log_metrics(run_id, {"eval_loss": 2.5}, 100)
     backend.log_metrics(run_id, {"eval_loss": 2.6}, 200)
     second.run_once()
     assert tracker.get_run(run_id).tags[TAG_PARAMS_VERSION] == "2"

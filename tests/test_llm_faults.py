@@ -56,7 +56,9 @@ def supervised(
     model = OpenAIChat("replay", base_url=replay.base_url, api_key="x")
     policy = LLMPolicy(model, LLMConfig(timeout_s=timeout_s, fallback=fallback))
     config = SupervisorConfig(
-        validation=ValidationConfig(cooldown_steps=0, budget=1000),
+        # Every evaluation decided: no cooldown, and no wait for a version's effect (no client
+        # applies them here).
+        validation=ValidationConfig(cooldown_steps=0, settle_evals=0, budget=1000),
         audit_no_action=True,
         stale_evals=stale_evals,
     )

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from integrations.protocol import (
+    METRIC_PARAMS_VERSION,
     REPORT_PAGE_PATH,
     TAG_CLIENT_HEARTBEAT,
     TAG_MANAGED,
@@ -286,8 +287,10 @@ def test_the_daemon_reports_every_n_decisions_without_holding_up_other_runs(
         report = daemon.run_once()
         assert {r.run_id for r in report.decisions} == {first, second}
         wait_for(lambda: writing)  # a report is being written, and stays stuck
-        memory.log_metrics(first, {"eval_loss": 2.6}, 200)
-        memory.log_metrics(second, {"eval_loss": 2.6}, 200)
+        for run_id in (first, second):  # v1 applied, and evaluated twice since
+            memory.log_metrics(run_id, {METRIC_PARAMS_VERSION: 1}, 71)
+            memory.log_metrics(run_id, {"eval_loss": 2.5}, 100)
+            memory.log_metrics(run_id, {"eval_loss": 2.6}, 200)
         again = daemon.run_once()
         assert {r.run_id for r in again.decisions} == {first, second}, "decisions go on"
         assert not tracker.list_artifacts(first, "atm/report")

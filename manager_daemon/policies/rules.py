@@ -490,7 +490,13 @@ def _scaled(menu: Menu, knob: str, factor: float) -> dict[str, float]:
     item = menu.knobs.get(knob)
     if item is None:
         return {}
-    return {knob: min(max(item.current * factor, item.low), item.high)}
+    return _moved(knob, item.current, min(max(item.current * factor, item.low), item.high))
+
+
+def _moved(knob: str, current: float, value: float) -> dict[str, float]:
+    """``{knob: value}``, or nothing where the knob is already there (at a bound, say): a
+    change that changes nothing is no remedy."""
+    return {} if math.isclose(value, current, rel_tol=1e-9, abs_tol=1e-15) else {knob: value}
 
 
 def _raised(menu: Menu, knob: str, factor: float) -> dict[str, float]:
@@ -501,7 +507,7 @@ def _raised(menu: Menu, knob: str, factor: float) -> dict[str, float]:
         return {}
     if item.current > 0:
         return _scaled(menu, knob, factor)
-    return {knob: item.high}
+    return _moved(knob, item.current, item.high)
 
 
 def _can_raise(menu: Menu, knob: str) -> bool:
@@ -513,7 +519,7 @@ def _added(menu: Menu, knob: str, delta: float) -> dict[str, float]:
     item = menu.knobs.get(knob)
     if item is None:
         return {}
-    return {knob: min(max(item.current + delta, item.low), item.high)}
+    return _moved(knob, item.current, min(max(item.current + delta, item.low), item.high))
 
 
 def _rollback(menu: Menu) -> list[str]:
