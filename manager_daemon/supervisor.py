@@ -223,9 +223,13 @@ class RunSupervisor:
             read = self.tracker.read_new_points(
                 self.run_id, keys, self.cursor, window=self.telemetry.read_window
             )
+        first = self.cursor is None
         points, self.cursor = read
         self._note_repeats(points)
-        self.telemetry.add(points)
+        if first:
+            self.telemetry.read_first(points)
+        else:
+            self.telemetry.add(points)
         self.active = TAG_CLIENT_HEARTBEAT in run.tags
         self._note_applied()
         self._write_outcomes()

@@ -180,6 +180,9 @@ class RunTelemetry:
         # how many came after the best, counted up to the step ``counted_until``.
         self.earlier_best: tuple[int, float] | None = None
         self.earlier_first: float | None = None
+        # A first read that found the objective's window full began mid-run: its first
+        # evaluation is not the run's, which this reader never saw.
+        self.first_unknown = False
         self.earlier_since_best = 0
         self.counted_until = -1
 
@@ -204,7 +207,7 @@ class RunTelemetry:
     def _leaving(self, step: int, value: float) -> None:
         """An evaluation leaves the window: what it adds to the earlier ones."""
         if math.isfinite(value):
-            if self.earlier_first is None:
+            if self.earlier_first is None and not self.first_unknown:
                 self.earlier_first = value
             if self.earlier_best is None or self.objective.better(value, self.earlier_best[1]):
                 self.earlier_best = (step, value)
@@ -300,11 +303,23 @@ class RunTelemetry:
         else:
             since = sum(1 for s, _ in self.evals if s > best_step)
         view.evals_since_best = since
-        view.first = self.earlier_first if self.earlier_first is not None else finite[0][1]
+        if self.earlier_first is not None:
+            view.first = self.earlier_first
+        elif not self.first_unknown:
+            view.first = finite[0][1]
         view.recent = [(s, round(v, 6)) for s, v in list(self.evals)[-RECENT_EVALS:]]
         view.trend = _relative_slope([v for _, v in finite[-4:]])
         view.seconds_per_eval = self.seconds_per_eval()
         return view
+
+    def read_first(self, points: Iterable[MetricPoint]) -> None:
+        """Take a first read of the run (``points``, oldest first), noting when the
+        objective's window was full: the run's first evaluations came before it."""
+        points = list(points)
+        self.add(points)
+        objective = sum(1 for p in points if p.key == self.objective.metric)
+        if objective >= (self.evals.maxlen or 0) and self.earlier_first is None:
+            self.first_unknown = True
 
     def seconds_per_eval(self) -> float | None:
         """The median wall-clock time between the recent evaluations (None before two)."""

@@ -527,3 +527,18 @@ def test_a_small_loss_creeping_down_has_learned_something() -> None:
     evals = [0.1537, 0.1461, 0.16, 0.18, 0.2029, 0.15, 0.13, 0.1228]
     p = decide(telemetry(falling(80, 1.0, 0.04), evals))
     assert not p.reason.startswith("nothing learned"), p.reason
+
+
+def test_a_run_first_read_after_its_window_filled_is_judged_on_its_best_not_its_window() -> None:
+    """A daemon that first reads a fast run after 120 evaluations sees only the last 32: their
+    first is not the run's, so nothing is known of its gain. An evaluation 0.2 % off its best
+    is a converged run holding its best, not 8 evaluations without improvement."""
+    t = RunTelemetry(Objective.parse("minimize:val_loss"))
+    evals = [0.236 + 0.0005 * math.sin(i) for i in range(32)]
+    points = [MetricPoint("train_loss", s, 0.1, s) for s in range(1000, 1320)]
+    points += [MetricPoint("val_loss", 1000 + 10 * i, v, 1000 + 10 * i) for i, v in enumerate(evals)]
+    t.read_first(sorted(points, key=lambda p: p.timestamp))
+    snapshot, menu = snapshot_and_menu(t, SPEC, Source.RULES)
+    assert snapshot.objective.first is None
+    proposal = RulesPolicy().decide(snapshot, menu)
+    assert proposal.action == "no_action", proposal.reason

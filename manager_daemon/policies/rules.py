@@ -353,13 +353,18 @@ class RulesPolicy:
         since = snap.rolled_back_at
         if since_change and snap.interventions:
             since = snap.interventions[-1].step
-        gained = abs((obj.first if obj.first is not None else obj.best) - obj.best)
-        margin = self.config.stall_margin * min(gained, abs(obj.best))
+        if obj.first is None:
+            # The run began before the daemon first read it: its gain is unknown, its best's
+            # magnitude is the scale.
+            gained, margin = None, self.config.stall_margin * abs(obj.best)
+        else:
+            gained = abs(obj.first - obj.best)
+            margin = self.config.stall_margin * min(gained, abs(obj.best))
         sign = 1.0 if obj.direction == "minimize" else -1.0
         count = 0
         for step, value in reversed(obj.recent):
             # Nothing gained: every evaluation after the best is one without progress.
-            short = not math.isfinite(value) or not gained or sign * (value - obj.best) > margin
+            short = not math.isfinite(value) or gained == 0 or sign * (value - obj.best) > margin
             if not short or (since is not None and step <= since) or step <= (obj.best_step or -1):
                 break
             count += 1
