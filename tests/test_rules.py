@@ -534,7 +534,7 @@ def test_a_run_first_read_after_its_window_filled_is_judged_on_its_best_not_its_
     first is not the run's, so nothing is known of its gain. An evaluation 0.2 % off its best
     is a converged run holding its best, not 8 evaluations without improvement."""
     t = RunTelemetry(Objective.parse("minimize:val_loss"))
-    evals = [0.236 + 0.0005 * math.sin(i) for i in range(32)]
+    evals = [0.2358] + [0.2360 + 0.0003 * (i % 3) for i in range(31)]
     points = [MetricPoint("train_loss", s, 0.1, s) for s in range(1000, 1320)]
     points += [MetricPoint("val_loss", 1000 + 10 * i, v, 1000 + 10 * i) for i, v in enumerate(evals)]
     t.read_first(sorted(points, key=lambda p: p.timestamp))
