@@ -274,8 +274,10 @@ class ManagerClient(ParamsApplier):
             outage_over(self)
             self._unreachable_since = None
         self._watch_objective(run, last)
-        for said in self.daemon_watch.polled(run.tags):
+        for said in self.daemon_watch.polled(run.tags, last=last):
             log.warning("atm: %s", said)
+        if self.objective_watch is not None and self.daemon_watch.said_objective_missing:
+            self.objective_watch.said_elsewhere()
         if said_steps := self.run_steps.polled(run.latest_steps, self.training_step):
             log.warning("atm: %s", said_steps)
         if self._resume_pending:
@@ -291,6 +293,7 @@ class ManagerClient(ParamsApplier):
             said = self.objective_watch.polled(run.latest_metrics, last=last)
             if said is not None:
                 log.warning("atm: %s", said)
+                self.daemon_watch.objective_said()
 
     def _publish(self) -> None:
         # The heartbeat first: a daemon that sees the spec must also see a live client, or it

@@ -61,6 +61,11 @@ class ObjectiveWatch:
         elif keys:
             self._evaluation_keys = keys
 
+    def said_elsewhere(self) -> None:
+        """The missing objective was said another way (the daemon's health): not again."""
+        if not self._seen:
+            self._said_missing = True
+
     def polled(self, logged: Iterable[str], *, last: bool = False) -> str | None:
         """What to tell the user after a poll that read the keys the run has ``logged`` (the
         client's ``last`` poll: the end of training), or None."""
@@ -98,6 +103,9 @@ class ObjectiveWatch:
 
 # How long a published run may go without any daemon looking at it before the client says so.
 NO_DAEMON_S = 120.0
+# How long the daemon must have found the objective missing before the client repeats it (the
+# daemon's own log waits as long).
+OBJECTIVE_WAIT_S = 60.0
 
 
 class DaemonWatch:
@@ -105,7 +113,8 @@ class DaemonWatch:
     state), and when no daemon is watching the run at all.
 
     A daemon that sees a run writes its health tag; one that supervises it holds its lease.
-    A missing objective is the objective watch's to say (``ObjectiveWatch``).
+    A missing objective is said once the daemon has found it missing for a minute, unless the
+    objective watch (``ObjectiveWatch``) said it first.
     Neither, ``grace_s`` after the client published the run, means that no daemon runs on this
     tracker (or none watches this run's experiment): decisions will never come.
     """
@@ -116,12 +125,29 @@ class DaemonWatch:
         self._since = clock()
         self._said: set[HealthState] = set()
         self._said_unwatched = False
+        self._waiting_since: float | None = None
 
-    def polled(self, tags: dict[str, str]) -> list[str]:
-        """What to tell the user after a poll that read the run's ``tags``."""
+    def objective_said(self) -> None:
+        """The objective watch has said that the objective is missing: not again here."""
+        self._said.add(HealthState.WAITING_OBJECTIVE)
+
+    @property
+    def said_objective_missing(self) -> bool:
+        return HealthState.WAITING_OBJECTIVE in self._said
+
+    def polled(self, tags: dict[str, str], *, last: bool = False) -> list[str]:
+        """What to tell the user after a poll that read the run's ``tags`` (the client's
+        ``last`` one: training has ended)."""
         said: list[str] = []
         watched = self._watched(tags)
-        if not watched and not self._said_unwatched and self._clock() - self._since >= self.grace_s:
+        waited = self._clock() - self._since
+        if not watched and not self._said_unwatched and last and waited < self.grace_s:
+            self._said_unwatched = True
+            said.append(
+                f"the run ended after {waited:.0f} s, before any daemon looked at it: nothing "
+                "was supervised (a daemon looks at its runs every tick, 10 s by default)"
+            )
+        elif not watched and not self._said_unwatched and waited >= self.grace_s:
             self._said_unwatched = True
             said.append(
                 f"no daemon has looked at this run in {self.grace_s / 60:.0f} min, so no decision "
@@ -134,9 +160,16 @@ class DaemonWatch:
         if health is None or not watched:
             return said
         if health.state is HealthState.WAITING_OBJECTIVE:
-            # The objective watch says that, when an evaluation lacks it or after its grace:
-            # before the first evaluation, every run is waiting for its objective.
-            return said
+            # Before its first evaluation every run waits for its objective: said here only
+            # once the daemon has found it missing for a while (or at the end), unless the
+            # objective watch said it first.
+            if self._waiting_since is None:
+                self._waiting_since = self._clock()
+            long = self._clock() - self._waiting_since >= OBJECTIVE_WAIT_S
+            if not (long or last) or health.state in self._said:
+                return said
+        else:
+            self._waiting_since = None
         if not health.ok and health.state not in self._said:
             self._said.add(health.state)
             self._said.discard(HealthState.DECIDING)

@@ -192,7 +192,8 @@ class HealthReporter:
             return
         if health.state is HealthState.WAITING_OBJECTIVE:
             now = time.monotonic()
-            said.waiting_since = said.waiting_since or now
+            if said.waiting_since is None:
+                said.waiting_since = now
             if now - said.waiting_since < OBJECTIVE_WAIT_S or not script_keys(run.latest_metrics):
                 return
         if health.state not in said.warned:

@@ -256,3 +256,24 @@ def test_the_client_says_what_the_daemon_says_and_when_no_daemon_watches() -> No
     clock[0] += 1000  # the lease left to expire: its daemon is gone
     (gone,) = watch.polled({TAG_DAEMON_LEASE: lease, TAG_HEALTH: deciding})
     assert "no daemon has looked at this run" in gone
+
+
+def test_the_client_repeats_a_missing_objective_after_a_minute_and_says_a_run_ended_unseen() -> (
+    None
+):
+    clock = [0.0]
+    watch = DaemonWatch(grace_s=120, clock=lambda: clock[0])
+    lease = Lease(owner="atm-0.abc", renewed_at=0.0, ttl_s=60).tag_value()
+    waiting = Health(
+        state=HealthState.WAITING_OBJECTIVE, reason="val_los never logged; closest: val_loss"
+    )
+    tags = {TAG_DAEMON_LEASE: lease, TAG_HEALTH: waiting.tag_value()}
+    assert watch.polled(tags) == [], "every run waits for its first evaluation"
+    clock[0] = 61
+    assert watch.polled(tags) == [f"the manager says: {waiting}"]
+    assert watch.polled(tags) == [] and watch.said_objective_missing
+
+    short = DaemonWatch(grace_s=120, clock=lambda: clock[0])
+    clock[0] += 4
+    (said,) = short.polled({}, last=True)
+    assert "the run ended after 4 s, before any daemon looked at it" in said
