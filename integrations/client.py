@@ -248,7 +248,8 @@ class ManagerClient(ParamsApplier):
                 exc,
                 MAX_BACKOFF_S,
             )
-            outage_reported(self)
+            if not self._stop.is_set():  # a client closing reports nothing it must take back
+                outage_reported(self)
 
     def evaluated(self, keys: Iterable[str]) -> None:
         """The integration was told of an evaluation with these metric keys."""

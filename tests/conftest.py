@@ -18,6 +18,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from integrations.protocol import METRIC_PARAMS_VERSION, WANDB_METRIC_APPLIED_STEP, wandb_key
 from integrations.trackers import Tracker, open_tracker
 from integrations.trackers.memory import MemoryTracker
 from manager_daemon.mlflow_server import MlflowServer, start_server
@@ -162,7 +163,10 @@ class _WandbScript(Backend):
     """W&B runs that a script in this process logs to with the real SDK (``wandb.init``)."""
 
     def log_metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
-        self.log_history(run_id, [(step, values)])
+        row = {wandb_key(k): v for k, v in values.items()}
+        if METRIC_PARAMS_VERSION in values:  # the marker as the client logs it
+            row[WANDB_METRIC_APPLIED_STEP] = step
+        self.log_history(run_id, [(step, row)])
 
 
 def _wandb_backend(request: pytest.FixtureRequest) -> Backend:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from integrations.protocol import (
+    METRIC_PARAMS_VERSION,
     SPEC_PATH,
+    TAG_CLIENT_APPLIED_VERSION,
     TAG_CLIENT_HEARTBEAT,
     TAG_MANAGED,
     TAG_PARAMS_VERSION,
@@ -197,3 +199,12 @@ def snapshot_and_menu(
     )
     menu = build_menu(state, ValidationConfig(cooldown_steps=0), source)
     return t.snapshot(spec, values, history or []), menu
+
+
+def applied_then_evaluated(backend: Backend, run_id: str, version: int, *evals: float) -> None:
+    """What a client and the run do after ``overfitting_run``'s first decision: version
+    ``version`` applied at step 71, then evaluations at steps 100, 200, …"""
+    backend.log_metrics(run_id, {METRIC_PARAMS_VERSION: version}, 71)
+    backend.tracker.set_tags(run_id, {TAG_CLIENT_APPLIED_VERSION: str(version)})
+    for i, value in enumerate(evals):
+        backend.log_metrics(run_id, {"eval_loss": value}, 100 * (i + 1))

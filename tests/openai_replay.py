@@ -134,15 +134,16 @@ def halve_lr(start: float) -> Reply:
 def turning_lr(targets: tuple[float, ...] = (0.005, 0.02)) -> Callable[[dict[str, Any]], Reply]:
     """Answers that move the learning rate towards each of ``targets`` in turn: of the
     menu's learning rates (the enum in the request's schema), the one nearest the target.
-    Every answer is a change to issue; no action when the learning rate is not on the menu."""
+    Every answer is a change to issue; no action when the learning rate is not on the menu
+    (while it settles), and the next answer turns to the next target."""
     turns = itertools.count()
 
     def answer(body: dict[str, Any]) -> Reply:
         choices = _enum_of("learning_rate", body)
-        target = targets[next(turns) % len(targets)]
         if not choices:
             decision: dict[str, Any] = {"action": "no_action", "changes": {}}
         else:
+            target = targets[next(turns) % len(targets)]
             nearest = min(choices, key=lambda c: abs(math.log(c / target)))
             decision = {"action": "adjust", "changes": {"learning_rate": nearest}}
         texts = {"reason": "try another learning rate", "expect": "a lower loss"}

@@ -21,7 +21,7 @@ from manager_daemon import crashpoints
 from manager_daemon.daemon import Daemon
 from manager_daemon.policies import RulesPolicy
 from tests.conftest import Backend
-from tests.helpers import overfitting_run
+from tests.helpers import applied_then_evaluated, overfitting_run
 from tests.ledger import Ledger
 
 
@@ -56,8 +56,8 @@ def test_a_daemon_killed_at_each_point_issues_the_decision_once_or_not_at_all(
     assert [v.version for v in ledger.versions] == [1], "the decision is issued exactly once"
     assert [r.params_version for r in ledger.records] == [1]
 
-    # New evidence gets a new decision, continuing the chain.
-    memory.log_metrics(run_id, {"eval_loss": 2.6}, 200)
+    # The client applies v1; new evidence gets a new decision, continuing the chain.
+    applied_then_evaluated(memory, run_id, 1, 2.5, 2.6)
     restarted.run_once()
     ledger = Ledger.read(tracker, run_id)
     assert ledger.problems(tracker, run_id) == []
@@ -111,7 +111,7 @@ def test_a_restart_completes_the_interrupted_decision_and_then_decides_the_news(
     with pytest.raises(Killed):
         Daemon(tracker, RulesPolicy()).run_once()
     monkeypatch.setattr(crashpoints, "_target", None)
-    memory.log_metrics(run_id, {"eval_loss": 2.6}, 200)
+    applied_then_evaluated(memory, run_id, 1, 2.5, 2.6)
 
     report = Daemon(tracker, RulesPolicy()).run_once()
     assert [(r.status, r.params_version) for r in report.decisions] == [("issued", 2)]

@@ -216,14 +216,15 @@ DECIDES_WITHIN_S = 5
 
 def start_daemon(uri: str, experiment: str, replay: ReplayServer, log: Path) -> subprocess.Popen:
     """One `atm daemon` (one replica, as a user starts it) with a short lease, deciding with
-    the replayed model; its log one JSON object per line."""
+    the replayed model; its log one JSON object per line. A change needs no evaluations to
+    settle: the next decision is timed from the server's return, not from the client's."""
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "manager_daemon.cli", "daemon"),
             *("--tracking-uri", uri, "--experiment", experiment, "--interval", "1"),
             *("--lease-ttl", str(LEASE_TTL_S), "--lease-settle", "1"),
             *("--policy", "llm", "--llm-base-url", replay.base_url, "--llm-model", "replay"),
-            *("--llm-fallback", "none", "--stale-evals", "100"),
+            *("--llm-fallback", "none", "--stale-evals", "100", "--settle-evals", "0"),
             *("--cooldown-steps", "0", "--budget", "1000", "--log-format", "json"),
         ],
         stdout=log.open("w"),

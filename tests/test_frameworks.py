@@ -475,7 +475,9 @@ def test_label_smoothing_changes_the_loss_the_trainer_computes(memory: Backend) 
     harness.train(6, plan)
     assert losses["before"] == pytest.approx(losses["before-plain"].item())
     assert losses["after"] == pytest.approx(losses["after-smoothed"].item())
-    assert losses["after"] != pytest.approx(losses["after-plain"].item(), abs=1e-3)
+    # A freshly initialised model predicts near-uniformly: smoothing moves its loss by about
+    # 1e-3, far more than the float error between two computations of the same loss.
+    assert losses["after"] != pytest.approx(losses["after-plain"].item(), abs=1e-5)
 
 
 def _waiting_objective(records: list[logging.LogRecord]) -> list[str]:
@@ -517,4 +519,7 @@ def test_says_nothing_when_evaluations_carry_the_objective(
 
     with caplog.at_level(logging.WARNING, logger="integrations"):
         harness.train(6, {2: evaluation})  # ends with the client's last poll
-    assert not [r for r in caplog.records if r.name.startswith("integrations")]
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("integrations")]
+    # No daemon watched this short run, and the client says so; of the objective, nothing.
+    assert not [m for m in said if "eval_loss" in m or "objective" in m], said
+    assert [m for m in said if "before any daemon looked at it" in m], said

@@ -36,9 +36,11 @@ TAKEOVER_BOUND_S = 3 * (TTL + SETTLE + 2 * INTERVAL + SETTLE + INTERVAL)
 
 
 def start_replica(uri: str, experiment: str, ordinal: int, log: Path) -> subprocess.Popen:
+    # No client applies versions here: a change needs no evaluations to settle before the next.
     return subprocess.Popen(
         [sys.executable, "-m", "manager_daemon.cli", "daemon", "--tracking-uri", uri,
          "--experiment", experiment, "--policy", "rules", "--cooldown-steps", "0", "--audit-no-action",
+         "--settle-evals", "0",
          "--interval", str(INTERVAL), "--lease-ttl", str(TTL), "--lease-settle", str(SETTLE),
          "--replicas", str(REPLICAS), "--replica-name", f"atm-{ordinal}", "--log-format", "json"],
         stdout=log.open("w"), stderr=subprocess.STDOUT,

@@ -340,6 +340,10 @@ class WandbTracker:
             and isinstance(v, int | float)
             and not isinstance(v, bool)
         }
+        # The one contract metric among the summary's atm/ keys: the params version applied.
+        marker = summary.get(wandb_key(METRIC_PARAMS_VERSION))
+        if isinstance(marker, int | float) and not isinstance(marker, bool):
+            metrics[METRIC_PARAMS_VERSION] = float(marker)
         config = {k: str(v) for k, v in (run.config or {}).items() if _scalar(v)}
         return RunInfo(
             run_id=run.id,
