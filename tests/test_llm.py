@@ -18,6 +18,7 @@ from integrations.protocol import (
     KnobSpec,
     Objective,
     ParamsVersion,
+    Proposal,
     RunSpec,
     Source,
     params_path,
@@ -305,6 +306,26 @@ def test_the_rules_remedy_is_a_valid_option_though_it_changes_many_knobs_off_the
     # The same changes composed freely are still held to the menu's choices and size.
     with pytest.raises(InvalidAnswer, match=r"not one of|at most"):
         parse_answer(json.dumps(options[1]), menu)
+
+
+def test_a_choosing_model_that_picks_a_stop_with_rollback_issues_both() -> None:
+    """The rules stop a run that no longer improves and go back to its best weights; one
+    action names that option, and choosing it must not leave the run on its last weights."""
+    _, menu = _overfitting_menu()
+    menu.commands = [Command.STOP, Command.ROLLBACK_TO_BEST]  # as after six flat evaluations
+    diagnosis = Proposal(
+        action="command",
+        commands=[Command.STOP.value, Command.ROLLBACK_TO_BEST.value],
+        reason="no improvement of eval_loss for 6 evaluations after 3 interventions",
+    )
+    options = answer_options(menu, diagnosis)
+    core = option_core(options[0])
+    assert core == {"action": "stop", "changes": {}}
+    chosen = parse_answer(json.dumps(core), menu, offered=options)
+    assert chosen.action == "command"
+    assert chosen.commands == [Command.STOP.value, Command.ROLLBACK_TO_BEST.value]
+    # Freely composed, the same answer is a stop alone.
+    assert parse_answer(json.dumps(core), menu).commands == [Command.STOP.value]
 
 
 def test_a_choosing_model_that_picks_the_rules_remedy_decides_as_the_model(replay) -> None:

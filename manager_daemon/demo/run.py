@@ -260,7 +260,7 @@ def _print_interventions(records: list[AuditRecord], console: Console) -> None:
             str(r.step),
             f"{r.source.value}\n{r.model}" if r.model else r.source.value,
             what.strip(", "),
-            r.proposal.reason if r.proposal else "",
+            (r.proposal.reason if r.proposal else "") + (f" ({r.note})" if r.note else ""),
         )
     console.print(table if records else "no interventions were made")
 

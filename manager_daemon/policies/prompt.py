@@ -210,9 +210,12 @@ def _remedies(diagnosis: Proposal) -> list[dict[str, Any]]:
     """The rules' remedy, and its changes one at a time."""
     watch = diagnosis.watch or "the objective over the next evaluations"
     action = "adjust" if diagnosis.action == "adjust" else diagnosis.commands[0]
-    options = [
-        _option(action, diagnosis.changes, diagnosis.reason, diagnosis.expected_effect, watch)
-    ]
+    remedy = _option(action, diagnosis.changes, diagnosis.reason, diagnosis.expected_effect, watch)
+    if len(diagnosis.commands) > 1:
+        # One action names the option; chosen, it issues every command of the remedy (a stop
+        # with its rollback to the best weights stays one). Not part of what the model answers.
+        remedy["commands"] = list(diagnosis.commands)
+    options = [remedy]
     if len(diagnosis.changes) > 1:
         for name, value in diagnosis.changes.items():
             options.append(
@@ -260,7 +263,7 @@ def chosen_option(text: str, options: list[dict[str, Any]]) -> str:
         return text
     for option in options:
         if option_core(option) == core:
-            return json.dumps(option)
+            return json.dumps({k: v for k, v in option.items() if k != "commands"})
     return text
 
 
@@ -337,9 +340,15 @@ def parse_answer(text: str, menu: Menu, offered: list[dict[str, Any]] | None = N
     if answer.action not in actions:
         raise InvalidAnswer(f"action {answer.action!r} is not one of {actions}")
     changes = answer.changes
-    as_offered = offered is not None and any(
-        option_core(o) == {"action": answer.action, "changes": changes} for o in offered
+    chosen = next(
+        (
+            o
+            for o in offered or []
+            if option_core(o) == {"action": answer.action, "changes": changes}
+        ),
+        None,
     )
+    as_offered = chosen is not None
     for knob, value in changes.items():
         item = menu.knobs.get(knob)
         if item is None:
@@ -359,6 +368,8 @@ def parse_answer(text: str, menu: Menu, offered: list[dict[str, Any]] | None = N
     if len(changes) > MAX_CHANGES and not as_offered:
         raise InvalidAnswer(f"at most {MAX_CHANGES} changes")
     commands = [answer.action] if answer.action in {c.value for c in Command} else []
+    if chosen is not None and chosen.get("commands"):
+        commands = list(chosen["commands"])
     action = "adjust" if answer.action == "adjust" else "command" if commands else "no_action"
     return Proposal(
         action=action,  # type: ignore[arg-type]
