@@ -46,7 +46,11 @@ def load(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ParamsRejected(f"invalid params file ({where}: {first['msg']})") from exc
-    if problem := params.problem(version, spec, key):
+    try:
+        problem = params.problem(version, spec, key)
+    except (ValueError, RecursionError) as exc:  # a file no check could even read through
+        raise ParamsRejected(f"unverifiable params file: {exc}") from exc
+    if problem:
         raise ParamsRejected(problem)
     return params
 

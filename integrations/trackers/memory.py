@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from integrations.protocol import TAG_MANAGED
+from integrations.trackers import strict_json
 from integrations.trackers.base import (
-    CorruptArtifact,
     Cursor,
     MetricPoint,
     PointsRead,
@@ -169,12 +169,7 @@ class MemoryTracker:
             raw = self._run(run_id).artifacts.get(path)
         if raw is None:
             return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifact(
-                f"artifact {path} of run {run_id} is not valid JSON: {exc}"
-            ) from exc
+        return strict_json.parse(raw, f"artifact {path} of run {run_id}")
 
     def write_json(self, run_id: str, path: str, payload: Any) -> None:
         self._call("write_json", run_id)

@@ -36,8 +36,8 @@ from mlflow.utils.proto_json_utils import message_to_json
 
 from integrations.protocol import TAG_MANAGED
 from integrations.redact import redact
+from integrations.trackers import strict_json
 from integrations.trackers.base import (
-    CorruptArtifact,
     Cursor,
     MetricPoint,
     PointsRead,
@@ -316,17 +316,18 @@ class MlflowTracker:
                 raise TrackerError(
                     redact(f"cannot read artifact {path} of run {run_id}: {exc}")
                 ) from exc
+            where = f"artifact {path} of run {run_id}"
+            # Sized before it is read into memory and parsed.
+            if (refused := strict_json.too_large(local.stat().st_size, where)) is not None:
+                raise refused
             raw = local.read_bytes()
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifact(
-                f"artifact {path} of run {run_id} is not valid JSON: {exc}"
-            ) from exc
+        return strict_json.parse(raw, where)
 
     def write_json(self, run_id: str, path: str, payload: Any) -> None:
+        # Strict JSON, as every reader parses it: a non-finite number fails here, not there.
+        text = json.dumps(payload, allow_nan=False, indent=2)
         with _translated(run_id):
-            self._client.log_dict(run_id, payload, path)
+            self._client.log_text(run_id, text, path)
 
     def write_file(self, run_id: str, path: str, data: bytes) -> None:
         directory, _, name = path.rpartition("/")

@@ -57,8 +57,8 @@ from integrations.protocol import (
     wandb_key,
     wandb_path,
 )
+from integrations.trackers import strict_json
 from integrations.trackers.base import (
-    CorruptArtifact,
     Cursor,
     MetricPoint,
     PointsRead,
@@ -455,17 +455,15 @@ class WandbTracker:
     # ---- artifacts ----------------------------------------------------------------------
 
     def read_json(self, run_id: str, path: str) -> Any | None:
-        raw = self._read_bytes(run_id, path)
+        where = f"artifact {path} of run {run_id}"
+        raw = self._read_bytes(run_id, path, where)
         if raw is None:
             return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifact(
-                f"artifact {path} of run {run_id} is not valid JSON: {exc}"
-            ) from exc
+        return strict_json.parse(raw, where)
 
-    def _read_bytes(self, run_id: str, path: str) -> bytes | None:
+    def _read_bytes(self, run_id: str, path: str, where: str | None = None) -> bytes | None:
+        """The artifact's bytes; with ``where``, refused (CorruptArtifact) before download
+        when its manifest gives a size over the limit."""
         _, name = self._artifact(run_id, path)
         reference = f"{self.entity}/{self.project}/{name}:{wandb_alias(path)}"
         with _translated(run_id):
@@ -475,9 +473,12 @@ class WandbTracker:
                 if _is_missing(exc):
                     return None
                 raise
+            entry = artifact.get_entry(_file_name(path))
+            size = getattr(entry, "size", None)
+            if where and isinstance(size, int) and (refused := strict_json.too_large(size, where)):
+                raise refused
             with tempfile.TemporaryDirectory() as tmp:
-                local = artifact.get_entry(_file_name(path)).download(root=tmp)
-                return Path(local).read_bytes()
+                return Path(entry.download(root=tmp)).read_bytes()
 
     def write_json(self, run_id: str, path: str, payload: Any) -> None:
         text = json.dumps(payload, allow_nan=False)
