@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from enum import Enum
 from functools import wraps
@@ -20,6 +21,7 @@ from pydantic_settings import BaseSettings
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from integrations.protocol import (
     DEFAULT_OBJECTIVE,
@@ -623,22 +625,24 @@ def status(
         beat = tags.get(TAG_CLIENT_HEARTBEAT)
         health = _shown_health(run, now)
         state = health[0][0] if run.is_running else run.status.lower()
+        # Everything but the state's colour comes from the tracker, which anyone with write
+        # access may have filled: shown as text, never read as markup or terminal codes.
         table.add_row(
-            run.run_id[:12],
-            run.name,
-            tags.get(TAG_OBJECTIVE, DEFAULT_OBJECTIVE),
-            _version_text(tags),
-            _age(now - float(beat)) if beat and run.is_running else "-" if beat else "never",
-            f"[{_HEALTH_COLOUR.get(state, 'yellow')}]{state}[/]",
-            *([tags.get(TAG_LAST_INTERVENTION, "")] if wide else []),
+            shown(run.run_id[:12]),
+            shown(run.name),
+            shown(tags.get(TAG_OBJECTIVE, DEFAULT_OBJECTIVE)),
+            shown(_version_text(tags)),
+            shown(_beat_text(beat, run.is_running, now)),
+            shown(state, _HEALTH_COLOUR.get(state, "yellow")),
+            *([shown(tags.get(TAG_LAST_INTERVENTION, ""))] if wide else []),
         )
         notes += [
-            f"{run.run_id[:12]}  {name}: {reason}"
+            shown(f"{run.run_id[:12]}  {name}: {reason}")
             for name, reason in health
             if reason and name != HealthState.DECIDING.value and run.is_running
         ]
         if rejected := tags.get(TAG_CLIENT_REJECTED):
-            notes.append(f"{run.run_id[:12]}  [red]the client refused {rejected}[/]")
+            notes.append(shown(f"{run.run_id[:12]}  the client refused {rejected}", "red"))
     console.print(table)
     for note in notes:
         console.print(note, highlight=False)
@@ -671,6 +675,27 @@ def _shown_health(run: RunInfo, now: float) -> list[tuple[str, str]]:
     elif TAG_CLIENT_HEARTBEAT not in run.tags:
         said.append((HealthState.ADVISORY.value, "no client heartbeat: nothing will be applied"))
     return said or [("-", "")]
+
+
+def shown(text: str, style: str = "") -> Text:
+    """Text from a run, to print as it is: no markup read in it, and control characters
+    (terminal escape sequences among them) shown as � rather than sent to the terminal."""
+    clean = "".join(
+        c if c == "\n" or unicodedata.category(c) not in ("Cc", "Cf") else "\ufffd" for c in text
+    )
+    return Text(clean, style=style)
+
+
+def _beat_text(beat: str | None, running: bool, now: float) -> str:
+    """How long ago the client's heartbeat was, for a running run."""
+    if beat is None:
+        return "never"
+    if not running:
+        return "-"
+    try:
+        return _age(now - float(beat))
+    except ValueError:
+        return "unreadable"
 
 
 def _version_text(tags: dict[str, str]) -> str:

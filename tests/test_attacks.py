@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
 
 import pytest
+from typer.testing import CliRunner
 
 from integrations.protocol import (
     AUDIT_DIR,
     TAG_CLIENT_APPLIED_VERSION,
     TAG_CLIENT_HEARTBEAT,
     TAG_CLIENT_REJECTED,
+    TAG_LAST_INTERVENTION,
+    TAG_MANAGED,
     TAG_PARAMS_VERSION,
     ParamsVersion,
     Source,
@@ -24,6 +28,7 @@ from integrations.protocol import (
     params_path,
 )
 from integrations.trackers import strict_json
+from manager_daemon import cli
 from manager_daemon.audit import AuditLog
 from manager_daemon.daemon import Daemon
 from manager_daemon.policies import RulesPolicy
@@ -150,3 +155,32 @@ def test_a_params_file_far_over_the_cap_is_refused_unread(mlflow_backend: Backen
     )
     assert during, "training kept stepping while the client refused the file"
     assert grown_mb < 100, f"the process grew by {grown_mb:.0f} MB"
+
+
+def test_atm_status_shows_tampered_tags_as_text(
+    memory: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Markup in a reason, a heartbeat that is no number, terminal escape sequences in a run's
+    name: each once broke `atm status` for every run on the tracker, or reached the terminal."""
+    monkeypatch.setattr(cli.console, "width", 250)
+    tracker = memory.tracker
+    run_id = memory.new_run("\x1b]0;owned\x07\x1b[2Jrenamed")
+    tracker.set_tags(
+        run_id,
+        {
+            TAG_MANAGED: "true",
+            TAG_CLIENT_HEARTBEAT: "soon",
+            TAG_LAST_INTERVENTION: "v1 @ step 3 by llm: [/INST] lr cut [bold]",
+            TAG_CLIENT_REJECTED: "v2: [/red] refused",
+        },
+    )
+    healthy = memory.new_run("healthy")
+    tracker.set_tags(healthy, {TAG_MANAGED: "true", TAG_CLIENT_HEARTBEAT: str(time.time())})
+    result = CliRunner().invoke(cli.app, ["status", "--tracking-uri", memory.uri])
+    assert result.exit_code == 0, result.output
+    assert healthy[:12] in result.output and run_id[:12] in result.output
+    assert "[/INST]" in result.output  # the column wraps the rest
+    assert "the client refused v2: [/red] refused" in result.output
+    assert "unreadable" in result.output, "the heartbeat that is no number"
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\ufffd]0;owned" in result.output and "named" in result.output
