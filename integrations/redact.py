@@ -10,7 +10,9 @@ import logging
 import re
 from collections.abc import Iterable
 
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
+# User info runs to the "@" that ends it: RFC 3986 allows any sub-delimiter in it (quotes,
+# parentheses, "!$&*+,;="), so only what ends an authority or a word stops it.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]+@")
 # An Authorization header's value, as a server may echo it.
 _AUTHORIZATION = re.compile(r"\b(?P<kind>Bearer|Basic)\s+[^\s'\",;]+")
 MASK = "***"

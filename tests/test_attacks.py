@@ -27,6 +27,7 @@ from integrations.protocol import (
     audit_path,
     params_path,
 )
+from integrations.redact import redact
 from integrations.trackers import strict_json
 from manager_daemon import cli
 from manager_daemon.audit import AuditLog
@@ -184,3 +185,13 @@ def test_atm_status_shows_tampered_tags_as_text(
     assert "unreadable" in result.output, "the heartbeat that is no number"
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "\ufffd]0;owned" in result.output and "named" in result.output
+
+
+@pytest.mark.parametrize("password", ["it's", 'say"hi"', "(a)!$&*+,;=b", "p%40ss:wo:rd"])
+def test_a_password_with_any_character_a_uri_allows_is_masked(password: str) -> None:
+    """RFC 3986 allows quotes and sub-delimiters in user info; a `'` in a password once left
+    the whole password in `atm status` and every "tracker unreachable" error."""
+    uri = f"http://atm:{password}@tracker.internal:5000/api"
+    for text in (uri, f"tracker unreachable at {uri}: refused", f"'{uri}'"):
+        masked = redact(text)
+        assert password not in masked and "http://***@tracker.internal:5000/api" in masked
