@@ -539,7 +539,8 @@ class AuditRecord(BaseModel):
     outcome: Outcome | None = None
 
     def summary(self) -> str:
-        """One human-readable line, as shown in ``atm.last_intervention``."""
+        """One human-readable line, as shown in ``atm.last_intervention``: what was decided,
+        why, and the note on how (the rules acting without a slow model, say)."""
         changed = [
             f"{v.knob} {_fmt(v.current)}→{_fmt(v.final)}"
             for v in self.verdicts
@@ -548,6 +549,7 @@ class AuditRecord(BaseModel):
         changed += [c.command for c in self.command_verdicts if c.verdict == "accepted"]
         what = ", ".join(changed) or "no change"
         why = f" — {self.proposal.reason}" if self.proposal and self.proposal.reason else ""
+        why += f" ({self.note})" if self.note else ""
         if self.params_version:
             return f"v{self.params_version} @ step {self.step} by {self.source}: {what}{why}"
         # Not issued: say so before anything that reads like a change made.

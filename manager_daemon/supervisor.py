@@ -421,8 +421,7 @@ class RunSupervisor:
             self.history.append(_intervention(record))
             judged = (str(issued.version), run.tags.get(TAG_CLIENT_REJECTED), self.spec_digest)
             self._trusted = (judged, issued)
-        note = f" ({record.note})" if record.note else ""
-        log.info("run %s: %s%s", self.run_id, record.summary(), note)
+        log.info("run %s: %s", self.run_id, record.summary())
         return record
 
     def _staleness(self, snapshot: Snapshot, decided_s: float) -> str | None:

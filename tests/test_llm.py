@@ -189,6 +189,8 @@ def test_an_answer_that_arrives_after_the_run_moved_on_is_replaced_by_the_rules(
     run_id, record = _late_answer(memory, replay, LLMConfig())
     assert record.status == "issued" and record.source == Source.RULES
     assert "moved on" in record.note and "rules decided on the run's current state" in record.note
+    # The one line the daemon logs and the run's last-intervention tag say how, too.
+    assert record.summary().endswith(f"({record.note})")
     # The late answer is kept for the audit; the decision is on the state after it.
     assert record.raw_response and record.model == "m"
     assert record.telemetry["objective"]["evaluations"] == 10
